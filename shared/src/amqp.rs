@@ -1,0 +1,142 @@
+//! Connections, publish properties and publisher-confirm checks shared by both binaries.
+
+use deadpool_lapin::{
+    Pool, Runtime,
+    lapin::{
+        self, BasicProperties, Channel, Confirmation, ConnectionProperties,
+        options::{BasicPublishOptions, ConfirmSelectOptions},
+        types::ShortString,
+    },
+};
+use uuid::Uuid;
+
+use crate::headers::{CONTENT_TYPE_JSON, DELIVERY_MODE_PERSISTENT};
+
+/// Why a confirmed publish did not land in a queue.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The broker refused to take responsibility for the message.
+    #[error("the broker nacked the message")]
+    Nacked,
+    /// The message was published with `mandatory` and no queue was bound to take it.
+    #[error("the broker returned the message as unroutable ({code} {text})")]
+    Returned {
+        /// AMQP reply code, 312 for `NO_ROUTE`.
+        code: u16,
+        /// AMQP reply text.
+        text: String,
+    },
+    /// The channel or connection failed before the confirm arrived.
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// Confirms were not enabled on the channel, so nothing was confirmed.
+    #[error("publisher confirms are not enabled on this channel")]
+    NotConfirmed,
+}
+
+/// Turns a broker confirmation into success only when the message was acked and routed.
+///
+/// # Errors
+/// See [`PublishError`].
+pub fn check_confirmation(confirmation: Confirmation) -> Result<(), PublishError> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
+            Err(PublishError::Returned {
+                code: returned.reply_code,
+                text: returned.reply_text.to_string(),
+            })
+        }
+        Confirmation::Nack(None) => Err(PublishError::Nacked),
+        Confirmation::NotRequested => Err(PublishError::NotConfirmed),
+    }
+}
+
+/// Options for every publish in this system: `mandatory`, so an unroutable message is
+/// returned and reported instead of silently dropped.
+#[must_use]
+pub fn mandatory() -> BasicPublishOptions {
+    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() }
+}
+
+/// Properties of a job message: JSON, persistent, `message_id` = job id.
+#[must_use]
+pub fn job_properties(job_id: Uuid) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type(CONTENT_TYPE_JSON.into())
+        .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+        .with_message_id(uuid_short(job_id))
+}
+
+/// Properties of a result message: JSON, persistent, `message_id` and `correlation_id` =
+/// job id.
+#[must_use]
+pub fn result_properties(job_id: Uuid) -> BasicProperties {
+    job_properties(job_id).with_correlation_id(uuid_short(job_id))
+}
+
+fn uuid_short(id: Uuid) -> ShortString {
+    let mut buf = Uuid::encode_buffer();
+    ShortString::from(&*id.hyphenated().encode_lower(&mut buf))
+}
+
+/// A connection pool for `url`. Connections are made lazily and checked for liveness before
+/// they are handed out, so a dead connection is replaced instead of reused.
+///
+/// # Errors
+/// Fails only on an unsupported runtime; connection errors surface on `pool.get()`.
+pub fn pool(url: &str, connection_name: &str) -> Result<Pool, deadpool_lapin::CreatePoolError> {
+    let name = connection_name.to_owned();
+    deadpool_lapin::Config { url: Some(url.to_owned()), ..Default::default() }.create_pool(
+        move || ConnectionProperties::default().with_connection_name(name.as_str().into()),
+        Runtime::Tokio1,
+    )
+}
+
+/// Opens a channel with publisher confirms enabled.
+///
+/// # Errors
+/// Fails when the connection is gone or the broker refuses the channel.
+pub async fn confirm_channel(connection: &lapin::Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
+}
+
+/// `url` with its password replaced by `***`, for logs.
+#[must_use]
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(redact("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
+        assert_eq!(redact("amqp://u:p@ss@host/v"), "amqp://u:***@host/v");
+        assert_eq!(redact("not a url"), "not a url");
+    }
+
+    #[test]
+    fn result_properties_carry_the_job_id_twice() {
+        let id = Uuid::new_v4();
+        let props = result_properties(id);
+        assert_eq!(props.message_id().as_ref().map(ShortString::as_str), Some(&*id.to_string()));
+        assert_eq!(props.correlation_id(), props.message_id());
+        assert_eq!(props.delivery_mode(), &Some(2));
+    }
+}

@@ -1,0 +1,24 @@
+//! AMQP header names and property values that are part of wire contract v1.
+
+/// Content type of every job and result body.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// AMQP delivery mode for messages that must survive a broker restart.
+pub const DELIVERY_MODE_PERSISTENT: u8 = 2;
+
+/// Human-readable reason a message was dead-lettered.
+pub const X_ERROR: &str = "x-error";
+
+/// Name of the stage (or `envelope`) that rejected a dead-lettered message.
+pub const X_FAILED_STAGE: &str = "x-failed-stage";
+
+/// Attempt number of a job delivery, starting at 1. Absent means 1.
+pub const X_ATTEMPT: &str = "x-attempt";
+
+/// Number of attempts a dead-lettered job used up.
+pub const X_ATTEMPTS: &str = "x-attempts";
+
+/// Pseudo-stage name used in `x-failed-stage` when the message itself could not be
+/// decoded (size, content type, UTF-8, JSON, schema version or unknown kind), before any
+/// stage of a chain ran.
+pub const ENVELOPE_STAGE: &str = "envelope";

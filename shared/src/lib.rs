@@ -1,0 +1,20 @@
+//! The one owner of everything producer and consumer must agree on.
+//!
+//! - [`schema`]: the JSON bodies on the wire (jobs and results), wire contract v1.
+//! - [`topology`]: exchange and queue names, their arguments, and how they are declared.
+//! - [`headers`]: AMQP header names and content types used on the wire.
+//! - [`amqp`]: connection pooling and the publish properties every message carries.
+//! - [`config`]: the settings both binaries share (broker URL, namespace, queue type, logs).
+//! - [`telemetry`]: `tracing` subscriber setup, JSON or pretty.
+//!
+//! Neither binary spells a name, header or field out again: they import it from here.
+
+pub mod amqp;
+pub mod config;
+pub mod headers;
+pub mod schema;
+pub mod telemetry;
+pub mod topology;
+
+/// Re-exported so that every crate uses the exact lapin version deadpool-lapin was built with.
+pub use deadpool_lapin::lapin;

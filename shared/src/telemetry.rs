@@ -1,0 +1,26 @@
+//! `tracing` setup shared by both binaries: JSON lines for machines, pretty for people.
+//!
+//! The filter comes from `RUST_LOG` and defaults to `info`.
+
+use tracing_subscriber::{EnvFilter, fmt};
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable, colored when stderr is a terminal.
+    #[default]
+    Pretty,
+    /// One JSON object per line, with span fields (job id, kind, attempt, stage).
+    Json,
+}
+
+/// Installs the global subscriber. Calling it again (as tests do) keeps the first one.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // `try_init` fails only when a subscriber is already installed, which is fine.
+    let _ = match format {
+        LogFormat::Pretty => builder.compact().try_init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+    };
+}
