@@ -1,4 +1,5 @@
-//! `tracing` setup shared by both binaries: JSON lines for machines, pretty for people.
+//! Process plumbing shared by both binaries: `tracing` setup (JSON lines for machines, pretty
+//! for people) and the shutdown signal.
 //!
 //! The filter comes from `RUST_LOG` and defaults to `info`.
 
@@ -23,4 +24,33 @@ pub fn init(format: LogFormat) {
         LogFormat::Pretty => builder.compact().try_init(),
         LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
     };
+}
+
+/// Cancels `token` on SIGTERM (what `docker stop` and compose send) or Ctrl-C.
+pub async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::warn!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received; shutting down"),
+        () = term => tracing::info!("SIGTERM received; shutting down"),
+    }
+    token.cancel();
 }

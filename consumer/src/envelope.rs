@@ -1,0 +1,225 @@
+//! Opening a delivery: checks on the raw message before any stage runs.
+//!
+//! In order, and cheapest first: body size (never parsed when too large), content type,
+//! empty body, UTF-8, JSON shape, `schema_version`, and the kind's length. Each failure
+//! is a [`Rejection`] with a specific, human-readable reason for `x-error`, and with the job
+//! id and kind when they can still be read, so a `failed` result can be published.
+
+use deadpool_lapin::lapin::{BasicProperties, message::Delivery, types::AMQPValue};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use shared::{
+    headers::{CONTENT_TYPE_JSON, X_ATTEMPT},
+    schema::{Job, MAX_KIND_LEN, SCHEMA_VERSION},
+};
+use uuid::Uuid;
+
+/// Why a delivery cannot become a job, with whatever identity could still be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Goes into `x-error`.
+    pub reason: String,
+    /// The job id, from the body or the `message_id` property, when readable.
+    pub job_id: Option<Uuid>,
+    /// The kind, from the body, when readable.
+    pub kind: Option<String>,
+}
+
+/// The job in a delivery, borrowing its payload from the body.
+pub type OpenedJob<'a> = Job<&'a RawValue>;
+
+/// Checks a delivery and parses its job.
+///
+/// # Errors
+/// A [`Rejection`] for every way the message breaks wire contract v1.
+pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>, Rejection> {
+    let body = delivery.data.as_slice();
+    let reject = |reason: String| Rejection {
+        reason,
+        job_id: message_id(&delivery.properties),
+        kind: None,
+    };
+    if body.len() > max_body_bytes {
+        return Err(reject(format!(
+            "body of {} bytes exceeds the limit of {max_body_bytes} bytes",
+            body.len()
+        )));
+    }
+    if let Some(content_type) = delivery.properties.content_type() {
+        if content_type.as_str() != CONTENT_TYPE_JSON {
+            return Err(reject(format!(
+                "content_type {:?} is not {CONTENT_TYPE_JSON:?}",
+                content_type.as_str()
+            )));
+        }
+    }
+    if body.is_empty() {
+        return Err(reject("empty body".to_owned()));
+    }
+    let text = std::str::from_utf8(body).map_err(|e| {
+        reject(format!("body is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()))
+    })?;
+    let job: OpenedJob<'_> = match serde_json::from_str(text) {
+        Ok(job) => job,
+        Err(error) => return Err(explain(text, &error, &delivery.properties)),
+    };
+    if job.schema_version != SCHEMA_VERSION {
+        return Err(Rejection {
+            reason: unsupported_version(&job.schema_version.to_string()),
+            job_id: Some(job.id),
+            kind: Some(job.kind),
+        });
+    }
+    if job.kind.is_empty() || job.kind.len() > MAX_KIND_LEN {
+        return Err(Rejection {
+            reason: format!("kind must be 1 to {MAX_KIND_LEN} bytes long"),
+            job_id: Some(job.id),
+            kind: None,
+        });
+    }
+    Ok(job)
+}
+
+/// The attempt number carried by `x-attempt`; 1 when absent or unreadable.
+#[must_use]
+pub fn attempt(properties: &BasicProperties) -> u32 {
+    let value = properties.headers().as_ref().and_then(|h| h.inner().get(X_ATTEMPT));
+    let n = match value {
+        Some(AMQPValue::ShortShortUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        _ => 1,
+    };
+    u32::try_from(n).ok().filter(|n| *n >= 1).unwrap_or(1)
+}
+
+fn message_id(properties: &BasicProperties) -> Option<Uuid> {
+    properties.message_id().as_ref().and_then(|id| Uuid::parse_str(id.as_str()).ok())
+}
+
+fn unsupported_version(found: &str) -> String {
+    format!("unsupported schema_version {found} (this consumer speaks {SCHEMA_VERSION})")
+}
+
+/// Turns a failed parse into the most specific reason: a wrong `schema_version` first (a
+/// newer schema may have another shape), then serde's own message.
+fn explain(text: &str, error: &serde_json::Error, properties: &BasicProperties) -> Rejection {
+    #[derive(Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        schema_version: Option<&'a RawValue>,
+        #[serde(borrow)]
+        id: Option<&'a RawValue>,
+        #[serde(borrow)]
+        kind: Option<&'a RawValue>,
+    }
+    let probe = serde_json::from_str::<Probe<'_>>(text).ok();
+    let job_id = probe
+        .as_ref()
+        .and_then(|p| p.id)
+        .and_then(|id| serde_json::from_str::<Uuid>(id.get()).ok())
+        .or_else(|| message_id(properties));
+    let kind = probe
+        .as_ref()
+        .and_then(|p| p.kind)
+        .and_then(|k| serde_json::from_str::<String>(k.get()).ok())
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KIND_LEN);
+    let version = probe.as_ref().and_then(|p| p.schema_version).map(RawValue::get);
+    let reason = match version {
+        Some(v) if v != SCHEMA_VERSION.to_string() => unsupported_version(v),
+        _ if error.is_syntax() || error.is_eof() => format!("malformed JSON: {error}"),
+        _ => format!("invalid job: {error}"),
+    };
+    Rejection { reason, job_id, kind }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use deadpool_lapin::lapin::{
+        BasicProperties,
+        types::{FieldTable, ShortString},
+    };
+
+    use super::*;
+
+    const ID: &str = "6f1c2a4e-8d2b-4b7e-9a53-0c9f4b1d2e3f";
+
+    fn delivery(body: &[u8], props: BasicProperties) -> Delivery {
+        let mut d = Delivery::mock(1, "".into(), "k".into(), false, body.to_vec());
+        d.properties = props;
+        d
+    }
+
+    fn reason(body: &[u8]) -> Rejection {
+        open(&delivery(body, BasicProperties::default()), 1024).unwrap_err()
+    }
+
+    fn job(version: &str, id: &str, kind: &str) -> String {
+        format!(
+            r#"{{"schema_version":{version},"id":{id},"kind":{kind},"created_at":"2026-01-01T00:00:00Z","payload":{{}}}}"#
+        )
+    }
+
+    #[test]
+    fn a_valid_job_opens() {
+        let body = job("1", &format!("\"{ID}\""), "\"k\"");
+        let d = delivery(body.as_bytes(), BasicProperties::default());
+        let job = open(&d, 1024).unwrap();
+        assert_eq!(job.kind, "k");
+        assert_eq!(job.payload.get(), "{}");
+    }
+
+    #[test]
+    fn each_break_has_its_own_reason() {
+        let id = format!("\"{ID}\"");
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"{\"schema_version\":1,".to_vec(), "malformed JSON"),
+            (b"[1,2]".to_vec(), "invalid job"),
+            (Vec::new(), "empty body"),
+            (vec![b'"', 0xff, b'"'], "not valid UTF-8"),
+            (job("2", &id, "\"k\"").into_bytes(), "unsupported schema_version 2"),
+            (job("0", &id, "\"k\"").into_bytes(), "unsupported schema_version 0"),
+            (job("\"1\"", &id, "\"k\"").into_bytes(), "unsupported schema_version \"1\""),
+            (job("1", "\"nope\"", "\"k\"").into_bytes(), "invalid job"),
+            (job("1", &id, "7").into_bytes(), "invalid job"),
+            (job("1", &id, "\"\"").into_bytes(), "kind must be"),
+            (vec![b' '; 2000], "exceeds the limit"),
+        ];
+        for (body, expected) in cases {
+            let r = reason(&body);
+            assert!(r.reason.contains(expected), "{expected:?} not in {:?}", r.reason);
+        }
+    }
+
+    #[test]
+    fn the_job_id_is_recovered_when_readable() {
+        let r = reason(job("2", &format!("\"{ID}\""), "\"k\"").as_bytes());
+        assert_eq!(r.job_id.unwrap().to_string(), ID);
+        assert_eq!(r.kind.as_deref(), Some("k"));
+
+        let props = BasicProperties::default().with_message_id(ShortString::from(ID));
+        let r = open(&delivery(b"{", props), 1024).unwrap_err();
+        assert_eq!(r.job_id.unwrap().to_string(), ID);
+    }
+
+    #[test]
+    fn a_foreign_content_type_is_refused() {
+        let props = BasicProperties::default().with_content_type("text/plain".into());
+        let r = open(&delivery(b"{}", props), 1024).unwrap_err();
+        assert!(r.reason.contains("content_type"), "{}", r.reason);
+    }
+
+    #[test]
+    fn attempt_reads_any_integer_header() {
+        let mut headers = FieldTable::default();
+        headers.insert(X_ATTEMPT.into(), AMQPValue::LongInt(3));
+        let props = BasicProperties::default().with_headers(headers);
+        assert_eq!(attempt(&props), 3);
+        assert_eq!(attempt(&BasicProperties::default()), 1);
+    }
+}

@@ -1,0 +1,50 @@
+//! The first step of the data flow: deliveries from the broker into the bounded in-process
+//! queue that the workers read.
+//!
+//! The queue holds at most `concurrency` deliveries, so a slow chain pushes back on the
+//! consumer, and the broker's prefetch bounds what is buffered before it.
+
+use deadpool_lapin::lapin::{self, Consumer, message::Delivery};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+/// Why intake stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    /// The channel or connection failed.
+    #[error("consuming failed: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker cancelled the consumer (for example, the queue was deleted).
+    #[error("the broker cancelled the consumer")]
+    Cancelled,
+}
+
+/// Moves deliveries into `queue` until `shutdown` fires, the workers are gone, or the broker
+/// stops the consumer. A delivery that was read but not queued when shutdown fires is left
+/// unacked, and the broker redelivers it once the channel closes.
+///
+/// # Errors
+/// See [`IntakeError`]. A requested shutdown is `Ok`.
+pub async fn run(
+    mut consumer: Consumer,
+    queue: async_channel::Sender<Delivery>,
+    shutdown: CancellationToken,
+) -> Result<(), IntakeError> {
+    loop {
+        let next = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            next = consumer.next() => next,
+        };
+        let delivery = match next {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(error)) => return Err(error.into()),
+            None => return Err(IntakeError::Cancelled),
+        };
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            sent = queue.send(delivery) => if sent.is_err() { return Ok(()) },
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! The kinds this crate ships, each a chain of stages. Register your own with
+//! [`crate::registry::Registry::register`].
+
+pub mod text_analyze;

@@ -1,0 +1,114 @@
+//! Every consumer setting, from flags or environment variables, with defaults in one place.
+
+use std::time::Duration;
+
+use clap::Parser;
+use shared::config::CommonSettings;
+
+/// Deliveries the broker may send before they are acked.
+pub const DEFAULT_PREFETCH: u16 = 256;
+/// Jobs processed at once.
+pub const DEFAULT_CONCURRENCY: usize = 64;
+/// Largest body accepted (1 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Attempts a job gets before a retryable failure becomes final.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Timeout of a stage that names none itself, in seconds. Well below RabbitMQ's
+/// `consumer_timeout` (30 minutes by default).
+pub const DEFAULT_STAGE_TIMEOUT_SECS: f64 = 30.0;
+/// How long shutdown waits for in-flight jobs, in seconds.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 30.0;
+
+/// Consumer settings.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "consumer", version, about = "Runs jobs from RabbitMQ through chains of async stages.")]
+pub struct Settings {
+    /// Settings shared with the producer.
+    #[command(flatten)]
+    pub common: CommonSettings,
+
+    /// Unacked deliveries the broker may send ahead (AMQP prefetch count).
+    #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = DEFAULT_PREFETCH,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// Jobs processed at once; also the capacity of the in-process queue.
+    #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY,
+          value_parser = parse_positive)]
+    pub concurrency: usize,
+
+    /// Largest message body accepted, in bytes; larger ones are dead-lettered unparsed.
+    #[arg(long, env = "CONSUMER_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES,
+          value_parser = parse_positive)]
+    pub max_body_bytes: usize,
+
+    /// Attempts a job gets before a retryable stage error becomes final.
+    #[arg(long, env = "CONSUMER_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+
+    /// Timeout of a stage that declares none, in seconds.
+    #[arg(long, env = "CONSUMER_STAGE_TIMEOUT", default_value_t = DEFAULT_STAGE_TIMEOUT_SECS,
+          value_parser = parse_seconds)]
+    pub stage_timeout: f64,
+
+    /// How long shutdown waits for in-flight jobs, in seconds; what is unfinished then is
+    /// left unacked for the broker to redeliver.
+    #[arg(long, env = "CONSUMER_SHUTDOWN_TIMEOUT", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+          value_parser = parse_seconds)]
+    pub shutdown_timeout: f64,
+}
+
+impl Settings {
+    /// Settings for a broker URL with every other field at its default.
+    #[must_use]
+    pub fn new(common: CommonSettings) -> Self {
+        Self {
+            common,
+            prefetch: DEFAULT_PREFETCH,
+            concurrency: DEFAULT_CONCURRENCY,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            stage_timeout: DEFAULT_STAGE_TIMEOUT_SECS,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+        }
+    }
+
+    /// [`Settings::stage_timeout`] as a duration.
+    #[must_use]
+    pub fn stage_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.stage_timeout)
+    }
+
+    /// [`Settings::shutdown_timeout`] as a duration.
+    #[must_use]
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_timeout)
+    }
+}
+
+fn parse_positive(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("expected a whole number above 0, got {value:?}")),
+    }
+}
+
+fn parse_seconds(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(s),
+        _ => Err(format!("expected a positive number of seconds, got {value:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Settings::command().debug_assert();
+    }
+}

@@ -1,0 +1,166 @@
+//! The last step of every delivery: publish what it produced, wait for the broker's confirm,
+//! and only then ack.
+//!
+//! If any publish fails, the delivery is nacked back onto the queue (or, when the connection
+//! is gone, simply left unacked, which the broker treats the same way), so a job is never
+//! acked without its result or dead letter safely stored.
+
+use deadpool_lapin::lapin::{
+    BasicProperties, Channel,
+    message::Delivery,
+    options::{BasicAckOptions, BasicNackOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use shared::{
+    amqp::{PublishError, check_confirmation, mandatory, result_properties},
+    headers::{X_ATTEMPT, X_ATTEMPTS, X_ERROR, X_FAILED_STAGE},
+    topology::Names,
+};
+use uuid::Uuid;
+
+/// A result body ready to publish.
+#[derive(Debug)]
+pub struct ResultMessage {
+    /// The job it belongs to.
+    pub job_id: Uuid,
+    /// Routing key on the results exchange.
+    pub kind: String,
+    /// Serialized [`shared::schema::JobResult`].
+    pub body: Vec<u8>,
+}
+
+/// What processing a delivery produced, and so what must be published before the ack.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The chain succeeded: publish the `ok` result.
+    Completed(ResultMessage),
+    /// A retryable failure with attempts left: publish the job again with `x-attempt` set.
+    Retry {
+        /// The attempt number the copy will carry.
+        next_attempt: u32,
+        /// Why this attempt failed, for the log.
+        reason: String,
+    },
+    /// A permanent failure: publish the dead letter and, when the job id is known, a
+    /// `failed` result.
+    Dead {
+        /// Goes into `x-error`.
+        reason: String,
+        /// Goes into `x-failed-stage`.
+        stage: String,
+        /// Goes into `x-attempts`.
+        attempts: u32,
+        /// The `failed` result, when the job id is known.
+        result: Option<ResultMessage>,
+    },
+}
+
+/// Publishes outcomes on a confirm channel and settles deliveries.
+#[derive(Debug, Clone)]
+pub struct Settler {
+    channel: Channel,
+    names: Names,
+}
+
+impl Settler {
+    /// A settler publishing on `channel`, which must have publisher confirms enabled.
+    #[must_use]
+    pub fn new(channel: Channel, names: Names) -> Self {
+        Self { channel, names }
+    }
+
+    /// Publishes what `outcome` requires, then acks `delivery`; nacks it with requeue when a
+    /// publish was not confirmed.
+    pub async fn settle(&self, delivery: Delivery, outcome: Outcome) {
+        let published = match &outcome {
+            Outcome::Completed(result) => self.publish_result(result).await,
+            Outcome::Retry { next_attempt, .. } => self.publish_retry(&delivery, *next_attempt).await,
+            Outcome::Dead { reason, stage, attempts, result } => {
+                let dead = self.publish_dead(&delivery, reason, stage, *attempts);
+                match result {
+                    Some(result) => {
+                        let (dead, result) = futures::join!(dead, self.publish_result(result));
+                        dead.and(result)
+                    }
+                    None => dead.await,
+                }
+            }
+        };
+        match published {
+            Ok(()) => {
+                if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(%error, "ack failed; the broker will redeliver the job");
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "publish not confirmed; returning the job to the queue");
+                let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+                if let Err(error) = delivery.acker.nack(requeue).await {
+                    tracing::warn!(%error, "nack failed; the broker will redeliver the job");
+                }
+            }
+        }
+    }
+
+    async fn publish_result(&self, result: &ResultMessage) -> Result<(), PublishError> {
+        self.publish(
+            &self.names.results_exchange,
+            routing_key(&result.kind),
+            &result.body,
+            result_properties(result.job_id),
+        )
+        .await
+    }
+
+    /// Sends the job back to the queue it came from, through the default exchange, so that
+    /// no other queue bound to the jobs exchange sees it twice.
+    async fn publish_retry(&self, delivery: &Delivery, next_attempt: u32) -> Result<(), PublishError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(X_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(next_attempt)));
+        let properties = delivery.properties.clone().with_headers(headers);
+        self.publish("", routing_key(&self.names.work_queue), &delivery.data, properties).await
+    }
+
+    /// Publishes the original body byte for byte, with the original properties and the
+    /// failure headers added.
+    async fn publish_dead(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        stage: &str,
+        attempts: u32,
+    ) -> Result<(), PublishError> {
+        let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(X_ERROR.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(X_FAILED_STAGE.into(), AMQPValue::LongString(stage.into()));
+        headers.insert(X_ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+        let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
+        self.publish(
+            &self.names.dead_exchange,
+            delivery.routing_key.clone(),
+            &delivery.data,
+            properties,
+        )
+        .await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: ShortString,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = self
+            .channel
+            .basic_publish(exchange.into(), routing_key, mandatory(), body, properties)
+            .await?;
+        check_confirmation(confirm.await?)
+    }
+}
+
+/// A routing key for a kind or name. Kinds are length-checked when a job is opened; the
+/// fallback only guards against a panic on anything longer.
+fn routing_key(key: &str) -> ShortString {
+    ShortString::try_new(key).unwrap_or_else(|_| ShortString::from("invalid"))
+}

@@ -1,0 +1,138 @@
+//! A worker takes deliveries from the in-process queue, runs each through its kind's chain
+//! inside a span carrying the job id, kind and attempt, and hands the outcome to the
+//! [`Settler`].
+
+use std::{sync::Arc, time::Duration};
+
+use deadpool_lapin::lapin::message::Delivery;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use shared::{
+    headers::ENVELOPE_STAGE,
+    schema::{JobResult, SCHEMA_VERSION, StageTiming, Status},
+};
+use time::OffsetDateTime;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{
+    envelope::{self, Rejection},
+    registry::Registry,
+    settle::{Outcome, ResultMessage, Settler},
+    stage::{Payload, Trace},
+};
+
+/// What every worker shares: the chains, the settler and the limits.
+#[derive(Debug)]
+pub struct Worker {
+    /// Chains by kind.
+    pub registry: Registry,
+    /// Publishes outcomes and acks.
+    pub settler: Settler,
+    /// Largest body accepted; larger ones are dead-lettered unparsed.
+    pub max_body_bytes: usize,
+    /// Attempts a job gets before a retryable failure becomes final.
+    pub max_attempts: u32,
+    /// Timeout of a stage that names none itself.
+    pub stage_timeout: Duration,
+}
+
+impl Worker {
+    /// Processes deliveries until the queue is closed and empty.
+    pub async fn run(self: Arc<Self>, queue: async_channel::Receiver<Delivery>) {
+        while let Ok(delivery) = queue.recv().await {
+            let outcome = self.process(&delivery).await;
+            self.settler.settle(delivery, outcome).await;
+        }
+    }
+
+    /// Decides what a delivery produced. Never fails: every problem becomes an [`Outcome`].
+    pub async fn process(&self, delivery: &Delivery) -> Outcome {
+        let attempt = envelope::attempt(&delivery.properties);
+        let job = match envelope::open(delivery, self.max_body_bytes) {
+            Ok(job) => job,
+            Err(rejection) => {
+                tracing::warn!(reason = %rejection.reason, "rejected a message that is not a valid job");
+                return self.rejected(rejection, attempt);
+            }
+        };
+        let Some(chain) = self.registry.get(&job.kind) else {
+            let reason = format!(
+                "unknown kind {:?} (this consumer serves: {})",
+                job.kind,
+                self.registry.kinds().join(", ")
+            );
+            tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "rejected a job");
+            return self.rejected(Rejection { reason, job_id: Some(job.id), kind: Some(job.kind) }, attempt);
+        };
+
+        let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
+        let mut trace = Trace::new(self.stage_timeout);
+        let payload = Payload::new(job.payload.to_owned());
+        let ran = chain.run(payload, &mut trace).instrument(span.clone()).await;
+        let stages = trace.into_timings();
+        let _entered = span.enter();
+        match ran {
+            Ok(output) => {
+                tracing::debug!("job completed");
+                Outcome::Completed(result(job.id, job.kind, Ok(&output), attempt, stages))
+            }
+            Err(failure) if failure.error.is_retryable() && attempt < self.max_attempts => {
+                tracing::warn!(stage = %failure.stage, error = %failure.error, "attempt failed; retrying");
+                Outcome::Retry { next_attempt: attempt + 1, reason: failure.to_string() }
+            }
+            Err(failure) => {
+                let reason = if failure.error.is_retryable() {
+                    format!("{} (gave up after {attempt} attempts)", failure.error)
+                } else {
+                    failure.error.to_string()
+                };
+                tracing::warn!(stage = %failure.stage, error = %reason, "job failed");
+                Outcome::Dead {
+                    result: Some(result(job.id, job.kind, Err(&reason), attempt, stages)),
+                    reason,
+                    stage: failure.stage.into_owned(),
+                    attempts: attempt,
+                }
+            }
+        }
+    }
+
+    fn rejected(&self, rejection: Rejection, attempt: u32) -> Outcome {
+        let Rejection { reason, job_id, kind } = rejection;
+        let result = job_id.map(|id| {
+            result(id, kind.unwrap_or_default(), Err(&reason), attempt, Vec::new())
+        });
+        Outcome::Dead { reason, stage: ENVELOPE_STAGE.to_owned(), attempts: attempt, result }
+    }
+}
+
+fn result(
+    job_id: Uuid,
+    kind: String,
+    output: Result<&RawValue, &str>,
+    attempts: u32,
+    stages: Vec<StageTiming>,
+) -> ResultMessage {
+    let (status, output, error) = match output {
+        Ok(output) => (Status::Ok, Some(output), None),
+        Err(error) => (Status::Failed, None, Some(error.to_owned())),
+    };
+    let body = JobResult {
+        schema_version: SCHEMA_VERSION,
+        job_id,
+        kind,
+        status,
+        output,
+        error,
+        attempts,
+        finished_at: OffsetDateTime::now_utc(),
+        stages,
+    };
+    ResultMessage { job_id, body: to_json(&body), kind: body.kind }
+}
+
+fn to_json(value: &impl Serialize) -> Vec<u8> {
+    // A result holds only strings, numbers and already-valid JSON: serializing cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
