@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use shared::config::CommonSettings;
+use shared::config::{CommonSettings, parse_positive, parse_seconds};
 
 /// Deliveries the broker may send before they are acked.
 pub const DEFAULT_PREFETCH: u16 = 256;
@@ -84,20 +84,6 @@ impl Settings {
     #[must_use]
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_timeout)
-    }
-}
-
-fn parse_positive(value: &str) -> Result<usize, String> {
-    match value.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err(format!("expected a whole number above 0, got {value:?}")),
-    }
-}
-
-fn parse_seconds(value: &str) -> Result<f64, String> {
-    match value.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(s),
-        _ => Err(format!("expected a positive number of seconds, got {value:?}")),
     }
 }
 

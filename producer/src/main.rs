@@ -1,1 +1,22 @@
-fn main() {}
+//! `producer` binary: parses settings, sets up logging, runs [`producer::run`], prints the
+//! summary on stderr and exits non-zero unless every job was confirmed (and, with `--wait`,
+//! every result arrived and succeeded).
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use producer::Settings;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    let settings = Settings::parse();
+    shared::telemetry::init(settings.common.log_format);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
+    let stdout = std::io::BufWriter::new(std::io::stdout());
+    let summary = producer::run(settings, stdout, shutdown).await.context("producer failed")?;
+    eprintln!("{summary}");
+    Ok(if summary.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

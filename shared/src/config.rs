@@ -73,6 +73,28 @@ pub fn parse_namespace(value: &str) -> Result<String, String> {
     Ok(value.to_owned())
 }
 
+/// Parses a whole number above zero (concurrency, window sizes, byte limits).
+///
+/// # Errors
+/// Says what was expected.
+pub fn parse_positive(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("expected a whole number above 0, got {value:?}")),
+    }
+}
+
+/// Parses a positive, finite number of seconds such as `30` or `0.5`.
+///
+/// # Errors
+/// Says what was expected.
+pub fn parse_seconds(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(s),
+        _ => Err(format!("expected a positive number of seconds, got {value:?}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +105,15 @@ mod tests {
         assert_eq!(parse_namespace("a-b_c.1"), Ok("a-b_c.1".into()));
         assert!(parse_namespace("a b").is_err());
         assert!(parse_namespace(&"x".repeat(MAX_NAMESPACE_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn numbers_are_checked() {
+        assert_eq!(parse_positive("3"), Ok(3));
+        assert!(parse_positive("0").is_err());
+        assert_eq!(parse_seconds("0.5"), Ok(0.5));
+        for bad in ["0", "-1", "inf", "NaN", "x"] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
     }
 }

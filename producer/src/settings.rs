@@ -1,0 +1,137 @@
+//! Every producer setting, from flags or environment variables, with defaults in one place.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{ArgGroup, Parser};
+use shared::{
+    config::{CommonSettings, parse_positive, parse_seconds},
+    schema::TEXT_ANALYZE,
+};
+
+/// Unconfirmed publishes allowed in flight.
+pub const DEFAULT_WINDOW: usize = 512;
+/// Size of each synthetic text, in bytes.
+pub const DEFAULT_SIZE: usize = 1024;
+/// How long `--wait` waits for results, in seconds.
+pub const DEFAULT_WAIT_TIMEOUT_SECS: f64 = 60.0;
+
+/// Where payloads come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// JSON-lines payloads from a file, or stdin for `-`.
+    Lines(PathBuf),
+    /// `count` synthetic `{"text": ...}` payloads of about `size` bytes.
+    Synthetic {
+        /// How many jobs.
+        count: u64,
+        /// Text size in bytes.
+        size: usize,
+    },
+}
+
+/// Producer settings.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "producer", version, about = "Publishes jobs to RabbitMQ with publisher confirms.")]
+#[command(group(ArgGroup::new("source").required(true).args(["input", "count"])))]
+pub struct Settings {
+    /// Settings shared with the consumer.
+    #[command(flatten)]
+    pub common: CommonSettings,
+
+    /// JSON-lines file of payloads, one job per line; `-` reads stdin.
+    #[arg(long, short = 'i', env = "PRODUCER_INPUT")]
+    pub input: Option<PathBuf>,
+
+    /// Number of synthetic `text.analyze` payloads to send instead of `--input`.
+    #[arg(long, short = 'n', env = "PRODUCER_COUNT")]
+    pub count: Option<u64>,
+
+    /// Size of each synthetic text, in bytes.
+    #[arg(long, env = "PRODUCER_SIZE", default_value_t = DEFAULT_SIZE)]
+    pub size: usize,
+
+    /// Kind of every job sent (the routing key).
+    #[arg(long, env = "PRODUCER_KIND", default_value = TEXT_ANALYZE,
+          value_parser = parse_kind)]
+    pub kind: String,
+
+    /// Unconfirmed publishes allowed in flight at once.
+    #[arg(long, env = "PRODUCER_WINDOW", default_value_t = DEFAULT_WINDOW,
+          value_parser = parse_positive)]
+    pub window: usize,
+
+    /// Wait for the results of the jobs sent and print them as JSON lines on stdout.
+    #[arg(long, env = "PRODUCER_WAIT")]
+    pub wait: bool,
+
+    /// How long `--wait` waits for the last result, in seconds.
+    #[arg(long, env = "PRODUCER_WAIT_TIMEOUT", default_value_t = DEFAULT_WAIT_TIMEOUT_SECS,
+          value_parser = parse_seconds)]
+    pub wait_timeout: f64,
+
+    /// Do not declare the topology; publish to whatever exists (unroutable jobs then fail).
+    #[arg(long, env = "PRODUCER_NO_DECLARE")]
+    pub no_declare: bool,
+}
+
+impl Settings {
+    /// Settings sending `source`, with every other field at its default.
+    #[must_use]
+    pub fn new(common: CommonSettings, source: Source) -> Self {
+        let (input, count, size) = match source {
+            Source::Lines(path) => (Some(path), None, DEFAULT_SIZE),
+            Source::Synthetic { count, size } => (None, Some(count), size),
+        };
+        Self {
+            common,
+            input,
+            count,
+            size,
+            kind: TEXT_ANALYZE.to_owned(),
+            window: DEFAULT_WINDOW,
+            wait: false,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT_SECS,
+            no_declare: false,
+        }
+    }
+
+    /// Where the payloads come from: `--input` wins over `--count`.
+    #[must_use]
+    pub fn source(&self) -> Source {
+        match (&self.input, self.count) {
+            (Some(path), _) => Source::Lines(path.clone()),
+            (None, count) => Source::Synthetic { count: count.unwrap_or(0), size: self.size },
+        }
+    }
+
+    /// [`Settings::wait_timeout`] as a duration.
+    #[must_use]
+    pub fn wait_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.wait_timeout)
+    }
+}
+
+fn parse_kind(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.len() > shared::schema::MAX_KIND_LEN {
+        return Err(format!("a kind is 1 to {} bytes long", shared::schema::MAX_KIND_LEN));
+    }
+    Ok(value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Settings::command().debug_assert();
+    }
+
+    #[test]
+    fn a_source_is_required() {
+        assert!(Settings::try_parse_from(["producer"]).is_err());
+        assert!(Settings::try_parse_from(["producer", "--count", "3"]).is_ok());
+    }
+}
