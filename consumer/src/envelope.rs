@@ -57,7 +57,10 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
         return Err(reject("empty body".to_owned()));
     }
     let text = std::str::from_utf8(body).map_err(|e| {
-        reject(format!("body is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()))
+        reject(format!(
+            "body is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
     })?;
     let job: OpenedJob<'_> = match serde_json::from_str(text) {
         Ok(job) => job,
@@ -83,7 +86,10 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
 /// The attempt number carried by `x-attempt`; 1 when absent or unreadable.
 #[must_use]
 pub fn attempt(properties: &BasicProperties) -> u32 {
-    let value = properties.headers().as_ref().and_then(|h| h.inner().get(X_ATTEMPT));
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(X_ATTEMPT));
     let n = match value {
         Some(AMQPValue::ShortShortUInt(n)) => i64::from(*n),
         Some(AMQPValue::ShortShortInt(n)) => i64::from(*n),
@@ -98,7 +104,10 @@ pub fn attempt(properties: &BasicProperties) -> u32 {
 }
 
 fn message_id(properties: &BasicProperties) -> Option<Uuid> {
-    properties.message_id().as_ref().and_then(|id| Uuid::parse_str(id.as_str()).ok())
+    properties
+        .message_id()
+        .as_ref()
+        .and_then(|id| Uuid::parse_str(id.as_str()).ok())
 }
 
 fn unsupported_version(found: &str) -> String {
@@ -128,13 +137,20 @@ fn explain(text: &str, error: &serde_json::Error, properties: &BasicProperties) 
         .and_then(|p| p.kind)
         .and_then(|k| serde_json::from_str::<String>(k.get()).ok())
         .filter(|k| !k.is_empty() && k.len() <= MAX_KIND_LEN);
-    let version = probe.as_ref().and_then(|p| p.schema_version).map(RawValue::get);
+    let version = probe
+        .as_ref()
+        .and_then(|p| p.schema_version)
+        .map(RawValue::get);
     let reason = match version {
         Some(v) if v != SCHEMA_VERSION.to_string() => unsupported_version(v),
         _ if error.is_syntax() || error.is_eof() => format!("malformed JSON: {error}"),
         _ => format!("invalid job: {error}"),
     };
-    Rejection { reason, job_id, kind }
+    Rejection {
+        reason,
+        job_id,
+        kind,
+    }
 }
 
 #[cfg(test)]
@@ -182,9 +198,18 @@ mod tests {
             (b"[1,2]".to_vec(), "invalid job"),
             (Vec::new(), "empty body"),
             (vec![b'"', 0xff, b'"'], "not valid UTF-8"),
-            (job("2", &id, "\"k\"").into_bytes(), "unsupported schema_version 2"),
-            (job("0", &id, "\"k\"").into_bytes(), "unsupported schema_version 0"),
-            (job("\"1\"", &id, "\"k\"").into_bytes(), "unsupported schema_version \"1\""),
+            (
+                job("2", &id, "\"k\"").into_bytes(),
+                "unsupported schema_version 2",
+            ),
+            (
+                job("0", &id, "\"k\"").into_bytes(),
+                "unsupported schema_version 0",
+            ),
+            (
+                job("\"1\"", &id, "\"k\"").into_bytes(),
+                "unsupported schema_version \"1\"",
+            ),
             (job("1", "\"nope\"", "\"k\"").into_bytes(), "invalid job"),
             (job("1", &id, "7").into_bytes(), "invalid job"),
             (job("1", &id, "\"\"").into_bytes(), "kind must be"),
@@ -192,7 +217,11 @@ mod tests {
         ];
         for (body, expected) in cases {
             let r = reason(&body);
-            assert!(r.reason.contains(expected), "{expected:?} not in {:?}", r.reason);
+            assert!(
+                r.reason.contains(expected),
+                "{expected:?} not in {:?}",
+                r.reason
+            );
         }
     }
 

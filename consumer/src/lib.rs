@@ -81,7 +81,9 @@ pub async fn run(
 
     let publish = amqp::confirm_channel(&connection).await?;
     let consume = connection.create_channel().await?;
-    consume.basic_qos(settings.prefetch, BasicQosOptions::default()).await?;
+    consume
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await?;
     let tag = format!("consumer-{}", uuid::Uuid::new_v4());
     let consumer = consume
         .basic_consume(
@@ -114,11 +116,17 @@ pub async fn run(
         Err(error) => tracing::error!(%error, "intake stopped; draining in-flight jobs"),
     }
     if consume.status().connected() {
-        if let Err(error) = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await {
+        if let Err(error) = consume
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+        {
             tracing::warn!(%error, "could not cancel the consumer");
         }
     }
-    if tokio::time::timeout(settings.shutdown_timeout(), workers.wait()).await.is_err() {
+    if tokio::time::timeout(settings.shutdown_timeout(), workers.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             timeout = ?settings.shutdown_timeout(),
             "in-flight jobs did not finish in time; leaving them unacked for redelivery"

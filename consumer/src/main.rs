@@ -12,5 +12,7 @@ async fn main() -> anyhow::Result<()> {
     shared::telemetry::init(settings.common.log_format);
     let shutdown = CancellationToken::new();
     tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
-    consumer::run(settings, Registry::builtin(), shutdown).await.context("consumer failed")
+    consumer::run(settings, Registry::builtin(), shutdown)
+        .await
+        .context("consumer failed")
 }

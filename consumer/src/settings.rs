@@ -21,7 +21,11 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 30.0;
 
 /// Consumer settings.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "consumer", version, about = "Runs jobs from RabbitMQ through chains of async stages.")]
+#[command(
+    name = "consumer",
+    version,
+    about = "Runs jobs from RabbitMQ through chains of async stages."
+)]
 pub struct Settings {
     /// Settings shared with the producer.
     #[command(flatten)]

@@ -74,8 +74,15 @@ impl Settler {
     pub async fn settle(&self, delivery: Delivery, outcome: Outcome) {
         let published = match &outcome {
             Outcome::Completed(result) => self.publish_result(result).await,
-            Outcome::Retry { next_attempt, .. } => self.publish_retry(&delivery, *next_attempt).await,
-            Outcome::Dead { reason, stage, attempts, result } => {
+            Outcome::Retry { next_attempt, .. } => {
+                self.publish_retry(&delivery, *next_attempt).await
+            }
+            Outcome::Dead {
+                reason,
+                stage,
+                attempts,
+                result,
+            } => {
                 let dead = self.publish_dead(&delivery, reason, stage, *attempts);
                 match result {
                     Some(result) => {
@@ -94,7 +101,10 @@ impl Settler {
             }
             Err(error) => {
                 tracing::error!(%error, "publish not confirmed; returning the job to the queue");
-                let requeue = BasicNackOptions { requeue: true, ..Default::default() };
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
                 if let Err(error) = delivery.acker.nack(requeue).await {
                     tracing::warn!(%error, "nack failed; the broker will redeliver the job");
                 }
@@ -114,11 +124,24 @@ impl Settler {
 
     /// Sends the job back to the queue it came from, through the default exchange, so that
     /// no other queue bound to the jobs exchange sees it twice.
-    async fn publish_retry(&self, delivery: &Delivery, next_attempt: u32) -> Result<(), PublishError> {
+    async fn publish_retry(
+        &self,
+        delivery: &Delivery,
+        next_attempt: u32,
+    ) -> Result<(), PublishError> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(X_ATTEMPT.into(), AMQPValue::LongLongInt(i64::from(next_attempt)));
+        headers.insert(
+            X_ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(next_attempt)),
+        );
         let properties = delivery.properties.clone().with_headers(headers);
-        self.publish("", routing_key(&self.names.work_queue), &delivery.data, properties).await
+        self.publish(
+            "",
+            routing_key(&self.names.work_queue),
+            &delivery.data,
+            properties,
+        )
+        .await
     }
 
     /// Publishes the original body byte for byte, with the original properties and the
@@ -133,7 +156,10 @@ impl Settler {
         let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(X_ERROR.into(), AMQPValue::LongString(reason.into()));
         headers.insert(X_FAILED_STAGE.into(), AMQPValue::LongString(stage.into()));
-        headers.insert(X_ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+        headers.insert(
+            X_ATTEMPTS.into(),
+            AMQPValue::LongLongInt(i64::from(attempts)),
+        );
         let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
         self.publish(
             &self.names.dead_exchange,

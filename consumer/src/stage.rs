@@ -116,7 +116,10 @@ impl Trace {
     /// An empty trace whose stages time out after `default_timeout` unless they say otherwise.
     #[must_use]
     pub fn new(default_timeout: Duration) -> Self {
-        Self { timings: Vec::with_capacity(4), default_timeout }
+        Self {
+            timings: Vec::with_capacity(4),
+            default_timeout,
+        }
     }
 
     /// The timings of the stages that ran, in order.
@@ -155,12 +158,18 @@ impl<S: Stage> Chain for S {
     type Input = S::Input;
     type Output = S::Output;
 
-    async fn run_traced(&self, input: S::Input, trace: &mut Trace) -> Result<S::Output, ChainFailure> {
+    async fn run_traced(
+        &self,
+        input: S::Input,
+        trace: &mut Trace,
+    ) -> Result<S::Output, ChainFailure> {
         let name = self.name();
         let limit = self.timeout().unwrap_or(trace.default_timeout);
         let span = tracing::info_span!("stage", stage = name);
         let started = Instant::now();
-        let outcome = tokio::time::timeout(limit, self.run(input)).instrument(span).await;
+        let outcome = tokio::time::timeout(limit, self.run(input))
+            .instrument(span)
+            .await;
         trace.timings.push(StageTiming {
             name: Cow::Borrowed(name),
             micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -170,7 +179,10 @@ impl<S: Stage> Chain for S {
             Ok(Err(error)) => error,
             Err(_) => StageError::retryable(format!("timed out after {limit:?}")),
         };
-        Err(ChainFailure { stage: Cow::Borrowed(name), error })
+        Err(ChainFailure {
+            stage: Cow::Borrowed(name),
+            error,
+        })
     }
 }
 
@@ -189,7 +201,11 @@ where
     type Input = A::Input;
     type Output = B::Output;
 
-    async fn run_traced(&self, input: A::Input, trace: &mut Trace) -> Result<B::Output, ChainFailure> {
+    async fn run_traced(
+        &self,
+        input: A::Input,
+        trace: &mut Trace,
+    ) -> Result<B::Output, ChainFailure> {
         let middle = self.first.run_traced(input, trace).await?;
         self.next.run_traced(middle, trace).await
     }
@@ -292,7 +308,10 @@ mod tests {
     async fn a_chain_runs_stages_in_order_and_times_each() {
         let chain = decode::<String>().then(Len);
         let mut trace = Trace::new(Duration::from_secs(1));
-        let out = chain.run_traced(payload(r#""hello""#), &mut trace).await.unwrap();
+        let out = chain
+            .run_traced(payload(r#""hello""#), &mut trace)
+            .await
+            .unwrap();
         assert_eq!(out, 5);
         let names: Vec<_> = trace.into_timings().into_iter().map(|t| t.name).collect();
         assert_eq!(names, ["decode", "len"]);
@@ -302,17 +321,26 @@ mod tests {
     async fn a_bad_payload_fails_permanently_in_decode() {
         let chain = decode::<String>().then(Len);
         let mut trace = Trace::new(Duration::from_secs(1));
-        let failure = chain.run_traced(payload("42"), &mut trace).await.unwrap_err();
+        let failure = chain
+            .run_traced(payload("42"), &mut trace)
+            .await
+            .unwrap_err();
         assert_eq!(failure.stage, "decode");
         assert!(!failure.error.is_retryable());
-        assert!(failure.error.to_string().starts_with("invalid payload"), "{failure}");
+        assert!(
+            failure.error.to_string().starts_with("invalid payload"),
+            "{failure}"
+        );
     }
 
     #[tokio::test]
     async fn a_stage_over_its_timeout_fails_retryably() {
         let chain = decode::<String>().then(Len).then(Slow);
         let mut trace = Trace::new(Duration::from_secs(60));
-        let failure = chain.run_traced(payload(r#""x""#), &mut trace).await.unwrap_err();
+        let failure = chain
+            .run_traced(payload(r#""x""#), &mut trace)
+            .await
+            .unwrap_err();
         assert_eq!(failure.stage, "slow");
         assert!(failure.error.is_retryable());
         assert_eq!(trace.into_timings().len(), 3);

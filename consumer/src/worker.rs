@@ -63,13 +63,23 @@ impl Worker {
                 self.registry.kinds().join(", ")
             );
             tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "rejected a job");
-            return self.rejected(Rejection { reason, job_id: Some(job.id), kind: Some(job.kind) }, attempt);
+            return self.rejected(
+                Rejection {
+                    reason,
+                    job_id: Some(job.id),
+                    kind: Some(job.kind),
+                },
+                attempt,
+            );
         };
 
         let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
         let mut trace = Trace::new(self.stage_timeout);
         let payload = Payload::new(job.payload.to_owned());
-        let ran = chain.run(payload, &mut trace).instrument(span.clone()).await;
+        let ran = chain
+            .run(payload, &mut trace)
+            .instrument(span.clone())
+            .await;
         let stages = trace.into_timings();
         let _entered = span.enter();
         match ran {
@@ -79,7 +89,10 @@ impl Worker {
             }
             Err(failure) if failure.error.is_retryable() && attempt < self.max_attempts => {
                 tracing::warn!(stage = %failure.stage, error = %failure.error, "attempt failed; retrying");
-                Outcome::Retry { next_attempt: attempt + 1, reason: failure.to_string() }
+                Outcome::Retry {
+                    next_attempt: attempt + 1,
+                    reason: failure.to_string(),
+                }
             }
             Err(failure) => {
                 let reason = if failure.error.is_retryable() {
@@ -99,11 +112,26 @@ impl Worker {
     }
 
     fn rejected(&self, rejection: Rejection, attempt: u32) -> Outcome {
-        let Rejection { reason, job_id, kind } = rejection;
+        let Rejection {
+            reason,
+            job_id,
+            kind,
+        } = rejection;
         let result = job_id.map(|id| {
-            result(id, kind.unwrap_or_default(), Err(&reason), attempt, Vec::new())
+            result(
+                id,
+                kind.unwrap_or_default(),
+                Err(&reason),
+                attempt,
+                Vec::new(),
+            )
         });
-        Outcome::Dead { reason, stage: ENVELOPE_STAGE.to_owned(), attempts: attempt, result }
+        Outcome::Dead {
+            reason,
+            stage: ENVELOPE_STAGE.to_owned(),
+            attempts: attempt,
+            result,
+        }
     }
 }
 
@@ -129,7 +157,11 @@ fn result(
         finished_at: OffsetDateTime::now_utc(),
         stages,
     };
-    ResultMessage { job_id, body: to_json(&body), kind: body.kind }
+    ResultMessage {
+        job_id,
+        body: to_json(&body),
+        kind: body.kind,
+    }
 }
 
 fn to_json(value: &impl Serialize) -> Vec<u8> {

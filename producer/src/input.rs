@@ -50,9 +50,11 @@ pub enum Payloads {
 impl std::fmt::Debug for Payloads {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Lines { path, line, .. } => {
-                f.debug_struct("Lines").field("path", path).field("line", line).finish()
-            }
+            Self::Lines { path, line, .. } => f
+                .debug_struct("Lines")
+                .field("path", path)
+                .field("line", line)
+                .finish(),
             Self::Synthetic(s) => s.fmt(f),
         }
     }
@@ -69,10 +71,18 @@ impl Payloads {
         } else {
             let file = tokio::fs::File::open(path)
                 .await
-                .map_err(|source| InputError::Read { path: path.to_owned(), source })?;
+                .map_err(|source| InputError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
             Box::new(BufReader::new(file))
         };
-        Ok(Self::Lines { path: path.to_owned(), reader, line: 0, buf: Vec::new() })
+        Ok(Self::Lines {
+            path: path.to_owned(),
+            reader,
+            line: 0,
+            buf: Vec::new(),
+        })
     }
 
     /// `count` synthetic `text.analyze` payloads of about `size` bytes of text each.
@@ -94,27 +104,41 @@ impl Payloads {
     pub async fn next(&mut self) -> Option<Result<Box<RawValue>, InputError>> {
         match self {
             Self::Synthetic(s) => s.next().map(Ok),
-            Self::Lines { path, reader, line, buf } => loop {
+            Self::Lines {
+                path,
+                reader,
+                line,
+                buf,
+            } => loop {
                 buf.clear();
                 match reader.read_until(b'\n', buf).await {
                     Ok(0) => return None,
                     Ok(_) => *line += 1,
                     Err(source) => {
-                        return Some(Err(InputError::Read { path: path.clone(), source }));
+                        return Some(Err(InputError::Read {
+                            path: path.clone(),
+                            source,
+                        }));
                     }
                 }
                 let text = match std::str::from_utf8(buf) {
                     Ok(text) => text.trim(),
                     Err(e) => {
                         let reason = format!("not valid UTF-8 (byte {})", e.valid_up_to());
-                        return Some(Err(InputError::Line { line: *line, reason }));
+                        return Some(Err(InputError::Line {
+                            line: *line,
+                            reason,
+                        }));
                     }
                 };
                 if text.is_empty() {
                     continue;
                 }
                 return Some(serde_json::from_str::<Box<RawValue>>(text).map_err(|e| {
-                    InputError::Line { line: *line, reason: format!("invalid JSON: {e}") }
+                    InputError::Line {
+                        line: *line,
+                        reason: format!("invalid JSON: {e}"),
+                    }
                 }));
             },
         }
@@ -139,7 +163,12 @@ const WORDS: &[&str] = &[
 impl Synthetic {
     fn new(count: u64, size: usize) -> Self {
         let seed = u64::from(std::process::id()) ^ 0x9e37_79b9_7f4a_7c15;
-        Self { count, size, sent: 0, state: seed | 1 }
+        Self {
+            count,
+            size,
+            sent: 0,
+            state: seed | 1,
+        }
     }
 
     fn rand(&mut self) -> u64 {

@@ -88,7 +88,10 @@ pub async fn run(
     let progress = progress_bar(payloads.len_hint());
     let exchange = ShortString::from(names.jobs_exchange.as_str());
     let routing_key = ShortString::from(settings.kind.as_str());
-    let mut summary = Summary { waited: settings.wait, ..Summary::default() };
+    let mut summary = Summary {
+        waited: settings.wait,
+        ..Summary::default()
+    };
     let mut confirmed = HashSet::new();
     let mut inflight = FuturesUnordered::new();
     let started = Instant::now();
@@ -108,7 +111,9 @@ pub async fn run(
 
     loop {
         if shutdown.is_cancelled() {
-            summary.errors.push("interrupted: stopped publishing".to_owned());
+            summary
+                .errors
+                .push("interrupted: stopped publishing".to_owned());
             break;
         }
         let payload = match payloads.next().await {
@@ -164,7 +169,6 @@ pub async fn run(
     while let Some(done) = inflight.next().await {
         record(&mut summary, done);
     }
-    drop(record);
     if let Some(total) = payloads.len_hint() {
         // Jobs never handed to the broker after a fatal error are failures too.
         let accounted = summary.confirmed + summary.failed;
@@ -173,8 +177,15 @@ pub async fn run(
     progress.finish_and_clear();
 
     if let Some(listener) = listener.as_mut() {
-        collect_results(&settings, listener, confirmed, &mut summary, &mut results_out, &shutdown)
-            .await;
+        collect_results(
+            &settings,
+            listener,
+            confirmed,
+            &mut summary,
+            &mut results_out,
+            &shutdown,
+        )
+        .await;
     }
     summary.elapsed = started.elapsed();
     if connection.status().connected() {
@@ -207,13 +218,17 @@ async fn collect_results(
                 } else {
                     summary.results_failed += 1;
                 }
-                let written = out.write_all(&result.body).and_then(|()| out.write_all(b"\n"));
+                let written = out
+                    .write_all(&result.body)
+                    .and_then(|()| out.write_all(b"\n"));
                 if let Err(error) = written {
                     tracing::warn!(%error, "cannot write a result");
                 }
             }
             Ok(None) => {
-                summary.errors.push("the results listener stopped".to_owned());
+                summary
+                    .errors
+                    .push("the results listener stopped".to_owned());
                 break;
             }
             Err(_) => {

@@ -16,7 +16,13 @@ async fn main() -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
     let stdout = std::io::BufWriter::new(std::io::stdout());
-    let summary = producer::run(settings, stdout, shutdown).await.context("producer failed")?;
+    let summary = producer::run(settings, stdout, shutdown)
+        .await
+        .context("producer failed")?;
     eprintln!("{summary}");
-    Ok(if summary.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if summary.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -43,7 +43,11 @@ impl Listener {
         let queue = channel
             .queue_declare(
                 "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;
@@ -60,7 +64,10 @@ impl Listener {
             .basic_consume(
                 queue.name().clone(),
                 "producer-wait".into(),
-                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;
@@ -70,7 +77,14 @@ impl Listener {
             while let Some(Ok(delivery)) = consumer.next().await {
                 match parse(&delivery.data) {
                     Some((job_id, ok)) => {
-                        if tx.send(Arrived { job_id, ok, body: delivery.data }).is_err() {
+                        if tx
+                            .send(Arrived {
+                                job_id,
+                                ok,
+                                body: delivery.data,
+                            })
+                            .is_err()
+                        {
                             break;
                         }
                     }

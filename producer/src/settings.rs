@@ -31,7 +31,11 @@ pub enum Source {
 
 /// Producer settings.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "producer", version, about = "Publishes jobs to RabbitMQ with publisher confirms.")]
+#[command(
+    name = "producer",
+    version,
+    about = "Publishes jobs to RabbitMQ with publisher confirms."
+)]
 #[command(group(ArgGroup::new("source").required(true).args(["input", "count"])))]
 pub struct Settings {
     /// Settings shared with the consumer.
@@ -100,7 +104,10 @@ impl Settings {
     pub fn source(&self) -> Source {
         match (&self.input, self.count) {
             (Some(path), _) => Source::Lines(path.clone()),
-            (None, count) => Source::Synthetic { count: count.unwrap_or(0), size: self.size },
+            (None, count) => Source::Synthetic {
+                count: count.unwrap_or(0),
+                size: self.size,
+            },
         }
     }
 
@@ -113,7 +120,10 @@ impl Settings {
 
 fn parse_kind(value: &str) -> Result<String, String> {
     if value.is_empty() || value.len() > shared::schema::MAX_KIND_LEN {
-        return Err(format!("a kind is 1 to {} bytes long", shared::schema::MAX_KIND_LEN));
+        return Err(format!(
+            "a kind is 1 to {} bytes long",
+            shared::schema::MAX_KIND_LEN
+        ));
     }
     Ok(value.to_owned())
 }

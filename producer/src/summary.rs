@@ -41,7 +41,11 @@ impl Summary {
     #[must_use]
     pub fn rate(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 { self.confirmed as f64 / secs } else { 0.0 }
+        if secs > 0.0 {
+            self.confirmed as f64 / secs
+        } else {
+            0.0
+        }
     }
 
     /// True when every job was confirmed and, with `--wait`, every result arrived and is `ok`.

@@ -56,7 +56,10 @@ pub fn check_confirmation(confirmation: Confirmation) -> Result<(), PublishError
 /// returned and reported instead of silently dropped.
 #[must_use]
 pub fn mandatory() -> BasicPublishOptions {
-    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() }
+    BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    }
 }
 
 /// Properties of a job message: JSON, persistent, `message_id` = job id.
@@ -87,7 +90,11 @@ fn uuid_short(id: Uuid) -> ShortString {
 /// Fails only on an unsupported runtime; connection errors surface on `pool.get()`.
 pub fn pool(url: &str, connection_name: &str) -> Result<Pool, deadpool_lapin::CreatePoolError> {
     let name = connection_name.to_owned();
-    deadpool_lapin::Config { url: Some(url.to_owned()), ..Default::default() }.create_pool(
+    deadpool_lapin::Config {
+        url: Some(url.to_owned()),
+        ..Default::default()
+    }
+    .create_pool(
         move || ConnectionProperties::default().with_connection_name(name.as_str().into()),
         Runtime::Tokio1,
     )
@@ -99,7 +106,9 @@ pub fn pool(url: &str, connection_name: &str) -> Result<Pool, deadpool_lapin::Cr
 /// Fails when the connection is gone or the broker refuses the channel.
 pub async fn confirm_channel(connection: &lapin::Connection) -> Result<Channel, lapin::Error> {
     let channel = connection.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     Ok(channel)
 }
 
@@ -125,7 +134,10 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(
+            redact("amqp://guest:secret@host:5672/%2f"),
+            "amqp://guest:***@host:5672/%2f"
+        );
         assert_eq!(redact("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
         assert_eq!(redact("amqp://u:p@ss@host/v"), "amqp://u:***@host/v");
         assert_eq!(redact("not a url"), "not a url");
@@ -135,7 +147,10 @@ mod tests {
     fn result_properties_carry_the_job_id_twice() {
         let id = Uuid::new_v4();
         let props = result_properties(id);
-        assert_eq!(props.message_id().as_ref().map(ShortString::as_str), Some(&*id.to_string()));
+        assert_eq!(
+            props.message_id().as_ref().map(ShortString::as_str),
+            Some(&*id.to_string())
+        );
         assert_eq!(props.correlation_id(), props.message_id());
         assert_eq!(props.delivery_mode(), &Some(2));
     }

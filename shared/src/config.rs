@@ -60,7 +60,9 @@ impl CommonSettings {
 /// Says which rule the namespace breaks.
 pub fn parse_namespace(value: &str) -> Result<String, String> {
     if value.len() > MAX_NAMESPACE_LEN {
-        return Err(format!("namespace is longer than {MAX_NAMESPACE_LEN} bytes"));
+        return Err(format!(
+            "namespace is longer than {MAX_NAMESPACE_LEN} bytes"
+        ));
     }
     if let Some(bad) = value
         .chars()
@@ -91,7 +93,9 @@ pub fn parse_positive(value: &str) -> Result<usize, String> {
 pub fn parse_seconds(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
         Ok(s) if s.is_finite() && s > 0.0 && s < 1e9 => Ok(s),
-        _ => Err(format!("expected a positive number of seconds, got {value:?}")),
+        _ => Err(format!(
+            "expected a positive number of seconds, got {value:?}"
+        )),
     }
 }
 

@@ -156,7 +156,10 @@ mod tests {
             error: Some("boom".into()),
             attempts: 1,
             finished_at: OffsetDateTime::now_utc(),
-            stages: vec![StageTiming { name: "decode".into(), micros: 12 }],
+            stages: vec![StageTiming {
+                name: "decode".into(),
+                micros: 12,
+            }],
         };
         let json = serde_json::to_value(&result).unwrap();
         assert_eq!(json["status"], "failed");

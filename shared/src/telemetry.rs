@@ -22,7 +22,11 @@ pub fn init(format: LogFormat) {
     // `try_init` fails only when a subscriber is already installed, which is fine.
     let _ = match format {
         LogFormat::Pretty => builder.compact().try_init(),
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
     };
 }
 

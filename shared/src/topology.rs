@@ -105,7 +105,10 @@ impl Topology {
     /// The topology for a namespace and queue type.
     #[must_use]
     pub fn new(namespace: &str, queue_type: QueueType) -> Self {
-        Self { names: Names::new(namespace), queue_type }
+        Self {
+            names: Names::new(namespace),
+            queue_type,
+        }
     }
 
     /// Arguments of the work queue: its type, and where the broker itself dead-letters
@@ -142,15 +145,25 @@ impl Topology {
                 .exchange_declare(
                     short(exchange),
                     ExchangeKind::Topic,
-                    ExchangeDeclareOptions { durable: true, ..Default::default() },
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
                     FieldTable::default(),
                 )
                 .await?;
         }
-        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         let queues = [
             (&n.work_queue, &n.jobs_exchange, self.work_queue_arguments()),
-            (&n.results_queue, &n.results_exchange, self.queue_arguments()),
+            (
+                &n.results_queue,
+                &n.results_exchange,
+                self.queue_arguments(),
+            ),
             (&n.dead_queue, &n.dead_exchange, self.queue_arguments()),
         ];
         for (queue, exchange, args) in queues {

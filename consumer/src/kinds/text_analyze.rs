@@ -55,7 +55,10 @@ impl Stage for Analyze {
 
     async fn run(&self, input: TextPayload) -> Result<Analyzed, StageError> {
         let counts = count(&input.text);
-        Ok(Analyzed { text: input.text, counts })
+        Ok(Analyzed {
+            text: input.text,
+            counts,
+        })
     }
 }
 
@@ -72,8 +75,19 @@ impl Stage for Digest {
     }
 
     async fn run(&self, input: Analyzed) -> Result<TextAnalysis, StageError> {
-        let Counts { words, chars, lines, top_words } = input.counts;
-        Ok(TextAnalysis { words, chars, lines, top_words, sha256: sha256_hex(&input.text) })
+        let Counts {
+            words,
+            chars,
+            lines,
+            top_words,
+        } = input.counts;
+        Ok(TextAnalysis {
+            words,
+            chars,
+            lines,
+            top_words,
+            sha256: sha256_hex(&input.text),
+        })
     }
 }
 
@@ -122,7 +136,11 @@ mod tests {
         assert_eq!(c.lines, 4);
         assert_eq!(
             c.top_words,
-            [("hello".to_owned(), 2), ("world".to_owned(), 2), ("olé".to_owned(), 1)]
+            [
+                ("hello".to_owned(), 2),
+                ("world".to_owned(), 2),
+                ("olé".to_owned(), 1)
+            ]
         );
     }
 

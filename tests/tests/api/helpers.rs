@@ -1,0 +1,335 @@
+//! Test harness: a broker, a fresh namespace per test, an in-process consumer, and readers
+//! for the results and dead-letter queues. Every wait is bounded by a timeout.
+
+use std::{collections::HashMap, path::PathBuf, process::Command, sync::OnceLock, time::Duration};
+
+use consumer::{ConsumerError, Registry};
+use deadpool_lapin::lapin::{
+    BasicProperties, Channel, Connection, ConnectionProperties,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions,
+        ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable},
+};
+use futures::StreamExt;
+use serde_json::Value;
+use shared::{
+    amqp::{check_confirmation, confirm_channel, job_properties, mandatory},
+    config::CommonSettings,
+    schema::Job,
+    topology::{QueueType, Topology},
+};
+use testcontainers_modules::{
+    rabbitmq::RabbitMq,
+    testcontainers::{ContainerAsync, runners::AsyncRunner},
+};
+use tokio::{sync::OnceCell, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Default bound for any wait in a test.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+struct Broker {
+    url: String,
+    _container: Option<ContainerAsync<RabbitMq>>,
+}
+
+static BROKER: OnceCell<Broker> = OnceCell::const_new();
+
+/// The broker URL: `AMQP_URL`, or a RabbitMQ container started once for the whole run.
+pub async fn broker_url() -> String {
+    let broker = BROKER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("AMQP_URL") {
+                return Broker {
+                    url,
+                    _container: None,
+                };
+            }
+            let container = RabbitMq::default().start().await.unwrap_or_else(|e| {
+                panic!(
+                    "no broker for the integration tests: AMQP_URL is not set and testcontainers \
+                     could not start RabbitMQ ({e}).\nEither point AMQP_URL at a RabbitMQ \
+                     (Debian: `apt-get install rabbitmq-server && rabbitmq-server -detached`, \
+                     then AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f), or start a Docker \
+                     engine (see .ci/run)."
+                )
+            });
+            let host = container.get_host().await.unwrap();
+            let port = container.get_host_port_ipv4(5672).await.unwrap();
+            Broker {
+                url: format!("amqp://guest:guest@{host}:{port}/%2f"),
+                _container: Some(container),
+            }
+        })
+        .await;
+    broker.url.clone()
+}
+
+/// Runs `fut` under [`WAIT`], failing the test with `what` on timeout.
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// One test's world: its own namespace on the shared broker.
+pub struct TestApp {
+    pub common: CommonSettings,
+    pub topology: Topology,
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+/// A consumer running in-process.
+pub struct ConsumerHandle {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), ConsumerError>>,
+}
+
+impl ConsumerHandle {
+    /// Requests shutdown and waits for `run` to return.
+    pub async fn stop(self) -> Result<(), ConsumerError> {
+        self.shutdown.cancel();
+        within("the consumer to stop", self.task).await.unwrap()
+    }
+}
+
+impl TestApp {
+    /// A fresh namespace with its topology declared, on quorum queues.
+    pub async fn new() -> Self {
+        Self::with_queue_type(QueueType::Quorum).await
+    }
+
+    pub async fn with_queue_type(queue_type: QueueType) -> Self {
+        if std::env::var_os("TEST_LOG").is_some() {
+            shared::telemetry::init(shared::telemetry::LogFormat::Pretty);
+        }
+        let url = broker_url().await;
+        let mut common = CommonSettings::new(url.clone());
+        common.namespace = format!("test-{}", Uuid::new_v4().simple());
+        common.queue_type = queue_type;
+        let topology = common.topology();
+        let connection = within(
+            "a connection",
+            Connection::connect(&url, ConnectionProperties::default()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", shared::amqp::redact(&url)));
+        let channel = confirm_channel(&connection).await.unwrap();
+        topology.declare(&channel).await.unwrap();
+        Self {
+            common,
+            topology,
+            connection,
+            channel,
+        }
+    }
+
+    /// Consumer settings for this namespace, with defaults otherwise.
+    pub fn consumer_settings(&self) -> consumer::Settings {
+        consumer::Settings::new(self.common.clone())
+    }
+
+    /// Starts a consumer in-process.
+    pub fn spawn_consumer(
+        &self,
+        settings: consumer::Settings,
+        registry: Registry,
+    ) -> ConsumerHandle {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(consumer::run(settings, registry, shutdown.clone()));
+        ConsumerHandle { shutdown, task }
+    }
+
+    /// Publishes a valid job, confirmed, and returns its id.
+    pub async fn publish_job(&self, kind: &str, payload: Value) -> Uuid {
+        let job = Job::new(kind, payload);
+        let body = serde_json::to_vec(&job).unwrap();
+        self.publish_raw(kind, &body, job_properties(job.id)).await;
+        job.id
+    }
+
+    /// Publishes any body to the jobs exchange, confirmed.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], properties: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.topology.names.jobs_exchange.as_str().into(),
+                routing_key.into(),
+                mandatory(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap();
+        check_confirmation(confirm.await.unwrap()).unwrap();
+    }
+
+    /// Takes `n` messages from `queue`, waiting for each, and acks them. Messages beyond
+    /// `n` stay in the queue.
+    pub async fn take(&self, queue: &str, n: usize) -> Vec<Message> {
+        let channel = self.connection.create_channel().await.unwrap();
+        channel
+            .basic_qos(1, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                format!("test-take-{}", Uuid::new_v4()).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut out = Vec::with_capacity(n);
+        within(&format!("{n} messages on {queue}"), async {
+            while out.len() < n {
+                let delivery = consumer.next().await.expect("consumer ended").unwrap();
+                delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .unwrap();
+                out.push(Message {
+                    body: delivery.data,
+                    properties: delivery.properties,
+                });
+            }
+        })
+        .await;
+        let _ = channel.close(200, "taken".into()).await;
+        out
+    }
+
+    /// Takes every message now ready in `queue` (none if it is empty).
+    pub async fn drain(&self, queue: &str) -> Vec<Message> {
+        let mut out = Vec::new();
+        while let Some(got) = self
+            .channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            got.delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .unwrap();
+            out.push(Message {
+                body: got.delivery.data,
+                properties: got.delivery.properties,
+            });
+        }
+        out
+    }
+
+    /// `n` results from this namespace's durable results queue.
+    pub async fn results(&self, n: usize) -> Vec<Message> {
+        let queue = self.topology.names.results_queue.clone();
+        self.take(&queue, n).await
+    }
+
+    /// `n` dead letters from this namespace's dead-letter queue.
+    pub async fn dead_letters(&self, n: usize) -> Vec<Message> {
+        let queue = self.topology.names.dead_queue.clone();
+        self.take(&queue, n).await
+    }
+
+    /// Ready messages in `queue`.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let channel = self.connection.create_channel().await.unwrap();
+        let q = channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .unwrap();
+        let _ = channel.close(200, "".into()).await;
+        q.message_count()
+    }
+
+    /// Deletes this namespace's queues and exchanges.
+    pub async fn teardown(self) {
+        let n = &self.topology.names;
+        for queue in [&n.work_queue, &n.results_queue, &n.dead_queue] {
+            let _ = self
+                .channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for exchange in [&n.jobs_exchange, &n.results_exchange, &n.dead_exchange] {
+            let _ = self
+                .channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+/// A message read back from a queue.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+impl Message {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    /// A header as a string, whatever AMQP string type carries it.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let headers: HashMap<String, AMQPValue> = self
+            .properties
+            .headers()
+            .as_ref()?
+            .inner()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        match headers.get(name)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.to_string()),
+            AMQPValue::LongLongInt(n) => Some(n.to_string()),
+            AMQPValue::LongInt(n) => Some(n.to_string()),
+            other => Some(format!("{other:?}")),
+        }
+    }
+}
+
+/// Path of a workspace binary, built on first use if `cargo test` did not build it.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(PathBuf::from))
+        .expect("the test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "producer", "-p", "consumer"]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("cannot run cargo to build the binaries");
+        assert!(status.success(), "cargo build of the binaries failed");
+    });
+    assert!(
+        path.exists(),
+        "{} does not exist after cargo build",
+        path.display()
+    );
+    path
+}

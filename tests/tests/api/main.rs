@@ -1,0 +1,11 @@
+//! Integration tests against a real RabbitMQ: the one named by `AMQP_URL`, or one started
+//! with testcontainers. Every test gets its own namespace, so tests run in parallel.
+
+#![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
+
+mod bad_input;
+mod concurrency;
+mod end_to_end;
+mod helpers;
+mod producer_failures;
+mod shutdown;
