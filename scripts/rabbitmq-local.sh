@@ -20,7 +20,13 @@ if as_root rabbitmqctl -q status >/dev/null 2>&1 && amqp_port_open; then
 else
   log "starting"
   as_root rabbitmq-server -detached
-  if ! as_root timeout 180 rabbitmqctl -q await_startup; then
+  # await_startup fails at once until the node has registered, so ask until it answers.
+  started=false
+  for _ in $(seq 1 90); do
+    if as_root rabbitmqctl -q await_startup --timeout 60 >/dev/null 2>&1; then started=true; break; fi
+    sleep 2
+  done
+  if [ "$started" != true ]; then
     log "RabbitMQ did not start; its logs:"
     as_root sh -c 'tail -n 50 /var/log/rabbitmq/*.log' >&2 || true
     exit 1
