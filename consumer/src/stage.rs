@@ -22,15 +22,18 @@
 //!
 //! Running a chain records each stage's wall time in a [`Trace`], runs each stage inside a
 //! `stage` tracing span, and bounds each stage by its [`Stage::timeout`] (or the consumer's
-//! default), so a stuck stage becomes a retryable error instead of a stuck delivery.
+//! default), so a stuck stage becomes a retryable error instead of a stuck delivery. A stage
+//! that panics fails its job permanently; the worker lives on.
 
 use std::{
     borrow::Cow,
     future::Future,
     marker::PhantomData,
+    panic::AssertUnwindSafe,
     time::{Duration, Instant},
 };
 
+use futures::FutureExt;
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use shared::schema::StageTiming;
@@ -167,16 +170,20 @@ impl<S: Stage> Chain for S {
         let limit = self.timeout().unwrap_or(trace.default_timeout);
         let span = tracing::info_span!("stage", stage = name);
         let started = Instant::now();
-        let outcome = tokio::time::timeout(limit, self.run(input))
-            .instrument(span)
-            .await;
+        // A panicking stage is a bug in that stage, not in the consumer: it fails this job
+        // permanently instead of killing the worker task and stranding its delivery.
+        let guarded = AssertUnwindSafe(self.run(input)).catch_unwind();
+        let outcome = tokio::time::timeout(limit, guarded).instrument(span).await;
         trace.timings.push(StageTiming {
             name: Cow::Borrowed(name),
             micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         });
         let error = match outcome {
-            Ok(Ok(output)) => return Ok(output),
-            Ok(Err(error)) => error,
+            Ok(Ok(Ok(output))) => return Ok(output),
+            Ok(Ok(Err(error))) => error,
+            Ok(Err(panic)) => {
+                StageError::permanent(format!("stage panicked: {}", panic_message(&*panic)))
+            }
             Err(_) => StageError::retryable(format!("timed out after {limit:?}")),
         };
         Err(ChainFailure {
@@ -184,6 +191,14 @@ impl<S: Stage> Chain for S {
             error,
         })
     }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a non-string panic payload")
 }
 
 /// Two chains run one after the other; built by [`Chain::then`].
@@ -298,6 +313,38 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             Ok(input)
         }
+    }
+
+    struct Buggy;
+    impl Stage for Buggy {
+        type Input = usize;
+        type Output = usize;
+        fn name(&self) -> &'static str {
+            "buggy"
+        }
+        async fn run(&self, input: usize) -> Result<usize, StageError> {
+            let empty: Vec<usize> = Vec::new();
+            Ok(empty[input])
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_stage_fails_the_job_permanently() {
+        let chain = decode::<String>().then(Len).then(Buggy);
+        let mut trace = Trace::new(Duration::from_secs(1));
+        let failure = chain
+            .run_traced(payload(r#""x""#), &mut trace)
+            .await
+            .unwrap_err();
+        assert_eq!(failure.stage, "buggy");
+        assert!(!failure.error.is_retryable());
+        assert!(
+            failure
+                .error
+                .to_string()
+                .starts_with("stage panicked: index out of bounds"),
+            "{failure}"
+        );
     }
 
     fn payload(json: &str) -> Payload {
