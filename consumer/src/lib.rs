@@ -38,12 +38,9 @@ pub use settings::Settings;
 /// Why the consumer stopped other than by a requested shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
-    /// The connection pool could not be built.
-    #[error("cannot build the connection pool: {0}")]
-    Pool(#[from] deadpool_lapin::CreatePoolError),
-    /// No connection to the broker could be made.
-    #[error("cannot connect to the broker: {0}")]
-    Connect(#[from] deadpool_lapin::PoolError),
+    /// No connection to the broker could be had.
+    #[error(transparent)]
+    Connect(#[from] amqp::ConnectError),
     /// The broker refused a declaration or a channel operation.
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
@@ -64,8 +61,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ConsumerError> {
     let topology = settings.common.topology();
-    let pool = amqp::pool(&settings.common.amqp_url, "consumer")?;
-    let connection = pool.get().await?;
+    let (_pool, connection) = amqp::connect(&settings.common.amqp_url, "consumer").await?;
     tracing::info!(
         broker = %amqp::redact(&settings.common.amqp_url),
         queue = %topology.names.work_queue,

@@ -36,12 +36,9 @@ use crate::input::{InputError, Payloads};
 /// [`Summary`] instead.
 #[derive(Debug, thiserror::Error)]
 pub enum ProducerError {
-    /// The connection pool could not be built.
-    #[error("cannot build the connection pool: {0}")]
-    Pool(#[from] deadpool_lapin::CreatePoolError),
-    /// No connection to the broker could be made.
-    #[error("cannot connect to the broker: {0}")]
-    Connect(#[from] deadpool_lapin::PoolError),
+    /// No connection to the broker could be had.
+    #[error(transparent)]
+    Connect(#[from] amqp::ConnectError),
     /// The broker refused the topology, the channel or the results queue.
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
@@ -71,8 +68,7 @@ pub async fn run(
         Source::Synthetic { count, size } => Payloads::synthetic(count, size),
     };
 
-    let pool = amqp::pool(&settings.common.amqp_url, "producer")?;
-    let connection = pool.get().await?;
+    let (_pool, connection) = amqp::connect(&settings.common.amqp_url, "producer").await?;
     tracing::debug!(broker = %amqp::redact(&settings.common.amqp_url), "connected");
     if !settings.no_declare {
         let setup = connection.create_channel().await?;

@@ -83,6 +83,39 @@ fn uuid_short(id: Uuid) -> ShortString {
     ShortString::from(&*id.hyphenated().encode_lower(&mut buf))
 }
 
+/// Why no connection to the broker could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The connection pool could not be built.
+    #[error("cannot build the connection pool: {0}")]
+    Pool(#[from] deadpool_lapin::CreatePoolError),
+    /// The broker did not accept a connection.
+    #[error("cannot connect to the broker at {url}: {reason}")]
+    Connect {
+        /// The broker URL, password redacted.
+        url: String,
+        /// What went wrong (kept out of the error chain: the message already says it).
+        reason: deadpool_lapin::PoolError,
+    },
+}
+
+/// A pool for `url` and one live connection from it, named `connection_name` in the
+/// broker's management UI.
+///
+/// # Errors
+/// See [`ConnectError`]; its message names the broker with the password redacted.
+pub async fn connect(
+    url: &str,
+    connection_name: &str,
+) -> Result<(Pool, deadpool_lapin::Connection), ConnectError> {
+    let pool = pool(url, connection_name)?;
+    let connection = pool.get().await.map_err(|reason| ConnectError::Connect {
+        url: redact(url),
+        reason,
+    })?;
+    Ok((pool, connection))
+}
+
 /// A connection pool for `url`. Connections are made lazily and checked for liveness before
 /// they are handed out, so a dead connection is replaced instead of reused.
 ///
