@@ -1,12 +1,25 @@
 # Multi-stage build of both binaries. Image names are build arguments so that machines
-# without a registry can substitute locally built images.
+# without a registry can substitute locally built ones (scripts/local-images.sh).
 ARG RUST_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
+# Dependencies first, against stub sources, so that a source change reuses this layer.
+COPY Cargo.toml Cargo.lock ./
+COPY shared/Cargo.toml shared/
+COPY producer/Cargo.toml producer/
+COPY consumer/Cargo.toml consumer/
+COPY tests/Cargo.toml tests/
+RUN for crate in shared producer consumer tests; do \
+      mkdir -p $crate/src && echo '//! stub' > $crate/src/lib.rs; \
+    done \
+ && echo 'fn main() {}' > producer/src/main.rs && echo 'fn main() {}' > consumer/src/main.rs \
+ && cargo build --release --locked -p producer -p consumer \
+ && rm -rf shared producer consumer tests
 COPY . .
-RUN cargo build --release --locked -p producer -p consumer \
+RUN touch shared/src/lib.rs producer/src/lib.rs consumer/src/lib.rs \
+ && cargo build --release --locked -p producer -p consumer \
  && cp target/release/producer target/release/consumer /usr/local/bin/
 
 FROM ${RUNTIME_IMAGE}

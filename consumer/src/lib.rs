@@ -22,7 +22,7 @@ pub mod settle;
 pub mod stage;
 pub mod worker;
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering};
 
 use deadpool_lapin::lapin::{
     self,
@@ -90,9 +90,10 @@ pub async fn run(
         )
         .await?;
 
+    let totals = Arc::new(settle::Totals::default());
     let worker = Arc::new(worker::Worker {
         registry,
-        settler: settle::Settler::new(publish, topology.names.clone()),
+        settler: settle::Settler::new(publish, topology.names.clone(), Arc::clone(&totals)),
         max_body_bytes: settings.max_body_bytes,
         max_attempts: settings.max_attempts,
         stage_timeout: settings.stage_timeout(),
@@ -133,6 +134,12 @@ pub async fn run(
             tracing::warn!(%error, "closing the connection failed");
         }
     }
-    tracing::info!("consumer stopped");
+    tracing::info!(
+        completed = totals.completed.load(Ordering::Relaxed),
+        dead_lettered = totals.dead_lettered.load(Ordering::Relaxed),
+        retried = totals.retried.load(Ordering::Relaxed),
+        requeued = totals.requeued.load(Ordering::Relaxed),
+        "consumer stopped"
+    );
     Ok(intake?)
 }

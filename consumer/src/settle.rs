@@ -5,6 +5,11 @@
 //! is gone, simply left unacked, which the broker treats the same way), so a job is never
 //! acked without its result or dead letter safely stored.
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
 use deadpool_lapin::lapin::{
     BasicProperties, Channel,
     message::Delivery,
@@ -55,18 +60,44 @@ pub enum Outcome {
     },
 }
 
+/// How many deliveries this process settled, by outcome; logged at shutdown.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Jobs whose `ok` result was confirmed and which were acked.
+    pub completed: AtomicU64,
+    /// Messages dead-lettered (with a `failed` result when the job id was known) and acked.
+    pub dead_lettered: AtomicU64,
+    /// Jobs re-published for another attempt and acked.
+    pub retried: AtomicU64,
+    /// Deliveries returned to the queue because a publish was not confirmed.
+    pub requeued: AtomicU64,
+}
+
+impl Totals {
+    fn count(&self, outcome: &Outcome) {
+        let counter = match outcome {
+            Outcome::Completed(_) => &self.completed,
+            Outcome::Retry { .. } => &self.retried,
+            Outcome::Dead { .. } => &self.dead_lettered,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Publishes outcomes on a confirm channel and settles deliveries.
 #[derive(Debug, Clone)]
 pub struct Settler {
     channel: Channel,
     names: Names,
+    totals: Arc<Totals>,
 }
 
 impl Settler {
-    /// A settler publishing on `channel`, which must have publisher confirms enabled.
+    /// A settler publishing on `channel`, which must have publisher confirms enabled, and
+    /// counting what it settles in `totals`.
     #[must_use]
-    pub fn new(channel: Channel, names: Names) -> Self {
-        Self { channel, names }
+    pub fn new(channel: Channel, names: Names, totals: Arc<Totals>) -> Self {
+        Self { channel, names, totals }
     }
 
     /// Publishes what `outcome` requires, then acks `delivery`; nacks it with requeue when a
@@ -94,13 +125,13 @@ impl Settler {
             }
         };
         match published {
-            Ok(()) => {
-                if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(%error, "ack failed; the broker will redeliver the job");
-                }
-            }
+            Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
+                Ok(_) => self.totals.count(&outcome),
+                Err(error) => tracing::warn!(%error, "ack failed; the broker will redeliver the job"),
+            },
             Err(error) => {
                 tracing::error!(%error, "publish not confirmed; returning the job to the queue");
+                self.totals.requeued.fetch_add(1, Ordering::Relaxed);
                 let requeue = BasicNackOptions {
                     requeue: true,
                     ..Default::default()

@@ -22,7 +22,7 @@ use shared::{
 };
 use testcontainers_modules::{
     rabbitmq::RabbitMq,
-    testcontainers::{ContainerAsync, runners::AsyncRunner},
+    testcontainers::{ContainerAsync, ContainerRequest, ImageExt, runners::AsyncRunner},
 };
 use tokio::{sync::OnceCell, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -48,7 +48,7 @@ pub async fn broker_url() -> String {
                     _container: None,
                 };
             }
-            let container = RabbitMq::default().start().await.unwrap_or_else(|e| {
+            let container = rabbitmq_request().start().await.unwrap_or_else(|e| {
                 panic!(
                     "no broker for the integration tests: AMQP_URL is not set and testcontainers \
                      could not start RabbitMQ ({e}).\nEither point AMQP_URL at a RabbitMQ \
@@ -66,6 +66,28 @@ pub async fn broker_url() -> String {
         })
         .await;
     broker.url.clone()
+}
+
+/// Label on the containers the tests start, so scripts can remove them afterwards: the broker
+/// lives in a static for the whole test run and is never dropped.
+pub const CONTAINER_LABEL: &str = "queue-worker.tests";
+
+/// The RabbitMQ container to start: testcontainers' `RabbitMq` (which waits for
+/// "Server startup complete; 4 plugins started."), with the image taken from
+/// `TEST_RABBITMQ_IMAGE` (`name[:tag]`) when set, e.g. a locally built one.
+fn rabbitmq_request() -> ContainerRequest<RabbitMq> {
+    let request = RabbitMq::default().with_label(CONTAINER_LABEL, "1");
+    let Ok(image) = std::env::var("TEST_RABBITMQ_IMAGE") else {
+        return request;
+    };
+    let slash = image.rfind('/').map_or(0, |i| i + 1);
+    match image[slash..].rfind(':') {
+        Some(colon) => {
+            let (name, tag) = image.split_at(slash + colon);
+            request.with_name(name).with_tag(&tag[1..])
+        }
+        None => request.with_name(image).with_tag("latest"),
+    }
 }
 
 /// Runs `fut` under [`WAIT`], failing the test with `what` on timeout.

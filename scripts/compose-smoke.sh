@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Compose smoke test: the real stack, three consumer replicas, a producer burst, one replica
+# stopped mid-run, and nothing lost. Bounded in time; prints per-replica counts.
+#
+#   scripts/compose-smoke.sh            # uses local images (scripts/local-images.sh)
+#   LOCAL_IMAGES=0 scripts/compose-smoke.sh   # uses public images, for machines with a registry
+#
+# Settings: BURST (jobs, default 20000), SMOKE_TIMEOUT (seconds per wait, default 300),
+# RABBITMQ_UI_PORT (host port of the management API, default 15680).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${LOCAL_IMAGES:-1}" = 1 ]; then
+  eval "$(scripts/local-images.sh)"
+fi
+export BURST="${BURST:-20000}"
+export RABBITMQ_UI_PORT="${RABBITMQ_UI_PORT:-15680}"
+# One job at a time per replica: the run lasts long enough to stop a replica mid-run, and the
+# work is spread over all replicas.
+export CONSUMER_CONCURRENCY="${CONSUMER_CONCURRENCY:-1}" CONSUMER_PREFETCH="${CONSUMER_PREFETCH:-1}"
+timeout_s="${SMOKE_TIMEOUT:-300}"
+project="qwsmoke$$"
+replicas=3
+
+compose() { docker-compose -p "$project" "$@"; }
+log() { echo "compose-smoke: $*" >&2; }
+fail() { log "FAILED: $*"; compose ps >&2 || true; compose logs --no-color --tail=30 >&2 || true; exit 1; }
+cleanup() { compose down -v --remove-orphans >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+
+# Waits until "$@" succeeds, polling every 0.5 s, for at most $timeout_s seconds.
+wait_for() {
+  local what="$1"; shift
+  local deadline=$((SECONDS + timeout_s))
+  until "$@"; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "timed out after ${timeout_s}s waiting for $what"
+    sleep 0.5
+  done
+}
+queue_depth() {
+  compose exec -T rabbitmq rabbitmqctl -q list_queues name messages 2>/dev/null \
+    | awk -v q="$1" '$1 == q { print $2 }'
+}
+results_at_least() { local n; n=$(queue_depth jobs.results); [ "${n:-0}" -ge "$1" ]; }
+replica_ids() { compose ps -q consumer; }
+
+started=$SECONDS
+consuming() {
+  local id
+  for id in $(replica_ids); do docker logs "$id" 2>&1 | grep -q '"consuming"' || return 1; done
+}
+log "up: broker and $replicas consumers (project $project)"
+compose up -d --build --scale consumer=$replicas rabbitmq consumer >/dev/null 2>&1 || fail "docker-compose up"
+build_done=$SECONDS
+wait_for "every replica to consume" consuming
+log "up: producer, a burst of $BURST jobs"
+compose up -d --no-deps producer >/dev/null 2>&1 || fail "docker-compose up producer"
+
+# Stop one replica mid-run, gracefully, as `docker-compose stop` would.
+wait_for "the first results" results_at_least 1
+victim=$(replica_ids | head -n 1)
+so_far=$(queue_depth jobs.results)
+[ "${so_far:-0}" -lt "$BURST" ] || fail "the run ended before a replica could be stopped: not mid-run"
+log "stopping replica ${victim:0:12} mid-run (results so far: $so_far of $BURST)"
+docker stop -t 40 "$victim" >/dev/null
+
+producer=$(compose ps -q producer)
+code=$(timeout "$timeout_s" docker wait "$producer") || fail "the producer did not finish"
+[ "$code" = 0 ] || fail "the producer exited with $code"
+wait_for "$BURST results" results_at_least "$BURST"
+
+# Every job has a result: read them all back through the management API.
+log "checking results"
+curl -fsS -u guest:guest -H 'content-type: application/json' \
+  -d "{\"count\": $((BURST * 2)), \"ackmode\": \"ack_requeue_false\", \"encoding\": \"auto\"}" \
+  "http://127.0.0.1:$RABBITMQ_UI_PORT/api/queues/%2F/jobs.results/get" >"/tmp/$project-results.json" \
+  || fail "cannot read the results queue through the management API"
+python3 - "$BURST" "/tmp/$project-results.json" <<'PY' || fail "results check"
+import json, sys
+burst, path = int(sys.argv[1]), sys.argv[2]
+messages = json.load(open(path))
+results = [json.loads(m["payload"]) for m in messages]
+ids = {r["job_id"] for r in results}
+bad = [r for r in results if r["status"] != "ok"]
+print(f"compose-smoke: results {len(results)}, distinct jobs {len(ids)}, "
+      f"duplicates {len(results) - len(ids)}, not ok {len(bad)}", file=sys.stderr)
+sys.exit(0 if len(ids) == burst and not bad else 1)
+PY
+rm -f "/tmp/$project-results.json"
+[ "$(queue_depth jobs.work)" = 0 ] || fail "jobs left in jobs.work"
+[ "$(queue_depth jobs.dead)" = 0 ] || fail "dead letters in jobs.dead"
+
+# Per-replica counts, from each replica's closing log line.
+compose stop -t 40 consumer >/dev/null 2>&1
+total=0
+for id in $(docker ps -aq --filter "label=com.docker.compose.project=$project" \
+                          --filter "label=com.docker.compose.service=consumer"); do
+  name=$(docker inspect -f '{{.Name}}' "$id")
+  done_n=$(docker logs "$id" 2>&1 | python3 -c '
+import json, sys
+n = None
+for line in sys.stdin:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        continue
+    if event.get("fields", {}).get("message") == "consumer stopped":
+        n = event["fields"]["completed"]
+print(n if n is not None else -1)')
+  log "replica ${name#/}: completed $done_n"
+  [ "$done_n" -gt 0 ] || fail "replica ${name#/} processed nothing"
+  total=$((total + done_n))
+done
+log "replicas completed $total jobs in all (burst $BURST; more means redelivered duplicates)"
+[ "$total" -ge "$BURST" ] || fail "replicas completed fewer jobs than were sent"
+log "passed in $((SECONDS - started))s (up and build: $((build_done - started))s)"
