@@ -6,8 +6,15 @@
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -z "${AMQP_URL:-}" ] && ! docker info >/dev/null 2>&1; then
-  AMQP_URL="$(scripts/rabbitmq-local.sh)"
-  export AMQP_URL
+if [ -z "${AMQP_URL:-}" ]; then
+  if docker info >/dev/null 2>&1; then
+    echo "test.sh: AMQP_URL is not set; the tests start RabbitMQ with testcontainers" \
+         "(image: ${TEST_RABBITMQ_IMAGE:-the public rabbitmq image})" >&2
+    # The tests keep their broker for the whole run; remove it afterwards.
+    trap 'docker ps -aq --filter label=queue-worker.tests=1 | xargs -r docker rm -f >/dev/null' EXIT
+  else
+    AMQP_URL="$(scripts/rabbitmq-local.sh)"
+    export AMQP_URL
+  fi
 fi
-exec cargo test --workspace --locked "$@"
+cargo test --workspace --locked "$@"
