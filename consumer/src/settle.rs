@@ -97,7 +97,11 @@ impl Settler {
     /// counting what it settles in `totals`.
     #[must_use]
     pub fn new(channel: Channel, names: Names, totals: Arc<Totals>) -> Self {
-        Self { channel, names, totals }
+        Self {
+            channel,
+            names,
+            totals,
+        }
     }
 
     /// Publishes what `outcome` requires, then acks `delivery`; nacks it with requeue when a
@@ -127,7 +131,9 @@ impl Settler {
         match published {
             Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
                 Ok(_) => self.totals.count(&outcome),
-                Err(error) => tracing::warn!(%error, "ack failed; the broker will redeliver the job"),
+                Err(error) => {
+                    tracing::warn!(%error, "ack failed; the broker will redeliver the job")
+                }
             },
             Err(error) => {
                 tracing::error!(%error, "publish not confirmed; returning the job to the queue");
