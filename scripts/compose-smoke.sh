@@ -27,6 +27,7 @@ log() { echo "compose-smoke: $*" >&2; }
 fail() { log "FAILED: $*"; compose ps >&2 || true; compose logs --no-color --tail=30 >&2 || true; exit 1; }
 cleanup() { compose down -v --remove-orphans >/dev/null 2>&1 || true; }
 trap cleanup EXIT
+trap 'log "FAILED: command at line $LINENO exited with $?"' ERR
 
 # Waits until "$@" succeeds, polling every 0.5 s, for at most $timeout_s seconds.
 wait_for() {
@@ -37,8 +38,10 @@ wait_for() {
     sleep 0.5
   done
 }
+# Ready messages in a queue, straight from the queue processes (the management API's
+# statistics lag by seconds). Empty when the broker cannot say.
 queue_depth() {
-  compose exec -T rabbitmq rabbitmqctl -q list_queues name messages 2>/dev/null \
+  { compose exec -T rabbitmq rabbitmqctl -q list_queues name messages 2>/dev/null || true; } \
     | awk -v q="$1" '$1 == q { print $2 }'
 }
 results_at_least() { local n; n=$(queue_depth jobs.results); [ "${n:-0}" -ge "$1" ]; }
@@ -58,7 +61,7 @@ compose up -d --no-deps producer >/dev/null 2>&1 || fail "docker-compose up prod
 
 # Stop one replica mid-run, gracefully, as `docker-compose stop` would.
 wait_for "the first results" results_at_least 1
-victim=$(replica_ids | head -n 1)
+victim=$(replica_ids | sed -n 1p)  # not head: it would cut the pipe under pipefail
 so_far=$(queue_depth jobs.results)
 [ "${so_far:-0}" -lt "$BURST" ] || fail "the run ended before a replica could be stopped: not mid-run"
 log "stopping replica ${victim:0:12} mid-run (results so far: $so_far of $BURST)"
