@@ -73,6 +73,9 @@ pub async fn run(
 
     let setup = connection.create_channel().await?;
     topology.declare(&setup).await?;
+    topology
+        .declare_retry_queues(&setup, &settings.retry_delays())
+        .await?;
     setup.close(200, "topology declared".into()).await?;
 
     let publish = amqp::confirm_channel(&connection).await?;
@@ -96,6 +99,7 @@ pub async fn run(
         settler: settle::Settler::new(publish, topology.names.clone(), Arc::clone(&totals)),
         max_body_bytes: settings.max_body_bytes,
         max_attempts: settings.max_attempts,
+        retry_delays: settings.retry_delays(),
         stage_timeout: settings.stage_timeout(),
     });
     let (queue_tx, queue_rx) = async_channel::bounded(settings.concurrency);

@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use clap::Parser;
-use shared::config::{CommonSettings, parse_positive, parse_seconds};
+use shared::{
+    config::{CommonSettings, parse_positive, parse_seconds},
+    topology::RetryDelays,
+};
 
 /// Deliveries the broker may send before they are acked.
 pub const DEFAULT_PREFETCH: u16 = 256;
@@ -13,6 +16,10 @@ pub const DEFAULT_CONCURRENCY: usize = 64;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Attempts a job gets before a retryable failure becomes final.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// Delay before the first retry, in seconds; each further retry waits twice as long.
+pub const DEFAULT_RETRY_BASE_DELAY_SECS: f64 = 1.0;
+/// Longest delay between two attempts, in seconds.
+pub const DEFAULT_RETRY_MAX_DELAY_SECS: f64 = 60.0;
 /// Timeout of a stage that names none itself, in seconds. Well below RabbitMQ's
 /// `consumer_timeout` (30 minutes by default).
 pub const DEFAULT_STAGE_TIMEOUT_SECS: f64 = 30.0;
@@ -51,6 +58,17 @@ pub struct Settings {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
 
+    /// Delay before the first retry, in seconds; each further retry waits twice as long, up
+    /// to `--retry-max-delay`, less up to 25 % of jitter.
+    #[arg(long, env = "CONSUMER_RETRY_BASE_DELAY", default_value_t = DEFAULT_RETRY_BASE_DELAY_SECS,
+          value_parser = parse_seconds)]
+    pub retry_base_delay: f64,
+
+    /// Longest delay between two attempts, in seconds.
+    #[arg(long, env = "CONSUMER_RETRY_MAX_DELAY", default_value_t = DEFAULT_RETRY_MAX_DELAY_SECS,
+          value_parser = parse_seconds)]
+    pub retry_max_delay: f64,
+
     /// Timeout of a stage that declares none, in seconds.
     #[arg(long, env = "CONSUMER_STAGE_TIMEOUT", default_value_t = DEFAULT_STAGE_TIMEOUT_SECS,
           value_parser = parse_seconds)]
@@ -73,8 +91,19 @@ impl Settings {
             concurrency: DEFAULT_CONCURRENCY,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            retry_base_delay: DEFAULT_RETRY_BASE_DELAY_SECS,
+            retry_max_delay: DEFAULT_RETRY_MAX_DELAY_SECS,
             stage_timeout: DEFAULT_STAGE_TIMEOUT_SECS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+        }
+    }
+
+    /// The retry queue delays these settings ask for.
+    #[must_use]
+    pub fn retry_delays(&self) -> RetryDelays {
+        RetryDelays {
+            base: Duration::from_secs_f64(self.retry_base_delay),
+            max: Duration::from_secs_f64(self.retry_max_delay),
         }
     }
 

@@ -5,9 +5,12 @@
 //! is gone, simply left unacked, which the broker treats the same way), so a job is never
 //! acked without its result or dead letter safely stored.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use deadpool_lapin::lapin::{
@@ -39,12 +42,16 @@ pub struct ResultMessage {
 pub enum Outcome {
     /// The chain succeeded: publish the `ok` result.
     Completed(ResultMessage),
-    /// A retryable failure with attempts left: publish the job again with `x-attempt` set.
+    /// A retryable failure with attempts left: publish the job to the retry queue for
+    /// `delay`, with `x-attempt` set; the broker returns it to the work queue after the delay.
     Retry {
         /// The attempt number the copy will carry.
         next_attempt: u32,
-        /// Why this attempt failed, for the log.
-        reason: String,
+        /// The retry queue's delay (its bucket).
+        delay: Duration,
+        /// How long this copy waits, at most `delay`: the bucket less some jitter, so jobs that
+        /// failed together do not all come back at once.
+        wait: Duration,
     },
     /// A permanent failure: publish the dead letter and, when the job id is known, a
     /// `failed` result.
@@ -109,8 +116,13 @@ impl Settler {
     pub async fn settle(&self, delivery: Delivery, outcome: Outcome) {
         let published = match &outcome {
             Outcome::Completed(result) => self.publish_result(result).await,
-            Outcome::Retry { next_attempt, .. } => {
-                self.publish_retry(&delivery, *next_attempt).await
+            Outcome::Retry {
+                next_attempt,
+                delay,
+                wait,
+            } => {
+                self.publish_retry(&delivery, *next_attempt, *delay, *wait)
+                    .await
             }
             Outcome::Dead {
                 reason,
@@ -159,26 +171,28 @@ impl Settler {
         .await
     }
 
-    /// Sends the job back to the queue it came from, through the default exchange, so that
-    /// no other queue bound to the jobs exchange sees it twice.
+    /// Parks the job in the retry queue for `delay`, with `x-attempt` = `next_attempt` and a
+    /// per-message expiration of `wait`; the broker then dead-letters it back to the work queue.
     async fn publish_retry(
         &self,
         delivery: &Delivery,
         next_attempt: u32,
+        delay: Duration,
+        wait: Duration,
     ) -> Result<(), PublishError> {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             X_ATTEMPT.into(),
             AMQPValue::LongLongInt(i64::from(next_attempt)),
         );
-        let properties = delivery.properties.clone().with_headers(headers);
-        self.publish(
-            "",
-            routing_key(&self.names.work_queue),
-            &delivery.data,
-            properties,
-        )
-        .await
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_expiration(wait.as_millis().to_string().as_str().into());
+        let queue = self.names.retry_queue(delay);
+        self.publish("", routing_key(&queue), &delivery.data, properties)
+            .await
     }
 
     /// Publishes the original body byte for byte, with the original properties and the

@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 use shared::{
     headers::ENVELOPE_STAGE,
     schema::{JobResult, SCHEMA_VERSION, StageTiming, Status},
+    topology::RetryDelays,
 };
 use time::OffsetDateTime;
 use tracing::Instrument;
@@ -33,6 +34,8 @@ pub struct Worker {
     pub max_body_bytes: usize,
     /// Attempts a job gets before a retryable failure becomes final.
     pub max_attempts: u32,
+    /// How long retries wait.
+    pub retry_delays: RetryDelays,
     /// Timeout of a stage that names none itself.
     pub stage_timeout: Duration,
 }
@@ -89,9 +92,11 @@ impl Worker {
             }
             Err(failure) if failure.error.is_retryable() && attempt < self.max_attempts => {
                 tracing::warn!(stage = %failure.stage, error = %failure.error, "attempt failed; retrying");
+                let delay = self.retry_delays.after_attempt(attempt);
                 Outcome::Retry {
                     next_attempt: attempt + 1,
-                    reason: failure.to_string(),
+                    delay,
+                    wait: jittered(delay, job.id, attempt),
                 }
             }
             Err(failure) => {
@@ -162,6 +167,15 @@ fn result(
         body: to_json(&body),
         kind: body.kind,
     }
+}
+
+/// `delay` less up to 25 %, by a hash of the job id and attempt: deterministic per job, spread
+/// out across jobs that failed together.
+fn jittered(delay: Duration, job_id: Uuid, attempt: u32) -> Duration {
+    let (high, low) = job_id.as_u64_pair();
+    let mixed = (high ^ low ^ u64::from(attempt)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let fraction = (mixed >> 11) as f64 / (1u64 << 53) as f64;
+    delay.mul_f64(1.0 - 0.25 * fraction)
 }
 
 fn to_json(value: &impl Serialize) -> Vec<u8> {

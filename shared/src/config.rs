@@ -10,6 +10,9 @@ use crate::{telemetry::LogFormat, topology::QueueType};
 /// Broker URL used when `AMQP_URL` is not set.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
+/// Deliveries of one message on a quorum work queue before the broker dead-letters it.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 10;
+
 /// Longest namespace accepted, so that every derived name stays a valid AMQP short string.
 pub const MAX_NAMESPACE_LEN: usize = 200;
 
@@ -29,6 +32,12 @@ pub struct CommonSettings {
     #[arg(long, env = "JOBS_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
     pub queue_type: QueueType,
 
+    /// Quorum work queue only: deliveries of one message before the broker dead-letters it
+    /// to `jobs.dead` (a poison message that kills every consumer that takes it).
+    #[arg(long, env = "JOBS_DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub delivery_limit: u32,
+
     /// Log output format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
@@ -42,6 +51,7 @@ impl CommonSettings {
             amqp_url: amqp_url.into(),
             namespace: String::new(),
             queue_type: QueueType::default(),
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
             log_format: LogFormat::default(),
         }
     }
@@ -49,7 +59,7 @@ impl CommonSettings {
     /// The topology these settings name.
     #[must_use]
     pub fn topology(&self) -> crate::topology::Topology {
-        crate::topology::Topology::new(&self.namespace, self.queue_type)
+        crate::topology::Topology::new(&self.namespace, self.queue_type, self.delivery_limit)
     }
 }
 

@@ -8,8 +8,15 @@
 //!
 //! Every name is derived from one optional namespace, so tests and several deployments can
 //! share one broker: namespace `t1` gives `t1.jobs`, `t1.jobs.work`, and so on.
+//!
+//! Retries wait in per-delay queues `jobs.work.retry.<ms>ms`: each holds messages for its
+//! delay (`x-message-ttl`), then the broker dead-letters them straight back to the work queue
+//! they came from. Nothing sleeps in a consumer while it holds a delivery.
+//!
+//! Queue arguments are fixed at declaration: changing the queue type, the delivery limit or the
+//! retry delays of an existing deployment needs the affected queues deleted (or a policy).
 
-use std::fmt;
+use std::{fmt, time::Duration};
 
 use deadpool_lapin::lapin::{
     self, Channel, ExchangeKind,
@@ -92,44 +99,144 @@ impl Default for Names {
     }
 }
 
-/// Everything [`declare`] needs: the names and the queue type.
+impl Names {
+    /// The retry queue holding messages of [`Names::work_queue`] for `delay`.
+    #[must_use]
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        format!("{}.retry.{}ms", self.work_queue, delay.as_millis())
+    }
+}
+
+/// The delays retries wait, from `base` doubling up to `max`: the retry queue buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryDelays {
+    /// Delay before the second attempt.
+    pub base: Duration,
+    /// Longest delay.
+    pub max: Duration,
+}
+
+impl RetryDelays {
+    /// Every bucket: `base`, `2 × base`, ... and finally `max`.
+    #[must_use]
+    pub fn buckets(&self) -> Vec<Duration> {
+        let max = self.max.max(self.base);
+        let mut buckets = Vec::new();
+        let mut delay = self.base;
+        while delay < max && buckets.len() < 32 {
+            buckets.push(delay);
+            delay = delay.saturating_mul(2);
+        }
+        buckets.push(max);
+        buckets
+    }
+
+    /// The bucket a job waits in after its attempt number `failed_attempt` (1-based) failed.
+    #[must_use]
+    pub fn after_attempt(&self, failed_attempt: u32) -> Duration {
+        let buckets = self.buckets();
+        let index = usize::try_from(failed_attempt.saturating_sub(1)).unwrap_or(usize::MAX);
+        buckets[index.min(buckets.len() - 1)]
+    }
+}
+
+/// Everything [`Topology::declare`] needs: names, queue type and the work queue's limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     /// Exchange and queue names.
     pub names: Names,
     /// Type of the durable queues.
     pub queue_type: QueueType,
+    /// Quorum work queue only: deliveries of one message before the broker dead-letters it
+    /// (a poison message that kills every consumer that takes it).
+    pub delivery_limit: u32,
 }
 
 impl Topology {
-    /// The topology for a namespace and queue type.
+    /// The topology for a namespace, queue type and delivery limit.
     #[must_use]
-    pub fn new(namespace: &str, queue_type: QueueType) -> Self {
+    pub fn new(namespace: &str, queue_type: QueueType, delivery_limit: u32) -> Self {
         Self {
             names: Names::new(namespace),
             queue_type,
+            delivery_limit,
         }
     }
 
-    /// Arguments of the work queue: its type, and where the broker itself dead-letters
-    /// (for example a message over a quorum queue's delivery limit).
+    /// Arguments of the work queue: its type, where the broker itself dead-letters, and, for
+    /// a quorum queue, the delivery limit and at-least-once dead-lettering.
     #[must_use]
     pub fn work_queue_arguments(&self) -> FieldTable {
         let mut args = self.queue_arguments();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.names.dead_exchange.as_str().into()),
+        insert_str(
+            &mut args,
+            "x-dead-letter-exchange",
+            &self.names.dead_exchange,
         );
+        if self.queue_type == QueueType::Quorum {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+            );
+            self.at_least_once_dead_lettering(&mut args);
+        }
         args
+    }
+
+    /// Arguments of the retry queue for `delay`: hold for `delay`, then dead-letter back to the
+    /// work queue through the default exchange.
+    #[must_use]
+    pub fn retry_queue_arguments(&self, delay: Duration) -> FieldTable {
+        let mut args = self.queue_arguments();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+        );
+        insert_str(&mut args, "x-dead-letter-exchange", "");
+        insert_str(
+            &mut args,
+            "x-dead-letter-routing-key",
+            &self.names.work_queue,
+        );
+        if self.queue_type == QueueType::Quorum {
+            self.at_least_once_dead_lettering(&mut args);
+        }
+        args
+    }
+
+    /// Quorum queues dead-letter at most once unless told otherwise; a job must not vanish
+    /// between a retry queue and the work queue.
+    fn at_least_once_dead_lettering(&self, args: &mut FieldTable) {
+        insert_str(args, "x-dead-letter-strategy", "at-least-once");
+        insert_str(args, "x-overflow", "reject-publish");
     }
 
     fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(self.queue_type.as_str().into()),
-        );
+        insert_str(&mut args, "x-queue-type", self.queue_type.as_str());
         args
+    }
+
+    /// Declares the retry queues for `delays`. Idempotent.
+    ///
+    /// # Errors
+    /// As [`Topology::declare`].
+    pub async fn declare_retry_queues(
+        &self,
+        channel: &Channel,
+        delays: &RetryDelays,
+    ) -> Result<(), lapin::Error> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for delay in delays.buckets() {
+            let name = self.names.retry_queue(delay);
+            channel
+                .queue_declare(short(&name), durable, self.retry_queue_arguments(delay))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Declares every exchange, queue and binding. Idempotent: running it again with the same
@@ -182,6 +289,10 @@ impl Topology {
     }
 }
 
+fn insert_str(args: &mut FieldTable, key: &str, value: &str) {
+    args.insert(key.into(), AMQPValue::LongString(value.into()));
+}
+
 /// A name as an AMQP short string. Names come from configuration, not from the network;
 /// [`crate::config::CommonSettings`] rejects namespaces that would make them too long.
 fn short(name: &str) -> ShortString {
@@ -201,6 +312,23 @@ mod tests {
         assert_eq!(n.results_queue, "jobs.results");
         assert_eq!(n.dead_exchange, "jobs.dlx");
         assert_eq!(n.dead_queue, "jobs.dead");
+    }
+
+    #[test]
+    fn retry_buckets_double_up_to_the_maximum() {
+        let delays = RetryDelays {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(10),
+        };
+        let secs: Vec<u64> = delays.buckets().iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 10]);
+        assert_eq!(delays.after_attempt(1), Duration::from_secs(1));
+        assert_eq!(delays.after_attempt(3), Duration::from_secs(4));
+        assert_eq!(delays.after_attempt(99), Duration::from_secs(10));
+        assert_eq!(
+            Names::default().retry_queue(Duration::from_secs(2)),
+            "jobs.work.retry.2000ms"
+        );
     }
 
     #[test]

@@ -28,6 +28,10 @@ use tokio::{sync::OnceCell, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+/// Retry delays the tests use: 50, 100, 200 ms.
+pub const TEST_RETRY_BASE: Duration = Duration::from_millis(50);
+pub const TEST_RETRY_MAX: Duration = Duration::from_millis(200);
+
 /// Default bound for any wait in a test.
 pub const WAIT: Duration = Duration::from_secs(60);
 
@@ -151,9 +155,13 @@ impl TestApp {
         }
     }
 
-    /// Consumer settings for this namespace, with defaults otherwise.
+    /// Consumer settings for this namespace, with short retry delays ([`TEST_RETRY_BASE`]
+    /// doubling up to [`TEST_RETRY_MAX`]) and defaults otherwise.
     pub fn consumer_settings(&self) -> consumer::Settings {
-        consumer::Settings::new(self.common.clone())
+        let mut settings = consumer::Settings::new(self.common.clone());
+        settings.retry_base_delay = TEST_RETRY_BASE.as_secs_f64();
+        settings.retry_max_delay = TEST_RETRY_MAX.as_secs_f64();
+        settings
     }
 
     /// Starts a consumer in-process.
@@ -280,7 +288,24 @@ impl TestApp {
     /// Deletes this namespace's queues and exchanges.
     pub async fn teardown(self) {
         let n = &self.topology.names;
-        for queue in [&n.work_queue, &n.results_queue, &n.dead_queue] {
+        let test_delays = shared::topology::RetryDelays {
+            base: TEST_RETRY_BASE,
+            max: TEST_RETRY_MAX,
+        };
+        let retry_queues: Vec<String> = test_delays
+            .buckets()
+            .into_iter()
+            .chain(
+                consumer::Settings::new(self.common.clone())
+                    .retry_delays()
+                    .buckets(),
+            )
+            .map(|delay| n.retry_queue(delay))
+            .collect();
+        for queue in [&n.work_queue, &n.results_queue, &n.dead_queue]
+            .into_iter()
+            .chain(&retry_queues)
+        {
             let _ = self
                 .channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -8,4 +8,5 @@ mod concurrency;
 mod end_to_end;
 mod helpers;
 mod producer_failures;
+mod retries;
 mod shutdown;
