@@ -6,6 +6,7 @@
 //! broker ──▶ intake ──▶ bounded queue ──▶ worker × concurrency ──▶ settle ──▶ ack
 //!  (prefetch)  intake.rs   (async-channel)    worker.rs              settle.rs
 //!                                               │ envelope.rs: size, UTF-8, JSON, schema, kind
+//!                                               │ recent.rs:   a repeat of a completed job?
 //!                                               │ registry.rs: kind → chain
 //!                                               └ stage.rs:    decode → analyze → digest
 //! ```
@@ -16,6 +17,7 @@
 pub mod envelope;
 pub mod intake;
 pub mod kinds;
+pub mod recent;
 pub mod registry;
 pub mod settings;
 pub mod settle;
@@ -101,6 +103,7 @@ pub async fn run(
         max_attempts: settings.max_attempts,
         retry_delays: settings.retry_delays(),
         stage_timeout: settings.stage_timeout(),
+        recent: recent::RecentResults::new(settings.recent_results),
     });
     let (queue_tx, queue_rx) = async_channel::bounded(settings.concurrency);
     let workers = TaskTracker::new();
@@ -143,6 +146,7 @@ pub async fn run(
         dead_lettered = totals.dead_lettered.load(Ordering::Relaxed),
         retried = totals.retried.load(Ordering::Relaxed),
         requeued = totals.requeued.load(Ordering::Relaxed),
+        replayed = totals.replayed.load(Ordering::Relaxed),
         "consumer stopped"
     );
     Ok(intake?)

@@ -69,6 +69,11 @@ pub struct Settings {
           value_parser = parse_seconds)]
     pub retry_max_delay: f64,
 
+    /// Completed jobs remembered per process, so that a repeat of one is answered with the
+    /// stored result instead of running the chain again; 0 disables it.
+    #[arg(long, env = "CONSUMER_RECENT_RESULTS", default_value_t = crate::recent::DEFAULT_CAPACITY)]
+    pub recent_results: usize,
+
     /// Timeout of a stage that declares none, in seconds.
     #[arg(long, env = "CONSUMER_STAGE_TIMEOUT", default_value_t = DEFAULT_STAGE_TIMEOUT_SECS,
           value_parser = parse_seconds)]
@@ -93,6 +98,7 @@ impl Settings {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             retry_base_delay: DEFAULT_RETRY_BASE_DELAY_SECS,
             retry_max_delay: DEFAULT_RETRY_MAX_DELAY_SECS,
+            recent_results: crate::recent::DEFAULT_CAPACITY,
             stage_timeout: DEFAULT_STAGE_TIMEOUT_SECS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
         }

@@ -33,8 +33,10 @@ pub struct ResultMessage {
     pub job_id: Uuid,
     /// Routing key on the results exchange.
     pub kind: String,
-    /// Serialized [`shared::schema::JobResult`].
-    pub body: Vec<u8>,
+    /// Whether this is a stored result published again for a repeated job.
+    pub replayed: bool,
+    /// Serialized [`shared::schema::JobResult`], shareable with the recent-results window.
+    pub body: Arc<[u8]>,
 }
 
 /// What processing a delivery produced, and so what must be published before the ack.
@@ -78,11 +80,14 @@ pub struct Totals {
     pub retried: AtomicU64,
     /// Deliveries returned to the queue because a publish was not confirmed.
     pub requeued: AtomicU64,
+    /// Repeats of jobs this process had already completed, answered with the stored result.
+    pub replayed: AtomicU64,
 }
 
 impl Totals {
     fn count(&self, outcome: &Outcome) {
         let counter = match outcome {
+            Outcome::Completed(result) if result.replayed => &self.replayed,
             Outcome::Completed(_) => &self.completed,
             Outcome::Retry { .. } => &self.retried,
             Outcome::Dead { .. } => &self.dead_lettered,
@@ -112,9 +117,9 @@ impl Settler {
     }
 
     /// Publishes what `outcome` requires, then acks `delivery`; nacks it with requeue when a
-    /// publish was not confirmed.
-    pub async fn settle(&self, delivery: Delivery, outcome: Outcome) {
-        let published = match &outcome {
+    /// publish was not confirmed. Returns whether the delivery was acked.
+    pub async fn settle(&self, delivery: Delivery, outcome: &Outcome) -> bool {
+        let published = match outcome {
             Outcome::Completed(result) => self.publish_result(result).await,
             Outcome::Retry {
                 next_attempt,
@@ -142,9 +147,13 @@ impl Settler {
         };
         match published {
             Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
-                Ok(_) => self.totals.count(&outcome),
+                Ok(_) => {
+                    self.totals.count(outcome);
+                    true
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "ack failed; the broker will redeliver the job")
+                    tracing::warn!(%error, "ack failed; the broker will redeliver the job");
+                    false
                 }
             },
             Err(error) => {
@@ -157,6 +166,7 @@ impl Settler {
                 if let Err(error) = delivery.acker.nack(requeue).await {
                     tracing::warn!(%error, "nack failed; the broker will redeliver the job");
                 }
+                false
             }
         }
     }

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::{
     envelope::{self, Rejection},
+    recent::RecentResults,
     registry::Registry,
     settle::{Outcome, ResultMessage, Settler},
     stage::{Payload, Trace},
@@ -38,6 +39,8 @@ pub struct Worker {
     pub retry_delays: RetryDelays,
     /// Timeout of a stage that names none itself.
     pub stage_timeout: Duration,
+    /// Results of recently completed jobs, to answer repeats without running the chain.
+    pub recent: RecentResults,
 }
 
 impl Worker {
@@ -45,7 +48,12 @@ impl Worker {
     pub async fn run(self: Arc<Self>, queue: async_channel::Receiver<Delivery>) {
         while let Ok(delivery) = queue.recv().await {
             let outcome = self.process(&delivery).await;
-            self.settler.settle(delivery, outcome).await;
+            let acked = self.settler.settle(delivery, &outcome).await;
+            if let (true, Outcome::Completed(result)) = (acked, &outcome) {
+                if !result.replayed {
+                    self.recent.insert(result.job_id, Arc::clone(&result.body));
+                }
+            }
         }
     }
 
@@ -76,6 +84,15 @@ impl Worker {
             );
         };
 
+        if let Some(body) = self.recent.get(&job.id) {
+            tracing::info!(job_id = %job.id, kind = %job.kind, "repeat of a completed job; publishing its result again");
+            return Outcome::Completed(ResultMessage {
+                job_id: job.id,
+                kind: job.kind,
+                body,
+                replayed: true,
+            });
+        }
         let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
         let mut trace = Trace::new(self.stage_timeout);
         let payload = Payload::new(job.payload.to_owned());
@@ -164,8 +181,9 @@ fn result(
     };
     ResultMessage {
         job_id,
-        body: to_json(&body),
+        body: to_json(&body).into(),
         kind: body.kind,
+        replayed: false,
     }
 }
 

@@ -8,5 +8,6 @@ mod concurrency;
 mod end_to_end;
 mod helpers;
 mod producer_failures;
+mod repeats;
 mod retries;
 mod shutdown;
