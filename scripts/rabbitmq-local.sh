@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Starts a local RabbitMQ from Debian's package (installing it if missing) and waits until
-# it accepts AMQP connections on 127.0.0.1:5672. Idempotent: does nothing if one already runs.
+# Starts a local RabbitMQ from Debian's package (installing it if missing), with the
+# management plugin (HTTP API on 15672), and waits until it accepts AMQP connections on
+# 127.0.0.1:5672. Idempotent: does nothing if one already runs.
 # Needs root (or sudo) for apt-get. Prints the AMQP_URL to use on stdout.
 set -euo pipefail
 
@@ -32,6 +33,9 @@ else
     exit 1
   fi
 fi
+
+# The management API lets tests close connections (fault injection) and read queues.
+as_root rabbitmq-plugins -q enable rabbitmq_management >/dev/null
 
 for _ in $(seq 1 100); do
   amqp_port_open && break

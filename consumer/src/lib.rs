@@ -12,142 +12,138 @@
 //! ```
 //!
 //! `settle` publishes the result (or dead letter) and waits for the broker's confirm before
-//! it acks, so a job is acked only once what it produced is safely stored.
+//! it acks, so a job is acked only once what it produced is safely stored. `session.rs` owns
+//! one connection's life; `run` starts a new session whenever a connection is lost.
 
 pub mod envelope;
 pub mod intake;
 pub mod kinds;
+pub mod readiness;
 pub mod recent;
 pub mod registry;
+pub mod session;
 pub mod settings;
 pub mod settle;
 pub mod stage;
 pub mod worker;
 
-use std::sync::{Arc, atomic::Ordering};
-
-use deadpool_lapin::lapin::{
-    self,
-    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
-    types::FieldTable,
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
+
 use shared::amqp;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+pub use readiness::{Readiness, State};
 pub use registry::Registry;
 pub use settings::Settings;
 
 /// Why the consumer stopped other than by a requested shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
-    /// No connection to the broker could be had.
+    /// The connection pool could not be built.
     #[error(transparent)]
     Connect(#[from] amqp::ConnectError),
-    /// The broker refused a declaration or a channel operation.
-    #[error("AMQP error: {0}")]
-    Amqp(#[from] lapin::Error),
-    /// Consuming stopped unexpectedly.
+    /// The broker refused the consumer's setup on a live connection.
     #[error(transparent)]
-    Intake(#[from] intake::IntakeError),
+    Session(#[from] session::SessionError),
 }
 
-/// Runs the consumer until `shutdown` fires, then drains in-flight jobs for up to the
-/// shutdown timeout and closes the connection. Jobs still unfinished are left unacked, so the
-/// broker redelivers them.
+/// First delay before reconnecting after a lost connection.
+pub const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
+/// Longest delay between reconnect attempts.
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// Runs the consumer until `shutdown` fires. See [`run_with`].
 ///
 /// # Errors
-/// See [`ConsumerError`]. A requested shutdown returns `Ok`.
+/// See [`ConsumerError`].
 pub async fn run(
     settings: Settings,
     registry: Registry,
     shutdown: CancellationToken,
 ) -> Result<(), ConsumerError> {
-    let topology = settings.common.topology();
-    let (_pool, connection) = amqp::connect(&settings.common.amqp_url, "consumer").await?;
+    run_with(settings, registry, shutdown, Readiness::default()).await
+}
+
+/// Runs the consumer until `shutdown` fires, reporting its state to `readiness`.
+///
+/// A lost connection (broker restart, network, `close_all_connections`) is not an error: the
+/// consumer reconnects with capped backoff, declares the topology again and resumes. When
+/// `shutdown` fires, it stops taking deliveries, drains in-flight jobs for up to the shutdown
+/// timeout and closes the connection; jobs still unfinished are left unacked, so the broker
+/// redelivers them.
+///
+/// # Errors
+/// See [`ConsumerError`]: only a setup the broker refuses on a live connection (for example a
+/// queue that exists with other arguments) stops the consumer.
+pub async fn run_with(
+    settings: Settings,
+    registry: Registry,
+    shutdown: CancellationToken,
+    readiness: Readiness,
+) -> Result<(), ConsumerError> {
+    let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))
+        .map_err(amqp::ConnectError::from)?;
     tracing::info!(
         broker = %amqp::redact(&settings.common.amqp_url),
-        queue = %topology.names.work_queue,
+        queue = %settings.common.topology().names.work_queue,
         kinds = ?registry.kinds(),
         concurrency = settings.concurrency,
         prefetch = settings.prefetch,
         "consumer starting"
     );
-
-    let setup = connection.create_channel().await?;
-    topology.declare(&setup).await?;
-    topology
-        .declare_retry_queues(&setup, &settings.retry_delays())
-        .await?;
-    setup.close(200, "topology declared".into()).await?;
-
-    let publish = amqp::confirm_channel(&connection).await?;
-    let consume = connection.create_channel().await?;
-    consume
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await?;
-    let tag = format!("consumer-{}", uuid::Uuid::new_v4());
-    let consumer = consume
-        .basic_consume(
-            topology.names.work_queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-
-    let totals = Arc::new(settle::Totals::default());
-    let worker = Arc::new(worker::Worker {
+    let shared = session::Shared {
+        recent: Arc::new(recent::RecentResults::new(settings.recent_results)),
+        settings,
         registry,
-        settler: settle::Settler::new(publish, topology.names.clone(), Arc::clone(&totals)),
-        max_body_bytes: settings.max_body_bytes,
-        max_attempts: settings.max_attempts,
-        retry_delays: settings.retry_delays(),
-        stage_timeout: settings.stage_timeout(),
-        recent: recent::RecentResults::new(settings.recent_results),
-    });
-    let (queue_tx, queue_rx) = async_channel::bounded(settings.concurrency);
-    let workers = TaskTracker::new();
-    for _ in 0..settings.concurrency {
-        workers.spawn(Arc::clone(&worker).run(queue_rx.clone()));
-    }
-    drop(queue_rx);
-    workers.close();
-    tracing::info!("consuming");
-
-    let intake = intake::run(consumer, queue_tx, shutdown).await;
-    match &intake {
-        Ok(()) => tracing::info!("shutdown requested: no new deliveries; draining in-flight jobs"),
-        Err(error) => tracing::error!(%error, "intake stopped; draining in-flight jobs"),
-    }
-    if consume.status().connected() {
-        if let Err(error) = consume
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await
-        {
-            tracing::warn!(%error, "could not cancel the consumer");
+        totals: Arc::new(settle::Totals::default()),
+        workers: TaskTracker::new(),
+        readiness,
+    };
+    let mut backoff = amqp::Backoff::new(RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY);
+    let outcome = loop {
+        let ended = session::run(&shared, &pool, &shutdown).await;
+        match ended {
+            Ok(()) => break Ok(()),
+            Err(session::SessionError::Lost(reason)) => {
+                if shared.readiness.state() == State::Consuming {
+                    backoff.reset();
+                }
+                shared.readiness.set(State::Reconnecting);
+                shared.totals.reconnects.fetch_add(1, Ordering::Relaxed);
+                let delay = backoff.next_delay();
+                tracing::warn!(%reason, ?delay, "connection lost; reconnecting");
+                tokio::select! {
+                    () = shutdown.cancelled() => break Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(fatal) => break Err(fatal.into()),
         }
-    }
-    if tokio::time::timeout(settings.shutdown_timeout(), workers.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            timeout = ?settings.shutdown_timeout(),
-            "in-flight jobs did not finish in time; leaving them unacked for redelivery"
-        );
-    }
-    if connection.status().connected() {
-        if let Err(error) = connection.close(200, "consumer shutting down".into()).await {
-            tracing::warn!(%error, "closing the connection failed");
-        }
-    }
+    };
+    shared.workers.close();
+    let _ = tokio::time::timeout(shared.settings.shutdown_timeout(), shared.workers.wait()).await;
+    shared.readiness.set(State::Stopped);
+    let t = &shared.totals;
     tracing::info!(
-        completed = totals.completed.load(Ordering::Relaxed),
-        dead_lettered = totals.dead_lettered.load(Ordering::Relaxed),
-        retried = totals.retried.load(Ordering::Relaxed),
-        requeued = totals.requeued.load(Ordering::Relaxed),
-        replayed = totals.replayed.load(Ordering::Relaxed),
+        completed = t.completed.load(Ordering::Relaxed),
+        dead_lettered = t.dead_lettered.load(Ordering::Relaxed),
+        retried = t.retried.load(Ordering::Relaxed),
+        requeued = t.requeued.load(Ordering::Relaxed),
+        replayed = t.replayed.load(Ordering::Relaxed),
+        reconnects = t.reconnects.load(Ordering::Relaxed),
         "consumer stopped"
     );
-    Ok(intake?)
+    outcome
+}
+
+/// The connection name shown by the broker: which program, which namespace, which process.
+fn connection_name(settings: &Settings) -> String {
+    format!(
+        "consumer ns={} pid={}",
+        settings.common.namespace,
+        std::process::id()
+    )
 }

@@ -82,6 +82,8 @@ pub struct Totals {
     pub requeued: AtomicU64,
     /// Repeats of jobs this process had already completed, answered with the stored result.
     pub replayed: AtomicU64,
+    /// Connections lost and re-made.
+    pub reconnects: AtomicU64,
 }
 
 impl Totals {

@@ -40,7 +40,7 @@ pub struct Worker {
     /// Timeout of a stage that names none itself.
     pub stage_timeout: Duration,
     /// Results of recently completed jobs, to answer repeats without running the chain.
-    pub recent: RecentResults,
+    pub recent: Arc<RecentResults>,
 }
 
 impl Worker {

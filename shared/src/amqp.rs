@@ -145,6 +145,52 @@ pub async fn confirm_channel(connection: &lapin::Connection) -> Result<Channel, 
     Ok(channel)
 }
 
+/// Whether `error` means the connection is gone (closed by the broker, the network or a
+/// missed heartbeat), as opposed to a refusal on a live connection such as a missing exchange
+/// or a declaration that does not match: the first calls for a reconnect, the second does not.
+#[must_use]
+pub fn is_connection_loss(error: &lapin::Error, connection: &lapin::Connection) -> bool {
+    !connection.status().connected()
+        || error.is_io_error()
+        || error.is_amqp_hard_error()
+        || matches!(
+            error.kind(),
+            lapin::ErrorKind::MissingHeartbeatError | lapin::ErrorKind::InvalidConnectionState(_)
+        )
+}
+
+/// Capped exponential backoff for reconnects: `first`, doubling up to `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: std::time::Duration,
+    next: std::time::Duration,
+    max: std::time::Duration,
+}
+
+impl Backoff {
+    /// A backoff starting at `first` and never above `max`.
+    #[must_use]
+    pub fn new(first: std::time::Duration, max: std::time::Duration) -> Self {
+        Self {
+            first,
+            next: first,
+            max,
+        }
+    }
+
+    /// The next delay to wait.
+    pub fn next_delay(&mut self) -> std::time::Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    /// Starts over after a success.
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
 /// `url` with its password replaced by `***`, for logs.
 #[must_use]
 pub fn redact(url: &str) -> String {
@@ -174,6 +220,16 @@ mod tests {
         assert_eq!(redact("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
         assert_eq!(redact("amqp://u:p@ss@host/v"), "amqp://u:***@host/v");
         assert_eq!(redact("not a url"), "not a url");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_and_resets() {
+        use std::time::Duration;
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let ms: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(ms, [100, 200, 350, 350]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
     }
 
     #[test]

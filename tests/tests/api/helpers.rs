@@ -1,7 +1,13 @@
 //! Test harness: a broker, a fresh namespace per test, an in-process consumer, and readers
 //! for the results and dead-letter queues. Every wait is bounded by a timeout.
 
-use std::{collections::HashMap, path::PathBuf, process::Command, sync::OnceLock, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    process::Command,
+    sync::OnceLock,
+    time::Duration,
+};
 
 use consumer::{ConsumerError, Registry};
 use deadpool_lapin::lapin::{
@@ -37,6 +43,8 @@ pub const WAIT: Duration = Duration::from_secs(60);
 
 struct Broker {
     url: String,
+    /// Base URL of the management HTTP API, e.g. `http://127.0.0.1:15672`.
+    management: String,
     _container: Option<ContainerAsync<RabbitMq>>,
 }
 
@@ -44,11 +52,18 @@ static BROKER: OnceCell<Broker> = OnceCell::const_new();
 
 /// The broker URL: `AMQP_URL`, or a RabbitMQ container started once for the whole run.
 pub async fn broker_url() -> String {
-    let broker = BROKER
+    broker().await.url.clone()
+}
+
+async fn broker() -> &'static Broker {
+    BROKER
         .get_or_init(|| async {
             if let Ok(url) = std::env::var("AMQP_URL") {
+                let management = std::env::var("RABBITMQ_MANAGEMENT_URL")
+                    .unwrap_or_else(|_| format!("http://{}:15672", amqp_host(&url)));
                 return Broker {
                     url,
+                    management,
                     _container: None,
                 };
             }
@@ -63,13 +78,129 @@ pub async fn broker_url() -> String {
             });
             let host = container.get_host().await.unwrap();
             let port = container.get_host_port_ipv4(5672).await.unwrap();
+            let management = container.get_host_port_ipv4(15672).await.unwrap();
             Broker {
                 url: format!("amqp://guest:guest@{host}:{port}/%2f"),
+                management: format!("http://{host}:{management}"),
                 _container: Some(container),
             }
         })
-        .await;
-    broker.url.clone()
+        .await
+}
+
+/// The host of an `amqp://user:pass@host:port/vhost` URL.
+fn amqp_host(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    host_port
+        .rsplit_once(':')
+        .map_or(host_port, |(h, _)| h)
+        .to_owned()
+}
+
+/// The user and password of an AMQP URL, `guest`/`guest` when it names none.
+fn amqp_credentials(url: &str) -> (String, String) {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    match authority
+        .rsplit_once('@')
+        .and_then(|(user, _)| user.split_once(':'))
+    {
+        Some((user, pass)) => (user.to_owned(), pass.to_owned()),
+        None => ("guest".to_owned(), "guest".to_owned()),
+    }
+}
+
+/// Force-closes, through the management API, every broker connection whose client-given
+/// name contains `needle` (as `rabbitmqctl close_connection` would), and returns how many.
+/// Other tests' connections are left alone. The management API lists a new connection only
+/// after its first statistics (every 5 s by default), so this polls until one matches.
+pub async fn close_connections(needle: &str) -> usize {
+    let broker = broker().await;
+    let (user, pass) = amqp_credentials(&broker.url);
+    let api = Management {
+        base: broker.management.clone(),
+        auth: format!(
+            "Basic {}",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{user}:{pass}")
+            )
+        ),
+    };
+    let needle = needle.to_owned();
+    within(
+        &format!("a connection named like {needle:?} to close"),
+        async move {
+            loop {
+                let api = api.clone();
+                let needle = needle.clone();
+                let closed = tokio::task::spawn_blocking(move || api.close_matching(&needle))
+                    .await
+                    .unwrap();
+                if closed > 0 {
+                    return closed;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        },
+    )
+    .await
+}
+
+#[derive(Clone)]
+struct Management {
+    base: String,
+    auth: String,
+}
+
+impl Management {
+    fn close_matching(&self, needle: &str) -> usize {
+        let base = &self.base;
+        let listing = ureq::get(format!("{base}/api/connections"))
+            .header("authorization", &self.auth)
+            .call()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the management API at {base} is needed to inject faults ({e}); enable it \
+                     with `rabbitmq-plugins enable rabbitmq_management` or set \
+                     RABBITMQ_MANAGEMENT_URL"
+                )
+            })
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        let connections: Vec<Value> = serde_json::from_str(&listing).unwrap();
+        let mut closed = 0;
+        for connection in connections {
+            let client_name = connection["client_properties"]["connection_name"]
+                .as_str()
+                .unwrap_or_default();
+            if !client_name.contains(needle) {
+                continue;
+            }
+            let name = connection["name"].as_str().unwrap();
+            let encoded: String = name
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            // A connection that closed by itself in the meantime answers 404: fine.
+            let deleted = ureq::delete(format!("{base}/api/connections/{encoded}"))
+                .header("authorization", &self.auth)
+                .header("x-reason", "fault injected by a test")
+                .call();
+            if deleted.is_ok() {
+                closed += 1;
+            }
+        }
+        closed
+    }
 }
 
 /// Label on the containers the tests start, so scripts can remove them afterwards: the broker
@@ -170,9 +301,68 @@ impl TestApp {
         settings: consumer::Settings,
         registry: Registry,
     ) -> ConsumerHandle {
+        self.spawn_consumer_with(settings, registry, consumer::Readiness::default())
+    }
+
+    /// Starts a consumer in-process that reports its state to `readiness`.
+    pub fn spawn_consumer_with(
+        &self,
+        settings: consumer::Settings,
+        registry: Registry,
+        readiness: consumer::Readiness,
+    ) -> ConsumerHandle {
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(consumer::run(settings, registry, shutdown.clone()));
+        let task = tokio::spawn(consumer::run_with(
+            settings,
+            registry,
+            shutdown.clone(),
+            readiness,
+        ));
         ConsumerHandle { shutdown, task }
+    }
+
+    /// Reads results until every job in `ids` has one, counting the jobs in `seen` as done
+    /// already; returns how many results it read (results beyond the jobs not yet seen are
+    /// duplicates). A result of another job, or one that is not `ok`, fails the test.
+    pub async fn results_covering(&self, ids: &HashSet<Uuid>, mut seen: HashSet<Uuid>) -> usize {
+        let queue = self.topology.names.results_queue.clone();
+        let channel = self.connection.create_channel().await.unwrap();
+        channel
+            .basic_qos(500, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                format!("test-cover-{}", Uuid::new_v4()).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut read = 0;
+        within(&format!("results for {} jobs", ids.len()), async {
+            while seen.len() < ids.len() {
+                let delivery = consumer.next().await.expect("consumer ended").unwrap();
+                delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .unwrap();
+                let result: Value = serde_json::from_slice(&delivery.data).unwrap();
+                let id: Uuid = result["job_id"].as_str().unwrap().parse().unwrap();
+                assert!(
+                    ids.contains(&id),
+                    "a result for a job this test never sent: {id}"
+                );
+                assert_eq!(result["status"], "ok", "{result}");
+                seen.insert(id);
+                read += 1;
+            }
+        })
+        .await;
+        let _ = channel.close(200, "covered".into()).await;
+        read
     }
 
     /// Publishes a valid job, confirmed, and returns its id.

@@ -8,6 +8,7 @@ mod concurrency;
 mod end_to_end;
 mod helpers;
 mod producer_failures;
+mod reconnect;
 mod repeats;
 mod retries;
 mod shutdown;
