@@ -1,7 +1,7 @@
 //! Integration tests against a real RabbitMQ: the one named by `AMQP_URL`, or one started
 //! with testcontainers. Every test gets its own namespace, so tests run in parallel.
 
-#![allow(clippy::unwrap_used, missing_docs, unreachable_pub)]
+#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs, unreachable_pub)]
 
 mod bad_input;
 mod concurrency;
