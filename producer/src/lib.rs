@@ -9,28 +9,33 @@
 //!
 //! A job counts as sent only when the broker confirmed it *and* did not return it as
 //! unroutable (every publish is `mandatory`). Anything else is counted and reported as failed.
+//! A lost connection is not a failure: `publish.rs` reconnects and sends unconfirmed jobs again.
 
 pub mod input;
+pub mod publish;
 pub mod results;
 pub mod settings;
 pub mod summary;
 
-use std::{collections::HashSet, io::Write, time::Instant};
-
-use deadpool_lapin::lapin::{self, Confirmation, types::ShortString};
-use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use shared::{
-    amqp::{self, check_confirmation, job_properties, mandatory},
-    schema::Job,
+use std::{
+    collections::HashSet,
+    io::Write,
+    time::{Duration, Instant},
 };
+
+use deadpool_lapin::lapin;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use shared::{amqp, schema::Job};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use settings::{Settings, Source};
 pub use summary::Summary;
 
-use crate::input::{InputError, Payloads};
+use crate::{
+    input::{InputError, Payloads},
+    publish::Publisher,
+};
 
 /// Why the producer could not run at all. Failures of single jobs are counted in the
 /// [`Summary`] instead.
@@ -62,54 +67,58 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Summary, ProducerError> {
     let topology = settings.common.topology();
-    let names = &topology.names;
     let mut payloads = match settings.source() {
         Source::Lines(path) => Payloads::from_path(&path).await?,
         Source::Synthetic { count, size } => Payloads::synthetic(count, size),
     };
 
-    let (_pool, connection) = amqp::connect(&settings.common.amqp_url, "producer").await?;
-    tracing::debug!(broker = %amqp::redact(&settings.common.amqp_url), "connected");
-    if !settings.no_declare {
-        let setup = connection.create_channel().await?;
-        topology.declare(&setup).await?;
-        setup.close(200, "topology declared".into()).await?;
-    }
+    let broker = amqp::redact(&settings.common.amqp_url);
+    let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))
+        .map_err(amqp::ConnectError::from)?;
+    let mut publisher = Publisher::connect(
+        pool.clone(),
+        broker,
+        topology.clone(),
+        !settings.no_declare,
+        &settings.kind,
+        settings.window,
+        settings.reconnect_timeout(),
+    )
+    .await?;
     let mut listener = match settings.wait {
-        true => Some(results::Listener::start(&connection, names).await?),
+        true => {
+            let expires = settings.wait_timeout() + Duration::from_secs(300);
+            Some(results::Listener::start(pool.clone(), &topology.names, expires).await?)
+        }
         false => None,
     };
-    let channel = amqp::confirm_channel(&connection).await?;
 
     let progress = progress_bar(payloads.len_hint());
-    let exchange = ShortString::from(names.jobs_exchange.as_str());
-    let routing_key = ShortString::from(settings.kind.as_str());
     let mut summary = Summary {
         waited: settings.wait,
         ..Summary::default()
     };
     let mut confirmed = HashSet::new();
-    let mut inflight = FuturesUnordered::new();
     let started = Instant::now();
-
-    let mut record = |summary: &mut Summary, (id, outcome): (Uuid, lapin::Result<Confirmation>)| {
-        match outcome.map_err(Into::into).and_then(check_confirmation) {
+    let mut settled = |id: Uuid, fate: publish::Settled| {
+        match fate {
             Ok(()) => {
                 summary.confirmed += 1;
                 if settings.wait {
                     confirmed.insert(id);
                 }
             }
-            Err(error) => summary.fail(error.to_string()),
+            Err(reason) => summary.fail(reason),
         }
         progress.inc(1);
     };
 
+    let mut gave_up = None;
+    let mut input_failures = Vec::new();
+    let mut sent = 0u64;
     loop {
         if shutdown.is_cancelled() {
-            summary
-                .errors
-                .push("interrupted: stopped publishing".to_owned());
+            input_failures.push("interrupted: stopped publishing".to_owned());
             break;
         }
         let payload = match payloads.next().await {
@@ -117,77 +126,81 @@ pub async fn run(
             Some(Ok(payload)) => payload,
             Some(Err(error)) => {
                 let fatal = matches!(error, InputError::Read { .. });
-                summary.fail(error.to_string());
-                progress.inc(1);
+                settled(Uuid::nil(), Err(error.to_string()));
                 if fatal {
                     break;
                 }
                 continue;
             }
         };
-        while inflight.len() >= settings.window {
-            if let Some(done) = inflight.next().await {
-                record(&mut summary, done);
-            }
-        }
-        while let Some(Some(done)) = inflight.next().now_or_never() {
-            record(&mut summary, done);
-        }
         let job = Job::new(settings.kind.as_str(), payload);
         let body = match serde_json::to_vec(&job) {
             Ok(body) => body,
             Err(error) => {
-                summary.fail(format!("cannot encode a job: {error}"));
+                settled(job.id, Err(format!("cannot encode a job: {error}")));
                 continue;
             }
         };
-        let published = channel
-            .basic_publish(
-                exchange.clone(),
-                routing_key.clone(),
-                mandatory(),
-                &body,
-                job_properties(job.id),
-            )
-            .await;
-        match published {
-            Ok(confirm) => {
-                summary.sent += 1;
-                let id = job.id;
-                inflight.push(confirm.map(move |outcome| (id, outcome)));
-            }
-            Err(error) => {
-                summary.fail(format!("publish failed: {error}"));
-                break;
-            }
+        sent += 1;
+        let outgoing = publish::Outgoing {
+            id: job.id,
+            body: body.into(),
+        };
+        if let Err(error) = publisher.send(outgoing, &mut settled).await {
+            gave_up = Some(error);
+            break;
         }
     }
-    while let Some(done) = inflight.next().await {
-        record(&mut summary, done);
+    if gave_up.is_none() {
+        if let Err(error) = publisher.finish(&mut settled).await {
+            gave_up = Some(error);
+        }
     }
+    summary.sent = sent;
+    summary.reconnects = publisher.reconnects;
+    if let Some(error) = gave_up {
+        let lost = publisher.abandon();
+        summary.failed += lost;
+        summary
+            .errors
+            .push(format!("{error}; {lost} jobs unconfirmed"));
+    }
+    summary.errors.extend(input_failures);
     if let Some(total) = payloads.len_hint() {
-        // Jobs never handed to the broker after a fatal error are failures too.
+        // Jobs never handed to the broker (after a fatal error or an interruption) failed too.
         let accounted = summary.confirmed + summary.failed;
         summary.failed += total.saturating_sub(accounted);
     }
     progress.finish_and_clear();
 
-    if let Some(listener) = listener.as_mut() {
+    if let Some(mut listener) = listener.take() {
         collect_results(
             &settings,
-            listener,
+            &mut listener,
             confirmed,
             &mut summary,
             &mut results_out,
             &shutdown,
         )
         .await;
+        let cleanup = match publisher.connection() {
+            Some(connection) => connection.create_channel().await.ok(),
+            None => None,
+        };
+        listener.close(cleanup.as_ref()).await;
     }
     summary.elapsed = started.elapsed();
-    if connection.status().connected() {
-        let _ = connection.close(200, "producer done".into()).await;
-    }
+    publisher.close().await;
     Ok(summary)
+}
+
+/// The connection name shown by the broker: which program, which namespace, which process.
+fn connection_name(settings: &Settings) -> String {
+    format!(
+        "producer ns={} pid={}",
+        settings.common.namespace,
+        std::process::id()
+    )
 }
 
 async fn collect_results(

@@ -1,17 +1,32 @@
-//! `--wait`: a private, exclusive queue bound to the results exchange, so this run sees
-//! every result without taking any from the durable `jobs.results` queue that others read.
+//! `--wait`: a private queue bound to the results exchange, so this run sees every result
+//! without taking any from the durable `jobs.results` queue that others read.
 //!
-//! It must start before the first publish, or a fast consumer's result could be missed.
+//! The queue is named, not exclusive, and expires on its own (`x-expires`) once unused, so it
+//! outlives a lost connection: the listener reconnects and resumes, and results published in
+//! the meantime wait in it. It must exist before the first publish, or a fast consumer's result
+//! could be missed; [`Listener::start`] returns once it does.
 
-use deadpool_lapin::lapin::{
-    self, Connection,
-    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
-    types::FieldTable,
+use std::time::Duration;
+
+use deadpool_lapin::{
+    Pool,
+    lapin::{
+        self, Channel,
+        options::{
+            BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
+            QueueDeleteOptions,
+        },
+        types::{AMQPValue, FieldTable},
+    },
 };
 use futures::StreamExt;
 use serde::Deserialize;
-use shared::topology::{MATCH_ALL, Names};
+use shared::{
+    amqp::Backoff,
+    topology::{MATCH_ALL, Names},
+};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// One result as it arrived: its job id and the untouched body.
@@ -28,72 +43,137 @@ pub struct Arrived {
 /// Receives every result published while it runs.
 #[derive(Debug)]
 pub struct Listener {
-    /// Results in arrival order. Closed if the connection drops.
+    /// Results in arrival order.
     pub results: mpsc::UnboundedReceiver<Arrived>,
+    queue: String,
+    stop: CancellationToken,
 }
 
 impl Listener {
-    /// Declares the private queue, binds it and starts consuming.
+    /// Declares and binds the private queue, then consumes it in the background, reconnecting
+    /// through `pool` whenever the connection drops.
     ///
     /// # Errors
-    /// Fails when the broker refuses the queue or the binding (for example, when the results
+    /// Fails when the first connection or declaration fails (for example, when the results
     /// exchange does not exist).
-    pub async fn start(connection: &Connection, names: &Names) -> Result<Self, lapin::Error> {
-        let channel = connection.create_channel().await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                names.results_exchange.as_str().into(),
-                MATCH_ALL.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "producer-wait".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+    pub async fn start(pool: Pool, names: &Names, expires: Duration) -> Result<Self, lapin::Error> {
+        let queue = format!("{}.wait.{}", names.results_queue, Uuid::new_v4().simple());
+        let exchange = names.results_exchange.clone();
         let (tx, results) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let connection = pool.get().await.map_err(|e| match e {
+            deadpool_lapin::PoolError::Backend(e) => e,
+            other => lapin::Error::from(std::io::Error::other(other.to_string())),
+        })?;
+        let channel = subscribe(&connection, &queue, &exchange, expires).await?;
+
+        let task_queue = queue.clone();
+        let task_stop = stop.clone();
         tokio::spawn(async move {
-            let _channel = channel;
-            while let Some(Ok(delivery)) = consumer.next().await {
-                match parse(&delivery.data) {
-                    Some((job_id, ok)) => {
-                        if tx
-                            .send(Arrived {
-                                job_id,
-                                ok,
-                                body: delivery.data,
-                            })
-                            .is_err()
-                        {
-                            break;
-                        }
+            let mut current = Some((connection, channel));
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            loop {
+                if let Some((_connection, channel)) = current.take() {
+                    tokio::select! {
+                        () = task_stop.cancelled() => return,
+                        more = forward(&channel, &task_queue, &tx) => if !more { return },
                     }
-                    None => tracing::warn!("ignoring a result that is not valid v1 JSON"),
+                    backoff.reset();
+                }
+                tokio::select! {
+                    () = task_stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+                let Ok(connection) = pool.get().await else {
+                    continue;
+                };
+                match subscribe(&connection, &task_queue, &exchange, expires).await {
+                    Ok(channel) => current = Some((connection, channel)),
+                    Err(error) => tracing::warn!(%error, "results listener: cannot resubscribe"),
                 }
             }
         });
-        Ok(Self { results })
+        Ok(Self {
+            results,
+            queue,
+            stop,
+        })
     }
+
+    /// Stops listening and deletes the private queue (it would expire by itself anyway).
+    pub async fn close(self, channel: Option<&Channel>) {
+        self.stop.cancel();
+        if let Some(channel) = channel {
+            let _ = channel
+                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+async fn subscribe(
+    connection: &lapin::Connection,
+    queue: &str,
+    exchange: &str,
+    expires: Duration,
+) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt(i64::try_from(expires.as_millis()).unwrap_or(i64::MAX)),
+    );
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::default(), args)
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            MATCH_ALL.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(channel)
+}
+
+/// Forwards results until the channel fails (`true`: reconnect) or nobody listens (`false`).
+async fn forward(channel: &Channel, queue: &str, tx: &mpsc::UnboundedSender<Arrived>) -> bool {
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            "producer-wait".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    let mut consumer = match consumer {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            tracing::warn!(%error, "results listener: cannot consume");
+            return true;
+        }
+    };
+    while let Some(Ok(delivery)) = consumer.next().await {
+        // Acked once handed over: a result read but lost with the connection comes again.
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        match parse(&delivery.data) {
+            Some((job_id, ok)) => {
+                let arrived = Arrived {
+                    job_id,
+                    ok,
+                    body: delivery.data,
+                };
+                if tx.send(arrived).is_err() {
+                    return false;
+                }
+            }
+            None => tracing::warn!("ignoring a result that is not valid v1 JSON"),
+        }
+    }
+    tracing::warn!("results listener: connection lost; reconnecting");
+    true
 }
 
 fn parse(body: &[u8]) -> Option<(Uuid, bool)> {

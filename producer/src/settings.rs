@@ -12,6 +12,8 @@ use shared::{
 pub const DEFAULT_WINDOW: usize = 512;
 /// Size of each synthetic text, in bytes.
 pub const DEFAULT_SIZE: usize = 1024;
+/// How long the producer keeps trying to reconnect, in seconds.
+pub const DEFAULT_RECONNECT_TIMEOUT_SECS: f64 = 60.0;
 /// How long `--wait` waits for results, in seconds.
 pub const DEFAULT_WAIT_TIMEOUT_SECS: f64 = 60.0;
 
@@ -73,6 +75,12 @@ pub struct Settings {
           value_parser = parse_seconds)]
     pub wait_timeout: f64,
 
+    /// How long to keep trying to reconnect after a lost connection before the unconfirmed
+    /// jobs are reported as failed, in seconds.
+    #[arg(long, env = "PRODUCER_RECONNECT_TIMEOUT", default_value_t = DEFAULT_RECONNECT_TIMEOUT_SECS,
+          value_parser = parse_seconds)]
+    pub reconnect_timeout: f64,
+
     /// Do not declare the topology; publish to whatever exists (unroutable jobs then fail).
     #[arg(long, env = "PRODUCER_NO_DECLARE")]
     pub no_declare: bool,
@@ -95,6 +103,7 @@ impl Settings {
             window: DEFAULT_WINDOW,
             wait: false,
             wait_timeout: DEFAULT_WAIT_TIMEOUT_SECS,
+            reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT_SECS,
             no_declare: false,
         }
     }
@@ -109,6 +118,12 @@ impl Settings {
                 size: self.size,
             },
         }
+    }
+
+    /// [`Settings::reconnect_timeout`] as a duration.
+    #[must_use]
+    pub fn reconnect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.reconnect_timeout)
     }
 
     /// [`Settings::wait_timeout`] as a duration.

@@ -24,6 +24,8 @@ pub struct Summary {
     pub results_missing: u64,
     /// Whether results were waited for.
     pub waited: bool,
+    /// Connections lost and made again while publishing.
+    pub reconnects: u64,
     /// The first distinct error messages.
     pub errors: Vec<String>,
 }
@@ -68,6 +70,9 @@ impl fmt::Display for Summary {
             self.elapsed.as_secs_f64(),
             self.rate()
         )?;
+        if self.reconnects > 0 {
+            write!(f, ", reconnects {}", self.reconnects)?;
+        }
         if self.waited {
             write!(
                 f,

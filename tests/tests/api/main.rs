@@ -1,13 +1,19 @@
 //! Integration tests against a real RabbitMQ: the one named by `AMQP_URL`, or one started
 //! with testcontainers. Every test gets its own namespace, so tests run in parallel.
 
-#![allow(clippy::unwrap_used, clippy::print_stdout, missing_docs, unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stdout,
+    missing_docs,
+    unreachable_pub
+)]
 
 mod bad_input;
 mod concurrency;
 mod end_to_end;
 mod helpers;
 mod producer_failures;
+mod producer_reconnect;
 mod reconnect;
 mod repeats;
 mod retries;

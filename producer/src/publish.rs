@@ -1,0 +1,309 @@
+//! Publishing with a bounded window of unconfirmed jobs that survives a lost connection.
+//!
+//! Every job stays in memory until the broker confirms it. When the connection drops, the
+//! jobs whose confirms were lost go back to the front of the send queue, the publisher
+//! reconnects with capped backoff (declaring the topology again), and sends them again: a
+//! job is confirmed at least once or reported as failed, never silently dropped.
+
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
+use deadpool_lapin::{
+    Pool,
+    lapin::{self, Channel, Confirmation, types::ShortString},
+};
+use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use shared::{
+    amqp::{self, Backoff, check_confirmation, job_properties, mandatory},
+    topology::Topology,
+};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// First delay before reconnecting.
+const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
+/// Longest delay between reconnect attempts.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// A job ready to publish: its id and its encoded body.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The job id, also its `message_id`.
+    pub id: Uuid,
+    /// The JSON body.
+    pub body: Arc<[u8]>,
+}
+
+/// The fate of one job.
+pub type Settled = Result<(), String>;
+
+/// The connection could not be made again within the reconnect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("gave up reconnecting after {waited:?}: {last_error}")]
+pub struct GaveUp {
+    /// How long it tried.
+    pub waited: Duration,
+    /// The last connection error.
+    pub last_error: String,
+}
+
+struct Link {
+    connection: deadpool_lapin::Connection,
+    channel: Channel,
+}
+
+type Inflight = FuturesUnordered<BoxFuture<'static, (Outgoing, lapin::Result<Confirmation>)>>;
+
+/// Publishes jobs to the jobs exchange with publisher confirms.
+pub struct Publisher {
+    pool: Pool,
+    /// The broker URL with its password redacted, for error messages.
+    broker: String,
+    topology: Topology,
+    declare: bool,
+    exchange: ShortString,
+    routing_key: ShortString,
+    window: usize,
+    reconnect_timeout: Duration,
+    link: Option<Link>,
+    inflight: Inflight,
+    resend: VecDeque<Outgoing>,
+    /// Set when the broker refused the publishing on a live connection (for example, the
+    /// exchange does not exist): every further job fails with this reason.
+    refused: Option<String>,
+    /// Connections lost and made again.
+    pub reconnects: u64,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("inflight", &self.inflight.len())
+            .field("resend", &self.resend.len())
+            .field("reconnects", &self.reconnects)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// Connects (declaring the topology unless `declare` is false) and opens a confirm channel.
+    ///
+    /// # Errors
+    /// The first connection is not retried: a broker that is not there at start is an error.
+    pub async fn connect(
+        pool: Pool,
+        broker: String,
+        topology: Topology,
+        declare: bool,
+        kind: &str,
+        window: usize,
+        reconnect_timeout: Duration,
+    ) -> Result<Self, crate::ProducerError> {
+        let link = open_link(&pool, &broker, &topology, declare).await?;
+        Ok(Self {
+            broker,
+            exchange: topology.names.jobs_exchange.as_str().into(),
+            routing_key: kind.into(),
+            pool,
+            topology,
+            declare,
+            window,
+            reconnect_timeout,
+            link: Some(link),
+            inflight: FuturesUnordered::new(),
+            resend: VecDeque::new(),
+            refused: None,
+            reconnects: 0,
+        })
+    }
+
+    /// Queues `job` and publishes as much as the window allows, reporting every job whose
+    /// fate is known to `settled`.
+    ///
+    /// # Errors
+    /// [`GaveUp`] when the connection is lost and cannot be made again in time.
+    pub async fn send(
+        &mut self,
+        job: Outgoing,
+        settled: &mut impl FnMut(Uuid, Settled),
+    ) -> Result<(), GaveUp> {
+        self.resend.push_back(job);
+        self.pump(settled).await
+    }
+
+    /// Waits until every job sent is confirmed or failed, sending again after reconnects.
+    ///
+    /// # Errors
+    /// [`GaveUp`] when the connection is lost and cannot be made again in time.
+    pub async fn finish(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> Result<(), GaveUp> {
+        loop {
+            self.pump(settled).await?;
+            match self.inflight.next().await {
+                Some(done) => self.settle(done, settled),
+                None if self.resend.is_empty() => return Ok(()),
+                None => {}
+            }
+        }
+    }
+
+    /// After [`GaveUp`]: drops every job not yet confirmed and returns how many there were;
+    /// they are failures.
+    pub fn abandon(&mut self) -> u64 {
+        let lost = self.resend.len() + self.inflight.len();
+        self.resend.clear();
+        self.inflight = FuturesUnordered::new();
+        lost as u64
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        if let Some(link) = self.link {
+            let _ = link.connection.close(200, "producer done".into()).await;
+        }
+    }
+
+    /// The connection, when there is one, for other work of this run.
+    #[must_use]
+    pub fn connection(&self) -> Option<&deadpool_lapin::Connection> {
+        self.link.as_ref().map(|l| &l.connection)
+    }
+
+    async fn pump(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> Result<(), GaveUp> {
+        while let Some(job) = self.resend.pop_front() {
+            if let Some(reason) = &self.refused {
+                settled(job.id, Err(reason.clone()));
+                continue;
+            }
+            while self.inflight.len() >= self.window {
+                if let Some(done) = self.inflight.next().await {
+                    self.settle(done, settled);
+                }
+            }
+            while let Some(Some(done)) = self.inflight.next().now_or_never() {
+                self.settle(done, settled);
+            }
+            let channel = self.channel().await?;
+            let published = channel
+                .basic_publish(
+                    self.exchange.clone(),
+                    self.routing_key.clone(),
+                    mandatory(),
+                    &job.body,
+                    job_properties(job.id),
+                )
+                .await;
+            match published {
+                Ok(confirm) => self
+                    .inflight
+                    .push(Box::pin(confirm.map(move |outcome| (job, outcome)))),
+                Err(error) if self.lost(&error) => {
+                    self.resend.push_front(job);
+                    self.link = None;
+                }
+                Err(error) => self.refuse(job, &error, settled),
+            }
+        }
+        Ok(())
+    }
+
+    fn settle(
+        &mut self,
+        (job, outcome): (Outgoing, lapin::Result<Confirmation>),
+        settled: &mut impl FnMut(Uuid, Settled),
+    ) {
+        match outcome {
+            Ok(confirmation) => {
+                settled(
+                    job.id,
+                    check_confirmation(confirmation).map_err(|e| e.to_string()),
+                );
+            }
+            Err(error) if self.lost(&error) => {
+                // The confirm was lost with the connection: the job may or may not be stored.
+                // Sending it again keeps at-least-once; the consumer answers a repeat.
+                self.resend.push_back(job);
+                self.link = None;
+            }
+            Err(error) => self.refuse(job, &error, settled),
+        }
+    }
+
+    fn refuse(
+        &mut self,
+        job: Outgoing,
+        error: &lapin::Error,
+        settled: &mut impl FnMut(Uuid, Settled),
+    ) {
+        let reason = format!("publish refused: {error}");
+        self.refused.get_or_insert_with(|| reason.clone());
+        settled(job.id, Err(reason));
+    }
+
+    fn lost(&self, error: &lapin::Error) -> bool {
+        match &self.link {
+            Some(link) => amqp::is_connection_loss(error, &link.connection),
+            None => true,
+        }
+    }
+
+    /// The confirm channel, reconnecting first if the connection is gone.
+    async fn channel(&mut self) -> Result<Channel, GaveUp> {
+        if let Some(link) = &self.link {
+            if link.connection.status().connected() {
+                return Ok(link.channel.clone());
+            }
+        }
+        self.link = None;
+        let started = Instant::now();
+        let mut backoff = Backoff::new(RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY);
+        loop {
+            match open_link(&self.pool, &self.broker, &self.topology, self.declare).await {
+                Ok(link) => {
+                    self.reconnects += 1;
+                    tracing::info!(
+                        resend = self.resend.len() + 1,
+                        "reconnected; sending unconfirmed jobs again"
+                    );
+                    let channel = link.channel.clone();
+                    self.link = Some(link);
+                    return Ok(channel);
+                }
+                Err(error) if started.elapsed() >= self.reconnect_timeout => {
+                    return Err(GaveUp {
+                        waited: started.elapsed(),
+                        last_error: error.to_string(),
+                    });
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, ?delay, "connection lost; reconnecting");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+async fn open_link(
+    pool: &Pool,
+    broker: &str,
+    topology: &Topology,
+    declare: bool,
+) -> Result<Link, crate::ProducerError> {
+    let connection = pool
+        .get()
+        .await
+        .map_err(|reason| amqp::ConnectError::Connect {
+            url: broker.to_owned(),
+            reason,
+        })?;
+    if declare {
+        let setup = connection.create_channel().await?;
+        topology.declare(&setup).await?;
+        setup.close(200, "topology declared".into()).await?;
+    }
+    let channel = amqp::confirm_channel(&connection).await?;
+    Ok(Link {
+        connection,
+        channel,
+    })
+}
