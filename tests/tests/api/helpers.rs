@@ -262,13 +262,18 @@ impl TestApp {
     }
 
     pub async fn with_queue_type(queue_type: QueueType) -> Self {
+        Self::with_settings(|common| common.queue_type = queue_type).await
+    }
+
+    /// A fresh namespace whose shared settings `tweak` may change, topology declared.
+    pub async fn with_settings(tweak: impl FnOnce(&mut CommonSettings)) -> Self {
         if std::env::var_os("TEST_LOG").is_some() {
             shared::telemetry::init(shared::telemetry::LogFormat::Pretty);
         }
         let url = broker_url().await;
         let mut common = CommonSettings::new(url.clone());
         common.namespace = format!("test-{}", Uuid::new_v4().simple());
-        common.queue_type = queue_type;
+        tweak(&mut common);
         let topology = common.topology();
         let connection = within(
             "a connection",
@@ -371,6 +376,42 @@ impl TestApp {
         let body = serde_json::to_vec(&job).unwrap();
         self.publish_raw(kind, &body, job_properties(job.id)).await;
         job.id
+    }
+
+    /// Publishes one job per payload with a window of confirms in flight (much faster than
+    /// one at a time); returns the ids, all confirmed.
+    pub async fn publish_many(
+        &self,
+        kind: &str,
+        payloads: impl IntoIterator<Item = Value>,
+    ) -> Vec<Uuid> {
+        let mut ids = Vec::new();
+        let mut pending = futures::stream::FuturesUnordered::new();
+        for payload in payloads {
+            let job = Job::new(kind, payload);
+            let body = serde_json::to_vec(&job).unwrap();
+            let confirm = self
+                .channel
+                .basic_publish(
+                    self.topology.names.jobs_exchange.as_str().into(),
+                    kind.into(),
+                    mandatory(),
+                    &body,
+                    job_properties(job.id),
+                )
+                .await
+                .unwrap();
+            ids.push(job.id);
+            pending.push(confirm);
+            if pending.len() >= 256 {
+                let confirmed = within("a confirm", pending.next()).await.unwrap();
+                check_confirmation(confirmed.unwrap()).unwrap();
+            }
+        }
+        while let Some(confirmed) = within("the last confirms", pending.next()).await {
+            check_confirmation(confirmed.unwrap()).unwrap();
+        }
+        ids
     }
 
     /// Publishes any body to the jobs exchange, confirmed.

@@ -9,7 +9,9 @@
 )]
 
 mod bad_input;
+mod children;
 mod concurrency;
+mod crashes;
 mod end_to_end;
 mod helpers;
 mod producer_failures;

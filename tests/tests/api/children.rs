@@ -1,0 +1,170 @@
+//! Consumers as child processes (the `test-consumer` binary), for faults that need a real
+//! process: SIGKILL, SIGTERM, a stage that aborts. And a collector that reads the results
+//! queue in the background and counts what arrives.
+
+use std::{
+    collections::HashMap,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use deadpool_lapin::lapin::{
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
+};
+use futures::StreamExt;
+use tokio::{process::Child, sync::watch, task::JoinHandle};
+use uuid::Uuid;
+
+use crate::helpers::{TEST_RETRY_BASE, TEST_RETRY_MAX, TestApp, within};
+
+/// A `test-consumer` process serving this test's namespace.
+pub struct ChildConsumer {
+    pub child: Child,
+}
+
+impl ChildConsumer {
+    /// Starts a consumer process with `args` added to the namespace's settings.
+    pub fn spawn(app: &TestApp, args: &[&str]) -> Self {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_test-consumer"))
+            .env("AMQP_URL", &app.common.amqp_url)
+            .env("JOBS_NAMESPACE", &app.common.namespace)
+            .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
+            .env("JOBS_DELIVERY_LIMIT", app.common.delivery_limit.to_string())
+            .env(
+                "CONSUMER_RETRY_BASE_DELAY",
+                TEST_RETRY_BASE.as_secs_f64().to_string(),
+            )
+            .env(
+                "CONSUMER_RETRY_MAX_DELAY",
+                TEST_RETRY_MAX.as_secs_f64().to_string(),
+            )
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("cannot start test-consumer");
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the child is running")
+    }
+
+    /// SIGKILL: no drain, no ack, no goodbye.
+    pub async fn kill(mut self) {
+        self.child.start_kill().unwrap();
+        within("the killed consumer to exit", self.child.wait())
+            .await
+            .unwrap();
+    }
+
+    /// SIGTERM, then waits for a clean exit and returns its status code.
+    pub async fn terminate(mut self) -> Option<i32> {
+        let pid = self.pid().to_string();
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        within("the terminated consumer to exit", self.child.wait())
+            .await
+            .unwrap()
+            .code()
+    }
+
+    /// Waits for the process to exit by itself (a crash), with its signal or code.
+    pub async fn exited(mut self) -> std::process::ExitStatus {
+        within("the consumer to exit", self.child.wait())
+            .await
+            .unwrap()
+    }
+}
+
+/// Counts every result of the namespace as it arrives.
+pub struct Collector {
+    seen: Arc<Mutex<HashMap<Uuid, u32>>>,
+    total: watch::Receiver<usize>,
+    task: JoinHandle<()>,
+}
+
+impl Collector {
+    pub async fn start(app: &TestApp) -> Self {
+        let channel = app.connection.create_channel().await.unwrap();
+        channel
+            .basic_qos(1000, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = channel
+            .basic_consume(
+                app.topology.names.results_queue.as_str().into(),
+                format!("collector-{}", Uuid::new_v4()).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let seen: Arc<Mutex<HashMap<Uuid, u32>>> = Arc::default();
+        let (tx, total) = watch::channel(0);
+        let counts = Arc::clone(&seen);
+        let task = tokio::spawn(async move {
+            let _channel = channel;
+            let mut n = 0;
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                let result: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
+                assert_eq!(result["status"], "ok", "{result}");
+                let id: Uuid = result["job_id"].as_str().unwrap().parse().unwrap();
+                *counts.lock().unwrap().entry(id).or_default() += 1;
+                n += 1;
+                tx.send_replace(n);
+            }
+        });
+        Self { seen, total, task }
+    }
+
+    /// Waits until at least `n` results (duplicates included) have arrived.
+    pub async fn wait_for_total(&mut self, n: usize) {
+        within(&format!("{n} results"), self.total.wait_for(|t| *t >= n))
+            .await
+            .unwrap();
+    }
+
+    /// Waits until every job in `ids` has a result.
+    pub async fn wait_for_all(&mut self, ids: &[Uuid]) {
+        let seen = Arc::clone(&self.seen);
+        within(&format!("results for all {} jobs", ids.len()), async {
+            loop {
+                if ids.iter().all(|id| seen.lock().unwrap().contains_key(id)) {
+                    return;
+                }
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), self.total.changed()).await;
+            }
+        })
+        .await;
+    }
+
+    /// (results received, distinct jobs, results beyond the first per job)
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let seen = self.seen.lock().unwrap();
+        let total: usize = seen.values().map(|n| *n as usize).sum();
+        (total, seen.len(), total - seen.len())
+    }
+
+    pub fn total(&self) -> usize {
+        *self.total.borrow()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
