@@ -78,13 +78,6 @@ impl ChildConsumer {
             .unwrap()
             .code()
     }
-
-    /// Waits for the process to exit by itself (a crash), with its signal or code.
-    pub async fn exited(mut self) -> std::process::ExitStatus {
-        within("the consumer to exit", self.child.wait())
-            .await
-            .unwrap()
-    }
 }
 
 /// Counts every result of the namespace as it arrives.
