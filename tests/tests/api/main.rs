@@ -9,6 +9,7 @@
 )]
 
 mod bad_input;
+mod chaos;
 mod children;
 mod concurrency;
 mod crashes;
