@@ -144,12 +144,28 @@ fn explain(text: &str, error: &serde_json::Error, properties: &BasicProperties) 
     let reason = match version {
         Some(v) if v != SCHEMA_VERSION.to_string() => unsupported_version(v),
         _ if error.is_syntax() || error.is_eof() => format!("malformed JSON: {error}"),
-        _ => format!("invalid job: {error}"),
+        _ => match not_an_object(text) {
+            Some(what) => format!("invalid job: expected a JSON object, got {what}"),
+            None => format!("invalid job: {error}"),
+        },
     };
     Rejection {
         reason,
         job_id,
         kind,
+    }
+}
+
+/// What a well-formed JSON text is when it is not an object (serde would otherwise read an
+/// array positionally and report a confusing field error).
+fn not_an_object(text: &str) -> Option<&'static str> {
+    match text.trim_start().bytes().next()? {
+        b'{' => None,
+        b'[' => Some("an array"),
+        b'"' => Some("a string"),
+        b'n' => Some("null"),
+        b't' | b'f' => Some("a boolean"),
+        _ => Some("a number"),
     }
 }
 
@@ -195,7 +211,7 @@ mod tests {
         let id = format!("\"{ID}\"");
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (b"{\"schema_version\":1,".to_vec(), "malformed JSON"),
-            (b"[1,2]".to_vec(), "invalid job"),
+            (b"[1,2]".to_vec(), "expected a JSON object, got an array"),
             (Vec::new(), "empty body"),
             (vec![b'"', 0xff, b'"'], "not valid UTF-8"),
             (

@@ -381,6 +381,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_depth_bomb_is_a_permanent_error_not_a_stack_overflow() {
+        let bomb = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+        let raw = RawValue::from_string(bomb).unwrap();
+        let chain = decode::<serde_json::Value>();
+        let mut trace = Trace::new(Duration::from_secs(1));
+        let failure = chain
+            .run_traced(Payload::new(raw), &mut trace)
+            .await
+            .unwrap_err();
+        assert!(!failure.error.is_retryable());
+        assert!(
+            failure
+                .error
+                .to_string()
+                .contains("recursion limit exceeded"),
+            "{failure}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_stage_over_its_timeout_fails_retryably() {
         let chain = decode::<String>().then(Len).then(Slow);
         let mut trace = Trace::new(Duration::from_secs(60));

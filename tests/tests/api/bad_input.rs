@@ -35,6 +35,7 @@ fn job(id: Uuid, version: serde_json::Value, kind: &str, payload: serde_json::Va
 }
 
 /// Builds a case whose `message_id` is a fresh job id, from a body that may embed that id.
+/// Its job id is readable (from the body or `message_id`), so a `failed` result is expected.
 fn case(
     name: &'static str,
     body: impl FnOnce(Uuid) -> Vec<u8>,
@@ -53,14 +54,90 @@ fn case(
     (id, case)
 }
 
+/// A job body with `field` replaced by `value` (or removed when `value` is `None`).
+fn with_field(id: Uuid, field: &str, value: Option<serde_json::Value>) -> Vec<u8> {
+    let mut job = json!({
+        "schema_version": 1, "id": id, "kind": "text.analyze",
+        "created_at": "2026-11-25T10:00:00Z", "payload": {"text": "x"},
+    });
+    match value {
+        Some(value) => job[field] = value,
+        None => {
+            job.as_object_mut().unwrap().remove(field);
+        }
+    }
+    serde_json::to_vec(&job).unwrap()
+}
+
+/// `{"a":{"a":...1...}}`, `depth` objects deep.
+fn nested(depth: usize) -> String {
+    format!("{}1{}", r#"{"a":"#.repeat(depth), "}".repeat(depth))
+}
+
 fn cases() -> Vec<(Uuid, Case)> {
     let text = |id, payload| job(id, json!(1), "text.analyze", payload);
-    vec![
+    let field =
+        |name: &'static str, value: serde_json::Value| move |id| with_field(id, name, Some(value));
+    let without = |name: &'static str| move |id| with_field(id, name, None);
+    let mut cases = vec![
         case(
-            "malformed",
+            "truncated",
             |_| b"{\"schema_version\": 1, \"id\": ".to_vec(),
             "malformed JSON",
             "envelope",
+        ),
+        case(
+            "json-array",
+            |_| b"[1, 2, 3]".to_vec(),
+            "invalid job: expected a JSON object, got an array",
+            "envelope",
+        ),
+        case(
+            "json-null",
+            |_| b"null".to_vec(),
+            "invalid job: expected a JSON object, got null",
+            "envelope",
+        ),
+        case(
+            "trailing-garbage",
+            |id| {
+                [
+                    with_field(id, "kind", Some(json!("text.analyze"))),
+                    b" xyz".to_vec(),
+                ]
+                .concat()
+            },
+            "malformed JSON: trailing characters",
+            "envelope",
+        ),
+        case("empty", |_| Vec::new(), "empty body", "envelope"),
+        case(
+            "oversize",
+            |_| vec![b' '; 1024 * 1024 + 1],
+            "body of 1048577 bytes exceeds the limit of 1048576 bytes",
+            "envelope",
+        ),
+        case(
+            // Unknown fields are skipped without recursion: a bomb costs a scan, not the stack.
+            "depth-bomb",
+            |_| nested(100_000).into_bytes(),
+            "invalid job: missing field `schema_version`",
+            "envelope",
+        ),
+        case(
+            "depth-bomb-in-payload",
+            |id| {
+                let body = String::from_utf8(with_field(
+                    id,
+                    "payload",
+                    Some(json!({"text": "PLACEHOLDER"})),
+                ))
+                .unwrap();
+                body.replace("\"PLACEHOLDER\"", &nested(50_000))
+                    .into_bytes()
+            },
+            "invalid payload: invalid type: map, expected a string",
+            "decode",
         ),
         case(
             "non-utf8",
@@ -68,21 +145,92 @@ fn cases() -> Vec<(Uuid, Case)> {
             "not valid UTF-8",
             "envelope",
         ),
-        case("empty", |_| Vec::new(), "empty body", "envelope"),
+        case(
+            "schema-v0",
+            field("schema_version", json!(0)),
+            "unsupported schema_version 0",
+            "envelope",
+        ),
         case(
             "schema-v2",
-            |id| job(id, json!(2), "text.analyze", json!({"text": "x"})),
+            field("schema_version", json!(2)),
             "unsupported schema_version 2",
             "envelope",
         ),
         case(
-            "unknown-kind",
-            |id| job(id, json!(1), "no.such.kind", json!({"text": "x"})),
+            "schema-string-1",
+            field("schema_version", json!("1")),
+            "unsupported schema_version \"1\"",
+            "envelope",
+        ),
+        case(
+            "id-not-uuid",
+            field("id", json!("not-a-uuid")),
+            "invalid job: UUID parsing failed",
+            "envelope",
+        ),
+        case(
+            "id-is-number",
+            field("id", json!(12345)),
+            "invalid job: invalid type: integer `12345`",
+            "envelope",
+        ),
+        case(
+            "kind-missing",
+            without("kind"),
+            "invalid job: missing field `kind`",
+            "envelope",
+        ),
+        case(
+            "kind-is-number",
+            field("kind", json!(5)),
+            "invalid job: invalid type: integer `5`, expected a string",
+            "envelope",
+        ),
+        case(
+            "kind-empty",
+            field("kind", json!("")),
+            "kind must be 1 to 255 bytes long",
+            "envelope",
+        ),
+        case(
+            "kind-too-long",
+            field("kind", json!("k".repeat(300))),
+            "kind must be 1 to 255 bytes long",
+            "envelope",
+        ),
+        case(
+            "kind-unknown",
+            field("kind", json!("no.such.kind")),
             "unknown kind \"no.such.kind\"",
             "envelope",
         ),
         case(
-            "missing-text",
+            "created-at-missing",
+            without("created_at"),
+            "invalid job: missing field `created_at`",
+            "envelope",
+        ),
+        case(
+            "created-at-garbage",
+            field("created_at", json!("yesterday")),
+            "invalid job:",
+            "envelope",
+        ),
+        case(
+            "payload-missing",
+            without("payload"),
+            "invalid job: missing field `payload`",
+            "envelope",
+        ),
+        case(
+            "payload-is-string",
+            field("payload", json!("hello")),
+            "invalid payload: invalid type: string",
+            "decode",
+        ),
+        case(
+            "text-missing",
             |id| text(id, json!({"txt": "x"})),
             "invalid payload: missing field `text`",
             "decode",
@@ -99,19 +247,35 @@ fn cases() -> Vec<(Uuid, Case)> {
             "invalid payload: invalid type: null",
             "decode",
         ),
-        // No message_id and no readable id: a dead letter only, no result.
-        (
-            Uuid::nil(),
-            Case {
-                name: "no-id-at-all",
-                body: b"[1, 2, 3]".to_vec(),
-                properties: BasicProperties::default(),
-                error: "invalid job",
-                stage: "envelope",
-                has_id: false,
-            },
+        case(
+            "text-is-array",
+            |id| text(id, json!({"text": ["a"]})),
+            "invalid payload: invalid type: sequence",
+            "decode",
         ),
-    ]
+    ];
+    // A foreign content type, with an otherwise valid job.
+    let (id, mut foreign) = case(
+        "content-type-text",
+        |id| with_field(id, "kind", Some(json!("text.analyze"))),
+        "content_type \"text/plain\" is not \"application/json\"",
+        "envelope",
+    );
+    foreign.properties = foreign.properties.with_content_type("text/plain".into());
+    cases.push((id, foreign));
+    // No message_id and no readable id: a dead letter only, no result.
+    cases.push((
+        Uuid::nil(),
+        Case {
+            name: "no-id-at-all",
+            body: b"{\"hello\": \"world\"}".to_vec(),
+            properties: BasicProperties::default(),
+            error: "invalid job: missing field",
+            stage: "envelope",
+            has_id: false,
+        },
+    ));
+    cases
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
