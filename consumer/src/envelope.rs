@@ -259,6 +259,70 @@ mod tests {
         assert!(r.reason.contains("content_type"), "{}", r.reason);
     }
 
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn valid() -> Vec<u8> {
+            job("1", &format!("\"{ID}\""), "\"text.analyze\"").into_bytes()
+        }
+
+        fn check(body: &[u8]) -> Result<(), TestCaseError> {
+            // The property: no panic, and every input is a job or a rejection with a reason.
+            match open(&delivery(body, BasicProperties::default()), 4096) {
+                Ok(job) => {
+                    prop_assert_eq!(job.schema_version, SCHEMA_VERSION);
+                    prop_assert!(!job.kind.is_empty() && job.kind.len() <= MAX_KIND_LEN);
+                }
+                Err(rejection) => prop_assert!(!rejection.reason.is_empty()),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn arbitrary_bytes(body in proptest::collection::vec(any::<u8>(), 0..600)) {
+                check(&body)?;
+            }
+
+            #[test]
+            fn json_like_text(body in r#"[\[\]{}":,0-9a-z_ \\-]{0,200}"#) {
+                check(body.as_bytes())?;
+            }
+
+            #[test]
+            fn mutated_valid_jobs(
+                edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8)
+            ) {
+                let mut body = valid();
+                for (at, byte, op) in edits {
+                    if body.is_empty() {
+                        break;
+                    }
+                    let i = at.index(body.len());
+                    match op {
+                        0 => body[i] = byte,
+                        1 => body.insert(i, byte),
+                        _ => body.truncate(i),
+                    }
+                }
+                check(&body)?;
+            }
+
+            #[test]
+            fn valid_jobs_with_any_kind_and_version(kind in ".{0,300}", version in any::<i64>()) {
+                let body = serde_json::to_vec(&serde_json::json!({
+                    "schema_version": version, "id": ID, "kind": kind,
+                    "created_at": "2026-01-01T00:00:00Z", "payload": {},
+                })).unwrap();
+                check(&body)?;
+            }
+        }
+    }
+
     #[test]
     fn attempt_reads_any_integer_header() {
         let mut headers = FieldTable::default();
