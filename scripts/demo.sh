@@ -19,7 +19,7 @@ stop_consumers() {
 trap stop_consumers EXIT
 
 for i in $(seq 1 "$consumers"); do
-  ./target/release/consumer 2>"target/demo-consumer-$i.log" &
+  ( exec ./target/release/consumer 2>"target/demo-consumer-$i.log" ) &
   pids+=("$!")
 done
 
