@@ -22,8 +22,9 @@ consumer=$!
 cleanup() {
   kill -TERM "$consumer" 2>/dev/null || true
   wait "$consumer" 2>/dev/null || true
-  for q in jobs.work jobs.results jobs.dead; do
-    rabbitmqctl -q delete_queue "$JOBS_NAMESPACE.$q" >/dev/null 2>&1 || true
+  # Every queue of the soak's namespace: work, results, dead letters and retry queues.
+  for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep "^$JOBS_NAMESPACE\." || true); do
+    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
   done
 }
 trap cleanup EXIT
