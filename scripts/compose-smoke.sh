@@ -50,7 +50,7 @@ replica_ids() { compose ps -q consumer; }
 started=$SECONDS
 consuming() {
   local id
-  for id in $(replica_ids); do docker logs "$id" 2>&1 | grep -q '"consuming"' || return 1; done
+  for id in $(replica_ids); do docker logs "$id" 2>&1 | grep -q '"Consuming"' || return 1; done
 }
 log "up: broker and $replicas consumers (project $project)"
 compose up -d --build --scale consumer=$replicas rabbitmq consumer >/dev/null 2>&1 || fail "docker-compose up"
