@@ -19,7 +19,8 @@ stop_consumers() {
 trap stop_consumers EXIT
 
 for i in $(seq 1 "$consumers"); do
-  ( exec ./target/release/consumer 2>"target/demo-consumer-$i.log" ) &
+  # Each consumer serves /metrics, /healthz and /readyz on its own port: 9401, 9402, ...
+  ( CONSUMER_HTTP_ADDR="127.0.0.1:$((9400 + i))" exec ./target/release/consumer 2>"target/demo-consumer-$i.log" ) &
   pids+=("$!")
 done
 

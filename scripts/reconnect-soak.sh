@@ -13,7 +13,7 @@ export AMQP_URL
 export JOBS_NAMESPACE="soak-$$-$RANDOM"
 # The recent-results window is meant to fill up; keep it at one burst so that it is full
 # after the first round and its growth is not mistaken for a leak.
-export CONSUMER_RECENT_RESULTS="$burst"
+export CONSUMER_RECENT_RESULTS="$burst" CONSUMER_HTTP_ADDR=127.0.0.1:0
 log() { echo "reconnect-soak: $*" >&2; }
 cargo build --release --quiet -p producer -p consumer
 

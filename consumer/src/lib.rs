@@ -16,8 +16,10 @@
 //! one connection's life; `run` starts a new session whenever a connection is lost.
 
 pub mod envelope;
+pub mod http;
 pub mod intake;
 pub mod kinds;
+pub mod metrics;
 pub mod readiness;
 pub mod recent;
 pub mod registry;
@@ -27,10 +29,7 @@ pub mod settle;
 pub mod stage;
 pub mod worker;
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use shared::amqp;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -48,6 +47,14 @@ pub enum ConsumerError {
     /// The broker refused the consumer's setup on a live connection.
     #[error(transparent)]
     Session(#[from] session::SessionError),
+    /// The HTTP address could not be bound.
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Http {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why it failed.
+        source: std::io::Error,
+    },
 }
 
 /// First delay before reconnecting after a lost connection.
@@ -94,11 +101,19 @@ pub async fn run_with(
         prefetch = settings.prefetch,
         "consumer starting"
     );
+    let metrics = metrics::Metrics::new();
+    let http_stop = CancellationToken::new();
+    let addr = settings.http_addr;
+    let bound = http::serve(addr, metrics.clone(), readiness.clone(), http_stop.clone())
+        .await
+        .map_err(|source| ConsumerError::Http { addr, source })?;
+    readiness.set_http_addr(bound);
+    let _stop_http = http_stop.drop_guard();
     let shared = session::Shared {
         recent: Arc::new(recent::RecentResults::new(settings.recent_results)),
         settings,
         registry,
-        totals: Arc::new(settle::Totals::default()),
+        metrics,
         workers: TaskTracker::new(),
         readiness,
     };
@@ -112,7 +127,7 @@ pub async fn run_with(
                     backoff.reset();
                 }
                 shared.readiness.set(State::Reconnecting);
-                shared.totals.reconnects.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.reconnects.inc();
                 let delay = backoff.next_delay();
                 tracing::warn!(%reason, ?delay, "connection lost; reconnecting");
                 tokio::select! {
@@ -126,14 +141,15 @@ pub async fn run_with(
     shared.workers.close();
     let _ = tokio::time::timeout(shared.settings.shutdown_timeout(), shared.workers.wait()).await;
     shared.readiness.set(State::Stopped);
-    let t = &shared.totals;
+    let m = &shared.metrics;
     tracing::info!(
-        completed = t.completed.load(Ordering::Relaxed),
-        dead_lettered = t.dead_lettered.load(Ordering::Relaxed),
-        retried = t.retried.load(Ordering::Relaxed),
-        requeued = t.requeued.load(Ordering::Relaxed),
-        replayed = t.replayed.load(Ordering::Relaxed),
-        reconnects = t.reconnects.load(Ordering::Relaxed),
+        completed = metrics::Metrics::total(&m.processed),
+        failed = metrics::Metrics::total(&m.failed),
+        dead_lettered = metrics::Metrics::total(&m.dead_lettered),
+        retried = metrics::Metrics::total(&m.retried),
+        replayed = metrics::Metrics::total(&m.replayed),
+        requeued = m.requeued.get(),
+        reconnects = m.reconnects.get(),
         "consumer stopped"
     );
     outcome

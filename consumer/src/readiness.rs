@@ -1,6 +1,11 @@
 //! What the consumer is doing right now, for supervisors and health checks: a supervisor can
 //! tell "reconnecting" (alive, will recover) from "stopped" (dead).
 
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+};
+
 use tokio::sync::watch;
 
 /// The consumer's state.
@@ -20,11 +25,17 @@ pub enum State {
 
 /// Publishes [`State`] changes; cheap to clone, every clone sees the same state.
 #[derive(Debug, Clone)]
-pub struct Readiness(watch::Sender<State>);
+pub struct Readiness {
+    state: watch::Sender<State>,
+    http_addr: Arc<OnceLock<SocketAddr>>,
+}
 
 impl Default for Readiness {
     fn default() -> Self {
-        Self(watch::Sender::new(State::Starting))
+        Self {
+            state: watch::Sender::new(State::Starting),
+            http_addr: Arc::default(),
+        }
     }
 }
 
@@ -32,7 +43,7 @@ impl Readiness {
     /// The current state.
     #[must_use]
     pub fn state(&self) -> State {
-        *self.0.borrow()
+        *self.state.borrow()
     }
 
     /// Whether the consumer is connected and consuming.
@@ -44,11 +55,21 @@ impl Readiness {
     /// A receiver that sees every change, for waiting on a state.
     #[must_use]
     pub fn subscribe(&self) -> watch::Receiver<State> {
-        self.0.subscribe()
+        self.state.subscribe()
+    }
+
+    /// Where the HTTP server listens (`/metrics`, `/healthz`, `/readyz`), once it does.
+    #[must_use]
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr.get().copied()
+    }
+
+    pub(crate) fn set_http_addr(&self, addr: SocketAddr) {
+        let _ = self.http_addr.set(addr);
     }
 
     pub(crate) fn set(&self, state: State) {
-        if self.0.send_replace(state) != state {
+        if self.state.send_replace(state) != state {
             tracing::info!(?state, "consumer state");
         }
     }

@@ -89,6 +89,15 @@ impl Registry {
         self.chains.get(kind).map(|c| &**c)
     }
 
+    /// The chain for `kind` with the registry's own copy of the kind (for labels that must
+    /// not borrow from a message).
+    #[must_use]
+    pub fn get_with_kind(&self, kind: &str) -> Option<(&str, &dyn ErasedChain)> {
+        self.chains
+            .get_key_value(kind)
+            .map(|(kind, chain)| (kind.as_str(), &**chain))
+    }
+
     /// The kinds served, sorted.
     #[must_use]
     pub fn kinds(&self) -> Vec<&str> {

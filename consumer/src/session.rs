@@ -20,10 +20,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     Settings, intake,
+    metrics::Metrics,
     readiness::{Readiness, State},
     recent::RecentResults,
     registry::Registry,
-    settle::{Settler, Totals},
+    settle::Settler,
     worker::Worker,
 };
 
@@ -36,8 +37,8 @@ pub struct Shared {
     pub registry: Registry,
     /// Recently completed results.
     pub recent: Arc<RecentResults>,
-    /// What was settled, across sessions.
-    pub totals: Arc<Totals>,
+    /// What was counted and timed, across sessions.
+    pub metrics: Metrics,
     /// Every worker of every session, for the final drain.
     pub workers: TaskTracker,
     /// The consumer's state.
@@ -109,12 +110,13 @@ pub async fn run(
 
     let worker = Arc::new(Worker {
         registry: shared.registry.clone(),
-        settler: Settler::new(publish, topology.names.clone(), Arc::clone(&shared.totals)),
+        settler: Settler::new(publish, topology.names.clone(), shared.metrics.clone()),
         max_body_bytes: settings.max_body_bytes,
         max_attempts: settings.max_attempts,
         retry_delays: settings.retry_delays(),
         stage_timeout: settings.stage_timeout(),
         recent: Arc::clone(&shared.recent),
+        metrics: shared.metrics.clone(),
     });
     let (queue_tx, queue_rx) = async_channel::bounded(settings.concurrency);
     for _ in 0..settings.concurrency {

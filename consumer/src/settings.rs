@@ -8,6 +8,12 @@ use shared::{
     topology::RetryDelays,
 };
 
+/// Where the HTTP server listens: every interface, port 9400.
+#[must_use]
+pub fn default_http_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 9400))
+}
+
 /// Deliveries the broker may send before they are acked.
 pub const DEFAULT_PREFETCH: u16 = 256;
 /// Jobs processed at once.
@@ -37,6 +43,10 @@ pub struct Settings {
     /// Settings shared with the producer.
     #[command(flatten)]
     pub common: CommonSettings,
+
+    /// Address of the HTTP server (`/metrics`, `/healthz`, `/readyz`); port 0 picks a free one.
+    #[arg(long, env = "CONSUMER_HTTP_ADDR", default_value_t = default_http_addr())]
+    pub http_addr: std::net::SocketAddr,
 
     /// Unacked deliveries the broker may send ahead (AMQP prefetch count).
     #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = DEFAULT_PREFETCH,
@@ -92,6 +102,7 @@ impl Settings {
     pub fn new(common: CommonSettings) -> Self {
         Self {
             common,
+            http_addr: default_http_addr(),
             prefetch: DEFAULT_PREFETCH,
             concurrency: DEFAULT_CONCURRENCY,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,

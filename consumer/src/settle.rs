@@ -5,13 +5,7 @@
 //! is gone, simply left unacked, which the broker treats the same way), so a job is never
 //! acked without its result or dead letter safely stored.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use deadpool_lapin::lapin::{
     BasicProperties, Channel,
@@ -25,6 +19,8 @@ use shared::{
     topology::Names,
 };
 use uuid::Uuid;
+
+use crate::metrics::Metrics;
 
 /// A result body ready to publish.
 #[derive(Debug)]
@@ -69,58 +65,48 @@ pub enum Outcome {
     },
 }
 
-/// How many deliveries this process settled, by outcome; logged at shutdown.
-#[derive(Debug, Default)]
-pub struct Totals {
-    /// Jobs whose `ok` result was confirmed and which were acked.
-    pub completed: AtomicU64,
-    /// Messages dead-lettered (with a `failed` result when the job id was known) and acked.
-    pub dead_lettered: AtomicU64,
-    /// Jobs re-published for another attempt and acked.
-    pub retried: AtomicU64,
-    /// Deliveries returned to the queue because a publish was not confirmed.
-    pub requeued: AtomicU64,
-    /// Repeats of jobs this process had already completed, answered with the stored result.
-    pub replayed: AtomicU64,
-    /// Connections lost and re-made.
-    pub reconnects: AtomicU64,
-}
-
-impl Totals {
-    fn count(&self, outcome: &Outcome) {
-        let counter = match outcome {
-            Outcome::Completed(result) if result.replayed => &self.replayed,
-            Outcome::Completed(_) => &self.completed,
-            Outcome::Retry { .. } => &self.retried,
-            Outcome::Dead { .. } => &self.dead_lettered,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// Publishes outcomes on a confirm channel and settles deliveries.
 #[derive(Debug, Clone)]
 pub struct Settler {
     channel: Channel,
     names: Names,
-    totals: Arc<Totals>,
+    metrics: Metrics,
 }
 
 impl Settler {
     /// A settler publishing on `channel`, which must have publisher confirms enabled, and
-    /// counting what it settles in `totals`.
+    /// counting what it settles in `metrics`.
     #[must_use]
-    pub fn new(channel: Channel, names: Names, totals: Arc<Totals>) -> Self {
+    pub fn new(channel: Channel, names: Names, metrics: Metrics) -> Self {
         Self {
             channel,
             names,
-            totals,
+            metrics,
+        }
+    }
+
+    /// Counts a settled outcome under the `kind` label.
+    fn count(&self, outcome: &Outcome, kind: &str) {
+        let m = &self.metrics;
+        match outcome {
+            Outcome::Completed(result) if result.replayed => {
+                m.replayed.with_label_values(&[kind]).inc()
+            }
+            Outcome::Completed(_) => m.processed.with_label_values(&[kind]).inc(),
+            Outcome::Retry { .. } => m.retried.with_label_values(&[kind]).inc(),
+            Outcome::Dead { result, .. } => {
+                m.dead_lettered.with_label_values(&[kind]).inc();
+                if result.is_some() {
+                    m.failed.with_label_values(&[kind]).inc();
+                }
+            }
         }
     }
 
     /// Publishes what `outcome` requires, then acks `delivery`; nacks it with requeue when a
-    /// publish was not confirmed. Returns whether the delivery was acked.
-    pub async fn settle(&self, delivery: Delivery, outcome: &Outcome) -> bool {
+    /// publish was not confirmed. Returns whether the delivery was acked. `kind` is the
+    /// metrics label: a kind this consumer serves, or [`crate::metrics::UNKNOWN_KIND`].
+    pub async fn settle(&self, delivery: Delivery, outcome: &Outcome, kind: &str) -> bool {
         let published = match outcome {
             Outcome::Completed(result) => self.publish_result(result).await,
             Outcome::Retry {
@@ -150,7 +136,7 @@ impl Settler {
         match published {
             Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
                 Ok(_) => {
-                    self.totals.count(outcome);
+                    self.count(outcome, kind);
                     true
                 }
                 Err(error) => {
@@ -160,7 +146,7 @@ impl Settler {
             },
             Err(error) => {
                 tracing::error!(%error, "publish not confirmed; returning the job to the queue");
-                self.totals.requeued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.requeued.inc();
                 let requeue = BasicNackOptions {
                     requeue: true,
                     ..Default::default()

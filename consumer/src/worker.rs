@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 use crate::{
     envelope::{self, Rejection},
+    metrics::{Metrics, UNKNOWN_KIND},
     recent::RecentResults,
     registry::Registry,
     settle::{Outcome, ResultMessage, Settler},
@@ -41,14 +42,21 @@ pub struct Worker {
     pub stage_timeout: Duration,
     /// Results of recently completed jobs, to answer repeats without running the chain.
     pub recent: Arc<RecentResults>,
+    /// Where stage timings and outcomes are counted.
+    pub metrics: Metrics,
 }
 
 impl Worker {
     /// Processes deliveries until the queue is closed and empty.
     pub async fn run(self: Arc<Self>, queue: async_channel::Receiver<Delivery>) {
         while let Ok(delivery) = queue.recv().await {
-            let outcome = self.process(&delivery).await;
-            let acked = self.settler.settle(delivery, &outcome).await;
+            self.metrics
+                .queue_depth
+                .set(i64::try_from(queue.len()).unwrap_or(i64::MAX));
+            self.metrics.in_flight.inc();
+            let (outcome, kind) = self.process(&delivery).await;
+            let acked = self.settler.settle(delivery, &outcome, kind).await;
+            self.metrics.in_flight.dec();
             if let (true, Outcome::Completed(result)) = (acked, &outcome) {
                 if !result.replayed {
                     self.recent.insert(result.job_id, Arc::clone(&result.body));
@@ -57,41 +65,41 @@ impl Worker {
         }
     }
 
-    /// Decides what a delivery produced. Never fails: every problem becomes an [`Outcome`].
-    pub async fn process(&self, delivery: &Delivery) -> Outcome {
+    /// Decides what a delivery produced, and the `kind` label to count it under. Never fails:
+    /// every problem becomes an [`Outcome`].
+    pub async fn process<'a>(&'a self, delivery: &Delivery) -> (Outcome, &'a str) {
         let attempt = envelope::attempt(&delivery.properties);
         let job = match envelope::open(delivery, self.max_body_bytes) {
             Ok(job) => job,
             Err(rejection) => {
                 tracing::warn!(reason = %rejection.reason, "rejected a message that is not a valid job");
-                return self.rejected(rejection, attempt);
+                return (self.rejected(rejection, attempt), UNKNOWN_KIND);
             }
         };
-        let Some(chain) = self.registry.get(&job.kind) else {
+        let Some((label, chain)) = self.registry.get_with_kind(&job.kind) else {
             let reason = format!(
                 "unknown kind {:?} (this consumer serves: {})",
                 job.kind,
                 self.registry.kinds().join(", ")
             );
             tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "rejected a job");
-            return self.rejected(
-                Rejection {
-                    reason,
-                    job_id: Some(job.id),
-                    kind: Some(job.kind),
-                },
-                attempt,
-            );
+            let rejection = Rejection {
+                reason,
+                job_id: Some(job.id),
+                kind: Some(job.kind),
+            };
+            return (self.rejected(rejection, attempt), UNKNOWN_KIND);
         };
 
         if let Some(body) = self.recent.get(&job.id) {
             tracing::info!(job_id = %job.id, kind = %job.kind, "repeat of a completed job; publishing its result again");
-            return Outcome::Completed(ResultMessage {
+            let replay = ResultMessage {
                 job_id: job.id,
                 kind: job.kind,
                 body,
                 replayed: true,
-            });
+            };
+            return (Outcome::Completed(replay), label);
         }
         let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
         let mut trace = Trace::new(self.stage_timeout);
@@ -101,8 +109,14 @@ impl Worker {
             .instrument(span.clone())
             .await;
         let stages = trace.into_timings();
+        for timing in &stages {
+            self.metrics
+                .stage_seconds
+                .with_label_values(&[label, &timing.name])
+                .observe(timing.micros as f64 / 1e6);
+        }
         let _entered = span.enter();
-        match ran {
+        let outcome = match ran {
             Ok(output) => {
                 tracing::debug!("job completed");
                 Outcome::Completed(result(job.id, job.kind, Ok(&output), attempt, stages))
@@ -130,7 +144,8 @@ impl Worker {
                     attempts: attempt,
                 }
             }
-        }
+        };
+        (outcome, label)
     }
 
     fn rejected(&self, rejection: Rejection, attempt: u32) -> Outcome {

@@ -40,6 +40,7 @@ impl ChildConsumer {
                 "CONSUMER_RETRY_MAX_DELAY",
                 TEST_RETRY_MAX.as_secs_f64().to_string(),
             )
+            .env("CONSUMER_HTTP_ADDR", "127.0.0.1:0")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -295,6 +295,7 @@ impl TestApp {
     /// doubling up to [`TEST_RETRY_MAX`]) and defaults otherwise.
     pub fn consumer_settings(&self) -> consumer::Settings {
         let mut settings = consumer::Settings::new(self.common.clone());
+        settings.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         settings.retry_base_delay = TEST_RETRY_BASE.as_secs_f64();
         settings.retry_max_delay = TEST_RETRY_MAX.as_secs_f64();
         settings
