@@ -48,14 +48,17 @@ results_at_least() { local n; n=$(queue_depth jobs.results); [ "${n:-0}" -ge "$1
 replica_ids() { compose ps -q consumer; }
 
 started=$SECONDS
+# Every replica's healthcheck (GET /readyz) says it is connected and consuming.
 consuming() {
   local id
-  for id in $(replica_ids); do docker logs "$id" 2>&1 | grep -q '"Consuming"' || return 1; done
+  for id in $(replica_ids); do
+    [ "$(docker inspect -f '{{.State.Health.Status}}' "$id")" = healthy ] || return 1
+  done
 }
 log "up: broker and $replicas consumers (project $project)"
 compose up -d --build --scale consumer=$replicas rabbitmq consumer >/dev/null 2>&1 || fail "docker-compose up"
 build_done=$SECONDS
-wait_for "every replica to consume" consuming
+wait_for "every replica to be healthy (/readyz)" consuming
 log "up: producer, a burst of $BURST jobs"
 compose up -d --no-deps producer >/dev/null 2>&1 || fail "docker-compose up producer"
 

@@ -17,6 +17,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// The kind every build ships with: word statistics and a digest of a text.
 pub const TEXT_ANALYZE: &str = "text.analyze";
 
+/// A built-in kind for concurrency demos and benchmarks: payload `{"ms": N}`, sleeps N ms.
+pub const BENCH_SLEEP: &str = "bench.sleep";
+
 /// Longest kind accepted: it is used as an AMQP routing key (a short string).
 pub const MAX_KIND_LEN: usize = 255;
 

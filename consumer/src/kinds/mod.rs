@@ -1,4 +1,5 @@
 //! The kinds this crate ships, each a chain of stages. Register your own with
 //! [`crate::registry::Registry::register`].
 
+pub mod bench_sleep;
 pub mod text_analyze;

@@ -82,3 +82,39 @@ async fn concurrency_16_overlaps_at_least_8_calls() {
     consumer.stop().await.unwrap();
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_sleep_is_built_in_and_bounded() {
+    // Arrange
+    let app = TestApp::new().await;
+    let consumer = app.spawn_consumer(app.consumer_settings(), Registry::builtin());
+
+    // Act
+    app.publish_many("bench.sleep", (0..20).map(|_| json!({ "ms": 50 })))
+        .await;
+    app.publish_many("bench.sleep", [json!({ "ms": 3_600_000 })])
+        .await;
+
+    // Assert: each slept (the stage took at least its 50 ms), the hour-long one was refused
+    let results = app.results(21).await;
+    let ok: Vec<_> = results
+        .iter()
+        .map(|r| r.json())
+        .filter(|r| r["status"] == "ok")
+        .collect();
+    assert_eq!(ok.len(), 20);
+    for r in &ok {
+        assert_eq!(r["output"]["slept_ms"], 50);
+        assert_eq!(r["stages"][1]["name"], "sleep");
+        assert!(r["stages"][1]["micros"].as_u64().unwrap() >= 50_000);
+    }
+    let dead = app.dead_letters(1).await;
+    assert!(
+        dead[0]
+            .header("x-error")
+            .unwrap()
+            .contains("ms must be at most 60000")
+    );
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
