@@ -6,7 +6,7 @@
 //! broker ──▶ intake ──▶ bounded queue ──▶ worker × concurrency ──▶ settle ──▶ ack
 //!  (prefetch)  intake.rs   (async-channel)    worker.rs              settle.rs
 //!                                               │ envelope.rs: size, UTF-8, JSON, schema, kind
-//!                                               │ recent.rs:   a repeat of a completed job?
+//!                                               │ shared::recent: a repeat of a completed job?
 //!                                               │ registry.rs: kind → chain
 //!                                               └ stage.rs:    decode → analyze → digest
 //! ```
@@ -21,7 +21,6 @@ pub mod intake;
 pub mod kinds;
 pub mod metrics;
 pub mod readiness;
-pub mod recent;
 pub mod registry;
 pub mod session;
 pub mod settings;
@@ -56,6 +55,9 @@ pub enum ConsumerError {
         source: std::io::Error,
     },
 }
+
+/// Completed jobs each consumer remembers, to answer repeats without running the chain again.
+pub const DEFAULT_RECENT_RESULTS: usize = 10_000;
 
 /// First delay before reconnecting after a lost connection.
 pub const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
@@ -110,7 +112,7 @@ pub async fn run_with(
     readiness.set_http_addr(bound);
     let _stop_http = http_stop.drop_guard();
     let shared = session::Shared {
-        recent: Arc::new(recent::RecentResults::new(settings.recent_results)),
+        recent: Arc::new(shared::recent::Recent::new(settings.recent_results)),
         settings,
         registry,
         metrics,

@@ -15,14 +15,16 @@ use deadpool_lapin::{
         types::FieldTable,
     },
 };
-use shared::amqp;
+use shared::{
+    amqp,
+    recent::{Body, Recent},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     Settings, intake,
     metrics::Metrics,
     readiness::{Readiness, State},
-    recent::RecentResults,
     registry::Registry,
     settle::Settler,
     worker::Worker,
@@ -36,7 +38,7 @@ pub struct Shared {
     /// Chains by kind.
     pub registry: Registry,
     /// Recently completed results.
-    pub recent: Arc<RecentResults>,
+    pub recent: Arc<Recent<Body>>,
     /// What was counted and timed, across sessions.
     pub metrics: Metrics,
     /// Every worker of every session, for the final drain.

@@ -81,7 +81,7 @@ pub struct Settings {
 
     /// Completed jobs remembered per process, so that a repeat of one is answered with the
     /// stored result instead of running the chain again; 0 disables it.
-    #[arg(long, env = "CONSUMER_RECENT_RESULTS", default_value_t = crate::recent::DEFAULT_CAPACITY)]
+    #[arg(long, env = "CONSUMER_RECENT_RESULTS", default_value_t = crate::DEFAULT_RECENT_RESULTS)]
     pub recent_results: usize,
 
     /// Timeout of a stage that declares none, in seconds.
@@ -109,7 +109,7 @@ impl Settings {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             retry_base_delay: DEFAULT_RETRY_BASE_DELAY_SECS,
             retry_max_delay: DEFAULT_RETRY_MAX_DELAY_SECS,
-            recent_results: crate::recent::DEFAULT_CAPACITY,
+            recent_results: crate::DEFAULT_RECENT_RESULTS,
             stage_timeout: DEFAULT_STAGE_TIMEOUT_SECS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
         }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use shared::{
     headers::ENVELOPE_STAGE,
+    recent::{Body, Recent},
     schema::{JobResult, SCHEMA_VERSION, StageTiming, Status},
     topology::RetryDelays,
 };
@@ -19,7 +20,6 @@ use uuid::Uuid;
 use crate::{
     envelope::{self, Rejection},
     metrics::{Metrics, UNKNOWN_KIND},
-    recent::RecentResults,
     registry::Registry,
     settle::{Outcome, ResultMessage, Settler},
     stage::{Payload, Trace},
@@ -41,7 +41,7 @@ pub struct Worker {
     /// Timeout of a stage that names none itself.
     pub stage_timeout: Duration,
     /// Results of recently completed jobs, to answer repeats without running the chain.
-    pub recent: Arc<RecentResults>,
+    pub recent: Arc<Recent<Body>>,
     /// Where stage timings and outcomes are counted.
     pub metrics: Metrics,
 }

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{ArgGroup, Parser};
 use shared::{
     config::{CommonSettings, parse_positive, parse_seconds},
-    schema::TEXT_ANALYZE,
+    schema::{BENCH_SLEEP, TEXT_ANALYZE},
 };
 
 /// Unconfirmed publishes allowed in flight.
@@ -39,10 +39,15 @@ pub enum Source {
     about = "Publishes jobs to RabbitMQ with publisher confirms."
 )]
 #[command(group(ArgGroup::new("source").required(true).args(["input", "count"])))]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 pub struct Settings {
     /// Settings shared with the consumer.
     #[command(flatten)]
     pub common: CommonSettings,
+
+    /// `serve`: run as an HTTP ingest server instead of sending a batch.
+    #[command(subcommand)]
+    pub command: Option<Command>,
 
     /// JSON-lines file of payloads, one job per line; `-` reads stdin.
     #[arg(long, short = 'i', env = "PRODUCER_INPUT")]
@@ -86,6 +91,60 @@ pub struct Settings {
     pub no_declare: bool,
 }
 
+/// Long-running modes of the producer.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Accept jobs over HTTP (`POST /jobs`, `POST /jobs/batch`, `GET /jobs/{id}`).
+    Serve(ServeSettings),
+}
+
+/// Settings of `producer serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeSettings {
+    /// Address to listen on.
+    #[arg(long, env = "PRODUCER_LISTEN", default_value_t = default_listen())]
+    pub listen: std::net::SocketAddr,
+
+    /// Kinds accepted; others get 422. Comma-separated.
+    #[arg(long, env = "PRODUCER_ACCEPT_KINDS", value_delimiter = ',',
+          default_values_t = [TEXT_ANALYZE.to_owned(), BENCH_SLEEP.to_owned()])]
+    pub accept_kinds: Vec<String>,
+
+    /// Largest request body, in bytes; larger ones get 413.
+    #[arg(long, env = "PRODUCER_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES,
+          value_parser = parse_positive)]
+    pub max_body_bytes: usize,
+
+    /// Results kept for `GET /jobs/{id}` (the oldest are forgotten first).
+    #[arg(long, env = "PRODUCER_RESULT_CACHE", default_value_t = DEFAULT_RESULT_CACHE,
+          value_parser = parse_positive)]
+    pub result_cache: usize,
+}
+
+/// Where `producer serve` listens: every interface, port 8080.
+#[must_use]
+pub fn default_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([0, 0, 0, 0], 8080))
+}
+
+/// Largest HTTP request body `producer serve` accepts (1 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Results `producer serve` keeps for `GET /jobs/{id}`.
+pub const DEFAULT_RESULT_CACHE: usize = 100_000;
+
+impl ServeSettings {
+    /// Defaults, listening on `listen`.
+    #[must_use]
+    pub fn new(listen: std::net::SocketAddr) -> Self {
+        Self {
+            listen,
+            accept_kinds: vec![TEXT_ANALYZE.to_owned(), BENCH_SLEEP.to_owned()],
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            result_cache: DEFAULT_RESULT_CACHE,
+        }
+    }
+}
+
 impl Settings {
     /// Settings sending `source`, with every other field at its default.
     #[must_use]
@@ -96,6 +155,7 @@ impl Settings {
         };
         Self {
             common,
+            command: None,
             input,
             count,
             size,
@@ -158,5 +218,8 @@ mod tests {
     fn a_source_is_required() {
         assert!(Settings::try_parse_from(["producer"]).is_err());
         assert!(Settings::try_parse_from(["producer", "--count", "3"]).is_ok());
+        let serve =
+            Settings::try_parse_from(["producer", "serve", "--listen", "127.0.0.1:1"]).unwrap();
+        assert!(matches!(serve.command, Some(Command::Serve(_))));
     }
 }

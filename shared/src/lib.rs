@@ -6,12 +6,14 @@
 //! - [`amqp`]: connection pooling and the publish properties every message carries.
 //! - [`config`]: the settings both binaries share (broker URL, namespace, queue type, logs).
 //! - [`telemetry`]: `tracing` subscriber setup, JSON or pretty.
+//! - [`recent`]: a bounded window of recent values by job id.
 //!
 //! Neither binary spells a name, header or field out again: they import it from here.
 
 pub mod amqp;
 pub mod config;
 pub mod headers;
+pub mod recent;
 pub mod schema;
 pub mod telemetry;
 pub mod topology;
