@@ -14,6 +14,7 @@
 pub mod input;
 pub mod publish;
 pub mod results;
+pub mod serve;
 pub mod settings;
 pub mod summary;
 
@@ -29,7 +30,7 @@ use shared::{amqp, schema::Job};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-pub use settings::{Settings, Source};
+pub use settings::{Command, ServeSettings, Settings, Source};
 pub use summary::Summary;
 
 use crate::{

@@ -1,0 +1,383 @@
+//! `producer serve`: jobs in over HTTP, out to RabbitMQ with a confirm each.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST /jobs` `{"kind", "payload", "id"?}` | 202 `{"id"}` once the broker confirmed the job |
+//! | `POST /jobs/batch` `[{...}, ...]` | 202 `{"ids": [...]}` once every job is confirmed |
+//! | `GET /jobs/{id}` | 200 with the result; 202 `{"status": "pending"}` if accepted here and not done; 404 otherwise |
+//!
+//! A body that is not such JSON gets 400, a kind not accepted 422, a body over the limit 413,
+//! all with `{"error": "..."}`. When the broker is unreachable, the connection is blocked by
+//! flow control, or a job is not confirmed, the answer is 503 with `Retry-After`: never a 202
+//! for a job the broker did not confirm. A client may send its own `id` (a UUID) so that a
+//! retried request does not create a second job: consumers answer a repeat of a completed id
+//! with its stored result.
+
+use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use deadpool_lapin::{Pool, lapin::Channel};
+use serde::Deserialize;
+use serde_json::{json, value::RawValue};
+use shared::{
+    amqp::{self, check_confirmation, job_properties, mandatory},
+    config::CommonSettings,
+    recent::{Body, Recent},
+    schema::{Job, MAX_KIND_LEN},
+    topology::Topology,
+};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{results, settings::ServeSettings};
+
+/// Seconds a client should wait before retrying after a 503.
+const RETRY_AFTER_SECS: &str = "1";
+/// Longest wait for a connection before answering 503.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why `producer serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The pool could not be built.
+    #[error(transparent)]
+    Connect(#[from] amqp::ConnectError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+struct Ingest {
+    pool: Pool,
+    broker: String,
+    topology: Topology,
+    accept: HashSet<String>,
+    link: Mutex<Option<(deadpool_lapin::Connection, Channel)>>,
+    results: Recent<Body>,
+    accepted: Recent<()>,
+}
+
+/// A job as posted.
+#[derive(Deserialize)]
+struct NewJob {
+    kind: String,
+    payload: Box<RawValue>,
+    #[serde(default)]
+    id: Option<Uuid>,
+}
+
+/// An HTTP error with a JSON body.
+struct Failure {
+    status: StatusCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        response
+    }
+}
+
+/// Binds the listen address and serves until `shutdown` fires. Returns the bound address and
+/// the server's task. The broker need not be up: requests get 503 until it is.
+///
+/// # Errors
+/// See [`ServeError`].
+pub async fn start(
+    common: &CommonSettings,
+    settings: &ServeSettings,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServeError> {
+    let name = format!(
+        "producer-serve ns={} pid={}",
+        common.namespace,
+        std::process::id()
+    );
+    let pool = amqp::pool(&common.amqp_url, &name).map_err(amqp::ConnectError::from)?;
+    let ingest = Arc::new(Ingest {
+        pool,
+        broker: amqp::redact(&common.amqp_url),
+        topology: common.topology(),
+        accept: settings.accept_kinds.iter().cloned().collect(),
+        link: Mutex::new(None),
+        results: Recent::new(settings.result_cache),
+        accepted: Recent::new(settings.result_cache),
+    });
+    tokio::spawn(collect_results(Arc::clone(&ingest), shutdown.clone()));
+
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: settings.listen,
+        source,
+    })?;
+    let app = Router::new()
+        .route("/jobs", post(post_job))
+        .route("/jobs/batch", post(post_batch))
+        .route("/jobs/{id}", get(get_job))
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .with_state(ingest);
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the HTTP server stopped");
+        }
+    });
+    tracing::info!(%bound, "accepting jobs over HTTP");
+    Ok((bound, task))
+}
+
+async fn post_job(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
+    let job: NewJob = parse(&body)?;
+    ingest.check_kind(&job.kind)?;
+    let id = ingest.publish(job).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
+}
+
+async fn post_batch(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
+    let jobs: Vec<NewJob> = parse(&body)?;
+    for (i, job) in jobs.iter().enumerate() {
+        ingest
+            .check_kind(&job.kind)
+            .map_err(|f| Failure::new(f.status, format!("job {i}: {}", f.message)))?;
+    }
+    let published =
+        futures::future::join_all(jobs.into_iter().map(|job| ingest.publish(job))).await;
+    let mut ids = Vec::with_capacity(published.len());
+    let mut failed = Vec::new();
+    for (i, outcome) in published.into_iter().enumerate() {
+        match outcome {
+            Ok(id) => ids.push(id),
+            Err(failure) => failed.push(json!({ "index": i, "error": failure.message })),
+        }
+    }
+    if failed.is_empty() {
+        return Ok((StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response());
+    }
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "error": "not every job was confirmed", "confirmed": ids, "failed": failed })),
+    )
+        .into_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    Ok(response)
+}
+
+async fn get_job(
+    State(ingest): State<Arc<Ingest>>,
+    Path(id): Path<String>,
+) -> Result<Response, Failure> {
+    let id: Uuid = id
+        .parse()
+        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, format!("not a job id: {e}")))?;
+    if let Some(result) = ingest.results.get(&id) {
+        let mut response = (StatusCode::OK, result.to_vec()).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return Ok(response);
+    }
+    if ingest.accepted.contains(&id) {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "id": id, "status": "pending" })),
+        )
+            .into_response());
+    }
+    Err(Failure::new(
+        StatusCode::NOT_FOUND,
+        format!("no job {id} known here"),
+    ))
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Failure> {
+    serde_json::from_slice(body)
+        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))
+}
+
+impl Ingest {
+    fn check_kind(&self, kind: &str) -> Result<(), Failure> {
+        if kind.is_empty() || kind.len() > MAX_KIND_LEN || !self.accept.contains(kind) {
+            let mut accepted: Vec<&str> = self.accept.iter().map(String::as_str).collect();
+            accepted.sort_unstable();
+            return Err(Failure::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "kind {kind:?} is not accepted here (accepted: {})",
+                    accepted.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Publishes one job and waits for its confirm.
+    async fn publish(&self, new: NewJob) -> Result<Uuid, Failure> {
+        let mut job = Job::new(new.kind, new.payload);
+        if let Some(id) = new.id {
+            job.id = id;
+        }
+        let body = serde_json::to_vec(&job).map_err(|e| {
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                format!("cannot encode the job: {e}"),
+            )
+        })?;
+        let channel = self.channel().await?;
+        let confirm = channel
+            .basic_publish(
+                self.topology.names.jobs_exchange.as_str().into(),
+                job.kind.as_str().into(),
+                mandatory(),
+                &body,
+                job_properties(job.id),
+            )
+            .await;
+        let outcome = match confirm {
+            Ok(confirm) => confirm
+                .await
+                .map_err(Into::into)
+                .and_then(check_confirmation),
+            Err(error) => Err(error.into()),
+        };
+        match outcome {
+            Ok(()) => {
+                self.accepted.insert(job.id, ());
+                Ok(job.id)
+            }
+            Err(error) => {
+                self.forget_link_if_dead().await;
+                Err(Failure::unavailable(format!(
+                    "job not confirmed by the broker: {error}"
+                )))
+            }
+        }
+    }
+
+    /// The confirm channel, connecting (and declaring the topology) if needed.
+    async fn channel(&self) -> Result<Channel, Failure> {
+        let mut link = self.link.lock().await;
+        if let Some((connection, channel)) = link.as_ref() {
+            if connection.status().connected() && channel.status().connected() {
+                if connection.status().blocked() {
+                    return Err(Failure::unavailable(
+                        "the broker is blocking publishers (flow control)",
+                    ));
+                }
+                return Ok(channel.clone());
+            }
+        }
+        *link = None;
+        let connect = async {
+            let connection = self.pool.get().await.map_err(|e| e.to_string())?;
+            let setup = connection
+                .create_channel()
+                .await
+                .map_err(|e| e.to_string())?;
+            self.topology
+                .declare(&setup)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = setup.close(200, "topology declared".into()).await;
+            let channel = amqp::confirm_channel(&connection)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((connection, channel))
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(Ok((connection, channel))) => {
+                *link = Some((connection, channel.clone()));
+                Ok(channel)
+            }
+            Ok(Err(error)) => Err(Failure::unavailable(format!(
+                "broker {} unavailable: {error}",
+                self.broker
+            ))),
+            Err(_) => Err(Failure::unavailable(format!(
+                "broker {} did not answer in time",
+                self.broker
+            ))),
+        }
+    }
+
+    async fn forget_link_if_dead(&self) {
+        let mut link = self.link.lock().await;
+        if let Some((connection, channel)) = link.as_ref() {
+            if !connection.status().connected() || !channel.status().connected() {
+                *link = None;
+            }
+        }
+    }
+}
+
+/// Fills the result cache from a private results queue, starting (and restarting) it when
+/// the broker is reachable.
+async fn collect_results(ingest: Arc<Ingest>, shutdown: CancellationToken) {
+    let mut backoff = amqp::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let expires = Duration::from_secs(300);
+    let mut listener = loop {
+        match results::Listener::start(ingest.pool.clone(), &ingest.topology.names, expires).await {
+            Ok(listener) => break listener,
+            Err(error) => {
+                tracing::warn!(%error, "results listener not started; retrying");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            arrived = listener.results.recv() => match arrived {
+                Some(result) => ingest.results.insert(result.job_id, result.body.into()),
+                None => break,
+            },
+        }
+    }
+    listener.close(None).await;
+}

@@ -1,0 +1,217 @@
+//! `producer serve`: jobs in over HTTP with a real client, against a real broker; bad bodies,
+//! unknown kinds and oversized bodies get their own status; no broker means 503, never 202.
+
+use std::{net::SocketAddr, time::Duration};
+
+use consumer::Registry;
+use producer::ServeSettings;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, within};
+
+struct Reply {
+    status: u16,
+    retry_after: Option<String>,
+    body: Value,
+}
+
+fn call(method: &str, url: &str, body: Option<Vec<u8>>) -> Reply {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let response = match body {
+        Some(body) if method == "POST" => agent
+            .post(url)
+            .header("content-type", "application/json")
+            .send(&body[..]),
+        _ => agent.get(url).call(),
+    };
+    let mut response = response.unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let text = response.body_mut().read_to_string().unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Reply {
+        status,
+        retry_after,
+        body,
+    }
+}
+
+async fn http(method: &'static str, url: String, body: Option<Vec<u8>>) -> Reply {
+    tokio::task::spawn_blocking(move || call(method, &url, body))
+        .await
+        .unwrap()
+}
+
+async fn post(base: &str, path: &str, body: Value) -> Reply {
+    http(
+        "POST",
+        format!("{base}{path}"),
+        Some(body.to_string().into_bytes()),
+    )
+    .await
+}
+
+/// Polls `GET /jobs/{id}` until the result is there.
+async fn result_of(base: &str, id: &str) -> Value {
+    within(&format!("the result of {id}"), async {
+        loop {
+            let reply = http("GET", format!("{base}/jobs/{id}"), None).await;
+            match reply.status {
+                200 => return reply.body,
+                202 => tokio::time::sleep(Duration::from_millis(20)).await,
+                other => panic!("GET /jobs/{id}: {other} {}", reply.body),
+            }
+        }
+    })
+    .await
+}
+
+async fn serve(app: &TestApp, amqp_url: Option<&str>, shutdown: &CancellationToken) -> String {
+    let mut common = app.common.clone();
+    if let Some(url) = amqp_url {
+        common.amqp_url = url.to_owned();
+    }
+    let mut settings = ServeSettings::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    settings.max_body_bytes = 4096;
+    let (addr, _task) = producer::serve::start(&common, &settings, shutdown.clone())
+        .await
+        .unwrap();
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_posted_over_http_are_confirmed_processed_and_readable() {
+    // Arrange
+    let app = TestApp::new().await;
+    let consumer = app.spawn_consumer(app.consumer_settings(), Registry::builtin());
+    let shutdown = CancellationToken::new();
+    let base = serve(&app, None, &shutdown).await;
+
+    // Act + Assert: one job
+    let reply = post(
+        &base,
+        "/jobs",
+        json!({"kind": "text.analyze", "payload": {"text": "hello http world"}}),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.body["id"].as_str().unwrap().to_owned();
+    let result = result_of(&base, &id).await;
+    assert_eq!(result["status"], "ok");
+    assert_eq!(result["output"]["words"], 3);
+
+    // a batch, one with the client's own id
+    let own = Uuid::new_v4();
+    let mut batch: Vec<Value> = (0..9)
+        .map(|i| json!({"kind": "text.analyze", "payload": {"text": format!("batch job {i}")}}))
+        .collect();
+    batch.push(json!({"kind": "bench.sleep", "payload": {"ms": 1}, "id": own}));
+    let reply = post(&base, "/jobs/batch", Value::Array(batch)).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let ids: Vec<String> = reply.body["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 10);
+    assert_eq!(ids[9], own.to_string());
+    for id in &ids {
+        assert_eq!(result_of(&base, id).await["status"], "ok");
+    }
+
+    // bad requests
+    let cases = [
+        (post(&base, "/jobs", json!("not an object")).await, 400),
+        (
+            http("POST", format!("{base}/jobs"), Some(b"{nope".to_vec())).await,
+            400,
+        ),
+        (
+            post(&base, "/jobs", json!({"kind": "text.analyze"})).await,
+            400,
+        ),
+        (
+            post(&base, "/jobs", json!({"kind": "no.such", "payload": {}})).await,
+            422,
+        ),
+        (
+            post(
+                &base,
+                "/jobs/batch",
+                json!([{"kind": "text.analyze", "payload": {}}, {"kind": "x", "payload": {}}]),
+            )
+            .await,
+            422,
+        ),
+        (
+            post(
+                &base,
+                "/jobs",
+                json!({"kind": "text.analyze", "payload": {"text": "x".repeat(5000)}}),
+            )
+            .await,
+            413,
+        ),
+        (
+            http("GET", format!("{base}/jobs/not-a-uuid"), None).await,
+            400,
+        ),
+        (
+            http("GET", format!("{base}/jobs/{}", Uuid::new_v4()), None).await,
+            404,
+        ),
+    ];
+    for (i, (reply, expected)) in cases.into_iter().enumerate() {
+        assert_eq!(reply.status, expected, "case {i}: {}", reply.body);
+        if expected != 413 {
+            assert!(
+                reply.body["error"].as_str().is_some_and(|e| !e.is_empty()),
+                "case {i}: {}",
+                reply.body
+            );
+        }
+    }
+
+    shutdown.cancel();
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_the_answer_is_503_with_retry_after() {
+    // Arrange: a server whose broker does not exist
+    let app = TestApp::new().await;
+    let shutdown = CancellationToken::new();
+    let base = serve(&app, Some("amqp://guest:guest@127.0.0.1:1/%2f"), &shutdown).await;
+
+    // Act
+    let reply = post(
+        &base,
+        "/jobs",
+        json!({"kind": "text.analyze", "payload": {"text": "x"}}),
+    )
+    .await;
+
+    // Assert
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.retry_after.as_deref(), Some("1"));
+    assert!(
+        reply.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("unavailable"),
+        "{}",
+        reply.body
+    );
+    shutdown.cancel();
+    app.teardown().await;
+}
