@@ -8,7 +8,7 @@ use std::{collections::HashMap, fmt, sync::Arc};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde_json::value::RawValue;
-use shared::schema::{BENCH_SLEEP, TEXT_ANALYZE};
+use shared::schema::{BENCH_SLEEP, HTTP_FETCH, TEXT_ANALYZE};
 
 use crate::stage::{Chain, ChainFailure, Payload, StageError, Trace};
 
@@ -66,11 +66,12 @@ impl Registry {
         Self::default()
     }
 
-    /// The kinds this crate ships: `text.analyze` and `bench.sleep`.
+    /// The kinds this crate ships: `text.analyze`, `http.fetch` and `bench.sleep`.
     #[must_use]
     pub fn builtin() -> Self {
         Self::new()
             .register(TEXT_ANALYZE, crate::kinds::text_analyze::chain())
+            .register(HTTP_FETCH, crate::kinds::http_fetch::chain())
             .register(BENCH_SLEEP, crate::kinds::bench_sleep::chain())
     }
 

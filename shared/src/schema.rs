@@ -17,6 +17,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// The kind every build ships with: word statistics and a digest of a text.
 pub const TEXT_ANALYZE: &str = "text.analyze";
 
+/// A built-in, I/O-bound kind: payload `{"url": ...}`; fetches it, then analyzes the body
+/// like [`TEXT_ANALYZE`].
+pub const HTTP_FETCH: &str = "http.fetch";
+
 /// A built-in kind for concurrency demos and benchmarks: payload `{"ms": N}`, sleeps N ms.
 pub const BENCH_SLEEP: &str = "bench.sleep";
 

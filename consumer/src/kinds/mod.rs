@@ -2,4 +2,5 @@
 //! [`crate::registry::Registry::register`].
 
 pub mod bench_sleep;
+pub mod http_fetch;
 pub mod text_analyze;
