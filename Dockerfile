@@ -15,6 +15,7 @@ RUN for crate in shared producer consumer tests; do \
       mkdir -p $crate/src && echo '//! stub' > $crate/src/lib.rs; \
     done \
  && echo 'fn main() {}' > producer/src/main.rs && echo 'fn main() {}' > consumer/src/main.rs \
+ && mkdir -p consumer/examples && echo 'fn main() {}' > consumer/examples/custom_kind.rs \
  && cargo build --release --locked -p producer -p consumer \
  && rm -rf shared producer consumer tests
 COPY . .

@@ -5,6 +5,7 @@
 #        local/debian:bookworm       a minimal Debian base, by debootstrap + docker import
 #        local/rabbitmq:3-management Debian's rabbitmq-server, management + prometheus plugins
 #        local/rust:host             the host's Rust toolchain on that base
+#        local/prometheus:2          Debian's prometheus, for compose's monitoring profile
 # Idempotent: an image that exists is kept (FORCE=1 rebuilds). Needs root.
 # Prints the variables that point compose, the Dockerfile and the tests at these images;
 # use it as:  eval "$(scripts/local-images.sh)"
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 BASE_IMAGE=local/debian:bookworm
 RABBITMQ_IMAGE=local/rabbitmq:3-management
 RUST_IMAGE=local/rust:host
+PROMETHEUS_IMAGE=local/prometheus:2
 log() { echo "local-images: $*" >&2; }
 apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null \
@@ -55,6 +57,13 @@ if ! have_image "$RABBITMQ_IMAGE"; then
     -t "$RABBITMQ_IMAGE" docker/rabbitmq >/dev/null
 fi
 
+# 2b'. Prometheus, for the monitoring profile.
+if ! have_image "$PROMETHEUS_IMAGE"; then
+  log "building $PROMETHEUS_IMAGE"
+  docker build --quiet --network host --build-arg BASE_IMAGE="$BASE_IMAGE" \
+    -t "$PROMETHEUS_IMAGE" docker/prometheus >/dev/null
+fi
+
 # 2c. Rust builder from the host toolchain (docs left out).
 if ! have_image "$RUST_IMAGE"; then
   sysroot=$(rustc --print sysroot)
@@ -71,11 +80,12 @@ if ! have_image "$RUST_IMAGE"; then
   rm -rf "$stage"
 fi
 
-log "ready: $BASE_IMAGE $RABBITMQ_IMAGE $RUST_IMAGE"
+log "ready: $BASE_IMAGE $RABBITMQ_IMAGE $PROMETHEUS_IMAGE $RUST_IMAGE"
 cat <<VARS
 export RABBITMQ_IMAGE=$RABBITMQ_IMAGE
 export TEST_RABBITMQ_IMAGE=$RABBITMQ_IMAGE
 export RUST_IMAGE=$RUST_IMAGE
+export PROMETHEUS_IMAGE=$PROMETHEUS_IMAGE
 export RUNTIME_IMAGE=$BASE_IMAGE
 export BUILD_NETWORK=host
 VARS
