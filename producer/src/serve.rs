@@ -68,6 +68,9 @@ struct Ingest {
     link: Mutex<Option<(deadpool_lapin::Connection, Channel)>>,
     results: Recent<Body>,
     accepted: Recent<()>,
+    /// True once the private results queue is bound: no job is accepted before, or its
+    /// result could be published before anyone here listens for it.
+    listening: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A job as posted.
@@ -127,6 +130,7 @@ pub async fn start(
         std::process::id()
     );
     let pool = amqp::pool(&common.amqp_url, &name).map_err(amqp::ConnectError::from)?;
+    let (listening_tx, listening) = tokio::sync::watch::channel(false);
     let ingest = Arc::new(Ingest {
         pool,
         broker: amqp::redact(&common.amqp_url),
@@ -135,8 +139,13 @@ pub async fn start(
         link: Mutex::new(None),
         results: Recent::new(settings.result_cache),
         accepted: Recent::new(settings.result_cache),
+        listening,
     });
-    tokio::spawn(collect_results(Arc::clone(&ingest), shutdown.clone()));
+    tokio::spawn(collect_results(
+        Arc::clone(&ingest),
+        listening_tx,
+        shutdown.clone(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -267,6 +276,16 @@ impl Ingest {
             )
         })?;
         let channel = self.channel().await?;
+        let mut listening = self.listening.clone();
+        let ready = async { listening.wait_for(|up| *up).await.is_ok() };
+        if !tokio::time::timeout(CONNECT_TIMEOUT, ready)
+            .await
+            .unwrap_or(false)
+        {
+            return Err(Failure::unavailable(
+                "the broker is reachable, but the results listener is not ready yet",
+            ));
+        }
         let confirm = channel
             .basic_publish(
                 self.topology.names.jobs_exchange.as_str().into(),
@@ -355,12 +374,19 @@ impl Ingest {
 
 /// Fills the result cache from a private results queue, starting (and restarting) it when
 /// the broker is reachable.
-async fn collect_results(ingest: Arc<Ingest>, shutdown: CancellationToken) {
+async fn collect_results(
+    ingest: Arc<Ingest>,
+    listening: tokio::sync::watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = amqp::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let expires = Duration::from_secs(300);
     let mut listener = loop {
         match results::Listener::start(ingest.pool.clone(), &ingest.topology.names, expires).await {
-            Ok(listener) => break listener,
+            Ok(listener) => {
+                listening.send_replace(true);
+                break listener;
+            }
             Err(error) => {
                 tracing::warn!(%error, "results listener not started; retrying");
                 tokio::select! {

@@ -1,12 +1,9 @@
-//! The real consumer with extra, test-only kinds, for tests that must run the consumer as a
-//! child process (to SIGKILL it, or to let a stage abort it):
+//! The real consumer (built-in kinds, `bench.sleep` included) with a test-only kind, for tests
+//! that must run the consumer as a child process (to SIGKILL it, or to let a stage abort it):
 //!
-//! - `test.abort`: aborts the whole process when the payload is `{"abort": true}`;
-//! - `test.sleep`: sleeps `{"ms": N}` milliseconds, then succeeds.
+//! - `test.abort`: aborts the whole process when the payload is `{"abort": true}`.
 //!
 //! Settings are the consumer's own (flags and environment variables).
-
-use std::time::Duration;
 
 use clap::Parser;
 use consumer::{
@@ -41,34 +38,12 @@ impl Stage for AbortOnMarker {
     }
 }
 
-#[derive(Deserialize)]
-struct SleepPayload {
-    ms: u64,
-}
-
-struct Sleep;
-
-impl Stage for Sleep {
-    type Input = SleepPayload;
-    type Output = u64;
-
-    fn name(&self) -> &'static str {
-        "sleep"
-    }
-
-    async fn run(&self, input: SleepPayload) -> Result<u64, StageError> {
-        tokio::time::sleep(Duration::from_millis(input.ms)).await;
-        Ok(input.ms)
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let settings = Settings::parse();
     shared::telemetry::init(settings.common.log_format);
-    let registry = Registry::builtin()
-        .register("test.abort", decode::<AbortPayload>().then(AbortOnMarker))
-        .register("test.sleep", decode::<SleepPayload>().then(Sleep));
+    let registry =
+        Registry::builtin().register("test.abort", decode::<AbortPayload>().then(AbortOnMarker));
     let shutdown = CancellationToken::new();
     tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
     match consumer::run(settings, registry, shutdown).await {

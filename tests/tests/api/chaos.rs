@@ -15,7 +15,7 @@ async fn no_job_is_lost_through_kills_disconnects_and_shutdowns() {
     let app = TestApp::new().await;
     let n = 20_000;
     let ids = app
-        .publish_many("test.sleep", (0..n).map(|_| json!({ "ms": 10 })))
+        .publish_many("bench.sleep", (0..n).map(|_| json!({ "ms": 10 })))
         .await;
     let mut collector = Collector::start(&app).await;
     let args = ["--concurrency", "4", "--prefetch", "8"];

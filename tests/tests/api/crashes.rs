@@ -86,7 +86,7 @@ async fn a_consumer_killed_mid_batch_loses_nothing() {
     let app = TestApp::new().await;
     let n = 3000;
     let ids = app
-        .publish_many("test.sleep", (0..n).map(|_| json!({ "ms": 2 })))
+        .publish_many("bench.sleep", (0..n).map(|_| json!({ "ms": 2 })))
         .await;
     let mut collector = Collector::start(&app).await;
     let prefetch = 50;

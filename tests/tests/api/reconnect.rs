@@ -1,31 +1,12 @@
 //! Broker connections closed under the consumer's feet: it reports that it is reconnecting,
 //! reconnects with backoff, declares the topology again and finishes every job.
 
-use std::{collections::HashSet, time::Duration};
+use std::collections::HashSet;
 
-use consumer::{
-    Readiness, Registry, State,
-    stage::{Payload, Stage, StageError},
-};
+use consumer::{Readiness, Registry, State};
 use serde_json::json;
 
 use crate::helpers::{TestApp, close_connections, within};
-
-struct Steady;
-
-impl Stage for Steady {
-    type Input = Payload;
-    type Output = ();
-
-    fn name(&self) -> &'static str {
-        "steady"
-    }
-
-    async fn run(&self, _input: Payload) -> Result<(), StageError> {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consumer_reconnects_when_the_broker_closes_its_connection() {
@@ -33,8 +14,8 @@ async fn the_consumer_reconnects_when_the_broker_closes_its_connection() {
     let app = TestApp::new().await;
     let n = 600;
     let mut ids = HashSet::new();
-    for i in 0..n {
-        ids.insert(app.publish_job("test.steady", json!({ "i": i })).await);
+    for _ in 0..n {
+        ids.insert(app.publish_job("bench.sleep", json!({ "ms": 5 })).await);
     }
     let readiness = Readiness::default();
     let mut states = readiness.subscribe();
@@ -48,11 +29,7 @@ async fn the_consumer_reconnects_when_the_broker_closes_its_connection() {
     });
     let mut settings = app.consumer_settings();
     settings.concurrency = 8;
-    let consumer = app.spawn_consumer_with(
-        settings,
-        Registry::new().register("test.steady", Steady),
-        readiness.clone(),
-    );
+    let consumer = app.spawn_consumer_with(settings, Registry::builtin(), readiness.clone());
     let needle = format!("ns={} ", app.common.namespace);
 
     // Act: close the consumer's connection twice while it works

@@ -1,31 +1,12 @@
 //! Shutdown mid-batch loses nothing: every job has a result or is back in the queue, and a
 //! second consumer finishes the rest.
 
-use std::{collections::HashSet, time::Duration};
+use std::collections::HashSet;
 
-use consumer::{
-    Registry,
-    stage::{Payload, Stage, StageError},
-};
+use consumer::Registry;
 use serde_json::json;
 
 use crate::helpers::{TestApp, within};
-
-struct Slow;
-
-impl Stage for Slow {
-    type Input = Payload;
-    type Output = ();
-
-    fn name(&self) -> &'static str {
-        "slow"
-    }
-
-    async fn run(&self, _input: Payload) -> Result<(), StageError> {
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_mid_batch_loses_nothing() {
@@ -33,16 +14,13 @@ async fn shutdown_mid_batch_loses_nothing() {
     let app = TestApp::new().await;
     let n = 400;
     let mut ids = HashSet::new();
-    for i in 0..n {
-        ids.insert(app.publish_job("test.slow", json!({ "i": i })).await);
+    for _ in 0..n {
+        ids.insert(app.publish_job("bench.sleep", json!({ "ms": 30 })).await);
     }
     let mut settings = app.consumer_settings();
     settings.concurrency = 8;
     settings.prefetch = 100;
-    let first = app.spawn_consumer(
-        settings.clone(),
-        Registry::new().register("test.slow", Slow),
-    );
+    let first = app.spawn_consumer(settings.clone(), Registry::builtin());
 
     // Act: stop it once it has done some of the work
     let mut done = app.results(20).await;
@@ -73,7 +51,7 @@ async fn shutdown_mid_batch_loses_nothing() {
     .await;
 
     // Act: a second consumer finishes the rest
-    let second = app.spawn_consumer(settings, Registry::new().register("test.slow", Slow));
+    let second = app.spawn_consumer(settings, Registry::builtin());
     let rest = app.results(n - finished.len()).await;
     second.stop().await.unwrap();
 
