@@ -140,8 +140,11 @@ pub async fn run_with(
             Err(fatal) => break Err(fatal.into()),
         }
     };
+    // The last session drained its own workers; any left belong to lost sessions and have
+    // been told to stop.
     shared.workers.close();
-    let _ = tokio::time::timeout(shared.settings.shutdown_timeout(), shared.workers.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), shared.workers.wait()).await;
+
     shared.readiness.set(State::Stopped);
     let m = &shared.metrics;
     tracing::info!(

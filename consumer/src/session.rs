@@ -2,8 +2,8 @@
 //! fresh set of workers, until shutdown or until the connection is lost.
 //!
 //! [`crate::run`] starts a new session after a loss, with capped backoff. Workers of a lost
-//! session finish in the background; their acks fail harmlessly and the broker redelivers
-//! their jobs to the new session.
+//! session stop at once: their deliveries can no longer be acked, and the broker redelivers
+//! them to the new session.
 
 use std::sync::Arc;
 
@@ -29,6 +29,9 @@ use crate::{
     settle::Settler,
     worker::Worker,
 };
+
+/// Longest wait for the broker's reply to a cancel or close during shutdown.
+const BROKER_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What outlives a session: settings, chains, the recent-results window, counters.
 #[derive(Debug)]
@@ -121,25 +124,27 @@ pub async fn run(
         metrics: shared.metrics.clone(),
     });
     let (queue_tx, queue_rx) = async_channel::bounded(settings.concurrency);
+    let lost = CancellationToken::new();
     for _ in 0..settings.concurrency {
         shared
             .workers
-            .spawn(Arc::clone(&worker).run(queue_rx.clone()));
+            .spawn(Arc::clone(&worker).run(queue_rx.clone(), lost.clone()));
     }
     drop(queue_rx);
     shared.readiness.set(State::Consuming);
 
     if let Err(error) = intake::run(consumer, queue_tx, shutdown.clone()).await {
+        lost.cancel();
         return Err(SessionError::Lost(error.to_string()));
     }
 
     shared.readiness.set(State::Draining);
     tracing::info!("shutdown requested: no new deliveries; draining in-flight jobs");
-    if let Err(error) = consume
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await
-    {
-        tracing::warn!(%error, "could not cancel the consumer");
+    let cancel = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+    match tokio::time::timeout(BROKER_REPLY_TIMEOUT, cancel).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "could not cancel the consumer"),
+        Err(_) => tracing::warn!("the broker did not confirm the consumer's cancellation"),
     }
     shared.workers.close();
     if tokio::time::timeout(settings.shutdown_timeout(), shared.workers.wait())
@@ -151,8 +156,11 @@ pub async fn run(
             "in-flight jobs did not finish in time; leaving them unacked for redelivery"
         );
     }
-    if let Err(error) = connection.close(200, "consumer shutting down".into()).await {
-        tracing::warn!(%error, "closing the connection failed");
+    let close = connection.close(200, "consumer shutting down".into());
+    match tokio::time::timeout(BROKER_REPLY_TIMEOUT, close).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "closing the connection failed"),
+        Err(_) => tracing::warn!("the broker did not confirm the connection's close"),
     }
     Ok(())
 }

@@ -22,6 +22,10 @@ use uuid::Uuid;
 
 use crate::metrics::Metrics;
 
+/// Longest wait for the broker's confirm of one publish; past it, the delivery is returned to
+/// the queue rather than held forever.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A result body ready to publish.
 #[derive(Debug)]
 pub struct ResultMessage {
@@ -230,7 +234,10 @@ impl Settler {
             .channel
             .basic_publish(exchange.into(), routing_key, mandatory(), body, properties)
             .await?;
-        check_confirmation(confirm.await?)
+        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+            Ok(confirmation) => check_confirmation(confirmation?),
+            Err(_) => Err(PublishError::TimedOut(CONFIRM_TIMEOUT)),
+        }
     }
 }
 

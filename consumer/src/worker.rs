@@ -14,6 +14,7 @@ use shared::{
     topology::RetryDelays,
 };
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -47,16 +48,43 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Processes deliveries until the queue is closed and empty.
-    pub async fn run(self: Arc<Self>, queue: async_channel::Receiver<Delivery>) {
-        while let Ok(delivery) = queue.recv().await {
+    /// Processes deliveries until the queue is closed and empty, or until `lost` fires (the
+    /// session's connection is gone).
+    pub async fn run(
+        self: Arc<Self>,
+        queue: async_channel::Receiver<Delivery>,
+        lost: CancellationToken,
+    ) {
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                () = lost.cancelled() => return,
+                next = queue.recv() => match next {
+                    Ok(delivery) => delivery,
+                    Err(_) => return,
+                },
+            };
             self.metrics
                 .queue_depth
                 .set(i64::try_from(queue.len()).unwrap_or(i64::MAX));
             self.metrics.in_flight.inc();
-            let (outcome, kind) = self.process(&delivery).await;
-            let acked = self.settler.settle(delivery, &outcome, kind).await;
+            let work = async {
+                let (outcome, kind) = self.process(&delivery).await;
+                let acked = self.settler.settle(delivery, &outcome, kind).await;
+                (acked, outcome)
+            };
+            // When the session's connection is lost, its deliveries can no longer be acked:
+            // the broker redelivers them to the next session, so this worker stops at once
+            // instead of finishing work nobody can settle.
+            let finished = tokio::select! {
+                biased;
+                () = lost.cancelled() => None,
+                finished = work => Some(finished),
+            };
             self.metrics.in_flight.dec();
+            let Some((acked, outcome)) = finished else {
+                return;
+            };
             if let (true, Outcome::Completed(result)) = (acked, &outcome) {
                 if !result.replayed {
                     self.recent.insert(result.job_id, Arc::clone(&result.body));

@@ -29,6 +29,9 @@ pub enum PublishError {
     /// The channel or connection failed before the confirm arrived.
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
+    /// The broker's confirm did not come in time.
+    #[error("no confirm from the broker within {0:?}")]
+    TimedOut(std::time::Duration),
     /// Confirms were not enabled on the channel, so nothing was confirmed.
     #[error("publisher confirms are not enabled on this channel")]
     NotConfirmed,
