@@ -46,6 +46,9 @@ pub enum ConsumerError {
     /// The broker refused the consumer's setup on a live connection.
     #[error(transparent)]
     Session(#[from] session::SessionError),
+    /// `--kinds` names kinds this consumer has no chain for.
+    #[error("--kinds names kinds this consumer does not have: {}", .0.join(", "))]
+    UnknownKinds(Vec<String>),
     /// The HTTP address could not be bound.
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
@@ -93,11 +96,14 @@ pub async fn run_with(
     shutdown: CancellationToken,
     readiness: Readiness,
 ) -> Result<(), ConsumerError> {
+    let registry = registry
+        .only(&settings.kinds)
+        .map_err(ConsumerError::UnknownKinds)?;
     let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))
         .map_err(amqp::ConnectError::from)?;
     tracing::info!(
         broker = %amqp::redact(&settings.common.amqp_url),
-        queue = %settings.common.topology().names.work_queue,
+        queue = %settings.topology().names.work_queue,
         kinds = ?registry.kinds(),
         concurrency = settings.concurrency,
         prefetch = settings.prefetch,

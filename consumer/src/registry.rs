@@ -92,6 +92,30 @@ impl Registry {
         self.chains.get(kind).map(|c| &**c)
     }
 
+    /// Only the chains of `kinds`; an empty list keeps them all.
+    ///
+    /// # Errors
+    /// The kinds asked for that are not registered.
+    pub fn only(self, kinds: &[String]) -> Result<Self, Vec<String>> {
+        if kinds.is_empty() {
+            return Ok(self);
+        }
+        let missing: Vec<String> = kinds
+            .iter()
+            .filter(|kind| !self.chains.contains_key(kind.as_str()))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(missing);
+        }
+        let chains = self
+            .chains
+            .into_iter()
+            .filter(|(kind, _)| kinds.contains(kind))
+            .collect();
+        Ok(Self { chains })
+    }
+
     /// The chain for `kind` with the registry's own copy of the kind (for labels that must
     /// not borrow from a message).
     #[must_use]

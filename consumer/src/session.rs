@@ -84,7 +84,7 @@ pub async fn run(
         }
     };
 
-    let topology = settings.common.topology();
+    let topology = settings.topology();
     let setup = connection.create_channel().await.map_err(classify)?;
     topology.declare(&setup).await.map_err(classify)?;
     topology

@@ -48,6 +48,11 @@ pub struct Settings {
     #[arg(long, env = "CONSUMER_HTTP_ADDR", default_value_t = default_http_addr())]
     pub http_addr: std::net::SocketAddr,
 
+    /// Serve only these kinds, from their own work queue `jobs.work.<kinds>` (comma-separated);
+    /// empty serves every registered kind from the default `jobs.work`.
+    #[arg(long, env = "CONSUMER_KINDS", value_delimiter = ',', value_parser = parse_group_kind)]
+    pub kinds: Vec<String>,
+
     /// Unacked deliveries the broker may send ahead (AMQP prefetch count).
     #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = DEFAULT_PREFETCH,
           value_parser = clap::value_parser!(u16).range(1..))]
@@ -103,6 +108,7 @@ impl Settings {
         Self {
             common,
             http_addr: default_http_addr(),
+            kinds: Vec::new(),
             prefetch: DEFAULT_PREFETCH,
             concurrency: DEFAULT_CONCURRENCY,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
@@ -113,6 +119,13 @@ impl Settings {
             stage_timeout: DEFAULT_STAGE_TIMEOUT_SECS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
         }
+    }
+
+    /// The topology this consumer declares and consumes from: the default work queue, or its
+    /// kind group's.
+    #[must_use]
+    pub fn topology(&self) -> shared::topology::Topology {
+        self.common.topology().with_kinds(&self.kinds)
     }
 
     /// The retry queue delays these settings ask for.
@@ -135,6 +148,20 @@ impl Settings {
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_timeout)
     }
+}
+
+/// A kind usable as a binding key: 1 to 255 bytes, without the topic wildcards `*` and `#`.
+fn parse_group_kind(value: &str) -> Result<String, String> {
+    if value.is_empty() || value.len() > shared::schema::MAX_KIND_LEN {
+        return Err(format!(
+            "a kind is 1 to {} bytes long",
+            shared::schema::MAX_KIND_LEN
+        ));
+    }
+    if value.contains(['*', '#']) {
+        return Err(format!("{value:?}: a kind may not contain '*' or '#'"));
+    }
+    Ok(value.to_owned())
 }
 
 #[cfg(test)]

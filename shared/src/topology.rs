@@ -1,9 +1,11 @@
 //! Exchange and queue names of wire contract v1, their arguments, and their declaration.
 //!
 //! ```text
-//! producer ──▶ [jobs] topic ──#──▶ (jobs.work) ──▶ consumer ──▶ [jobs.results] topic ──#──▶ (jobs.results)
-//!                                                     │
-//!                                                     └──────▶ [jobs.dlx] topic ──#──▶ (jobs.dead)
+//! producer ──▶ [jobs] topic ──kind──▶ (jobs.work.<kinds>) ──▶ kind-group consumers
+//!                 │ (no binding matched: alternate exchange)
+//!                 └──▶ [jobs.unrouted] ──#──▶ (jobs.work) ──▶ consumers of all other kinds
+//! consumer ──▶ [jobs.results] topic ──#──▶ (jobs.results)
+//!          └─▶ [jobs.dlx] topic ──#──▶ (jobs.dead)
 //! ```
 //!
 //! Every name is derived from one optional namespace, so tests and several deployments can
@@ -59,8 +61,13 @@ impl fmt::Display for QueueType {
 pub struct Names {
     /// Topic exchange jobs are published to; routing key is the kind.
     pub jobs_exchange: String,
-    /// Durable work queue, bound to [`Names::jobs_exchange`] with `#`.
+    /// Durable work queue. The default one (all kinds) is bound with `#` to
+    /// [`Names::unrouted_exchange`], the jobs exchange's alternate exchange, so it receives
+    /// every job that no kind-group queue takes; a kind-group queue (`jobs.work.<k1>+<k2>`) is
+    /// bound to [`Names::jobs_exchange`] by its kinds.
     pub work_queue: String,
+    /// Alternate exchange of [`Names::jobs_exchange`]: receives jobs no binding matched.
+    pub unrouted_exchange: String,
     /// Topic exchange results are published to; routing key is the kind.
     pub results_exchange: String,
     /// Durable queue holding every result, bound to [`Names::results_exchange`] with `#`.
@@ -85,6 +92,7 @@ impl Names {
         Self {
             jobs_exchange: name("jobs"),
             work_queue: name("jobs.work"),
+            unrouted_exchange: name("jobs.unrouted"),
             results_exchange: name("jobs.results"),
             results_queue: name("jobs.results"),
             dead_exchange: name("jobs.dlx"),
@@ -150,6 +158,9 @@ pub struct Topology {
     /// Quorum work queue only: deliveries of one message before the broker dead-letters it
     /// (a poison message that kills every consumer that takes it).
     pub delivery_limit: u32,
+    /// The kinds of this consumer's kind group; empty for the default work queue (all kinds
+    /// that no group takes).
+    pub kinds: Vec<String>,
 }
 
 impl Topology {
@@ -160,7 +171,23 @@ impl Topology {
             names: Names::new(namespace),
             queue_type,
             delivery_limit,
+            kinds: Vec::new(),
         }
+    }
+
+    /// The same topology, consuming from the work queue of a kind group: `jobs.work.<kinds>`,
+    /// bound to the jobs exchange by each kind, so those kinds scale on their own. An empty
+    /// list keeps the default work queue.
+    #[must_use]
+    pub fn with_kinds(mut self, kinds: &[String]) -> Self {
+        let mut kinds = kinds.to_vec();
+        kinds.sort_unstable();
+        kinds.dedup();
+        if !kinds.is_empty() {
+            self.names.work_queue = format!("{}.{}", self.names.work_queue, kinds.join("+"));
+        }
+        self.kinds = kinds;
+        self
     }
 
     /// Arguments of the work queue: its type, where the broker itself dead-letters, and, for
@@ -247,7 +274,15 @@ impl Topology {
     /// name already exists with another type (`PRECONDITION_FAILED`), which closes `channel`.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let n = &self.names;
-        for exchange in [&n.jobs_exchange, &n.results_exchange, &n.dead_exchange] {
+        let mut jobs_args = FieldTable::default();
+        insert_str(&mut jobs_args, "alternate-exchange", &n.unrouted_exchange);
+        let exchanges = [
+            (&n.unrouted_exchange, FieldTable::default()),
+            (&n.jobs_exchange, jobs_args),
+            (&n.results_exchange, FieldTable::default()),
+            (&n.dead_exchange, FieldTable::default()),
+        ];
+        for (exchange, args) in exchanges {
             channel
                 .exchange_declare(
                     short(exchange),
@@ -256,7 +291,7 @@ impl Topology {
                         durable: true,
                         ..Default::default()
                     },
-                    FieldTable::default(),
+                    args,
                 )
                 .await?;
         }
@@ -264,8 +299,29 @@ impl Topology {
             durable: true,
             ..Default::default()
         };
+        let work_bindings: Vec<(&String, &str)> = if self.kinds.is_empty() {
+            vec![(&n.unrouted_exchange, MATCH_ALL)]
+        } else {
+            self.kinds
+                .iter()
+                .map(|kind| (&n.jobs_exchange, kind.as_str()))
+                .collect()
+        };
+        channel
+            .queue_declare(short(&n.work_queue), durable, self.work_queue_arguments())
+            .await?;
+        for (exchange, key) in work_bindings {
+            channel
+                .queue_bind(
+                    short(&n.work_queue),
+                    short(exchange),
+                    short(key),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
         let queues = [
-            (&n.work_queue, &n.jobs_exchange, self.work_queue_arguments()),
             (
                 &n.results_queue,
                 &n.results_exchange,

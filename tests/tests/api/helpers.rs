@@ -517,6 +517,14 @@ impl TestApp {
         q.message_count()
     }
 
+    /// Deletes a queue this test declared beyond the namespace's own.
+    pub async fn delete_queue(&self, queue: &str) {
+        let _ = self
+            .channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+    }
+
     /// Deletes this namespace's queues and exchanges.
     pub async fn teardown(self) {
         let n = &self.topology.names;
@@ -543,7 +551,12 @@ impl TestApp {
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for exchange in [&n.jobs_exchange, &n.results_exchange, &n.dead_exchange] {
+        for exchange in [
+            &n.jobs_exchange,
+            &n.unrouted_exchange,
+            &n.results_exchange,
+            &n.dead_exchange,
+        ] {
             let _ = self
                 .channel
                 .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())

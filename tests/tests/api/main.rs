@@ -23,4 +23,5 @@ mod producer_reconnect;
 mod reconnect;
 mod repeats;
 mod retries;
+mod routing;
 mod shutdown;
