@@ -9,10 +9,7 @@ use std::{
     time::Duration,
 };
 
-use deadpool_lapin::lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
-    types::FieldTable,
-};
+use deadpool_lapin::lapin::options::BasicAckOptions;
 use futures::StreamExt;
 use tokio::{process::Child, sync::watch, task::JoinHandle};
 use uuid::Uuid;
@@ -90,20 +87,8 @@ pub struct Collector {
 
 impl Collector {
     pub async fn start(app: &TestApp) -> Self {
-        let channel = app.connection.create_channel().await.unwrap();
-        channel
-            .basic_qos(1000, BasicQosOptions::default())
-            .await
-            .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                app.topology.names.results_queue.as_str().into(),
-                format!("collector-{}", Uuid::new_v4()).as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let queue = app.topology.names.results_queue.clone();
+        let (channel, mut consumer) = app.consume(&queue, 1000).await;
         let seen: Arc<Mutex<HashMap<Uuid, u32>>> = Arc::default();
         let (tx, total) = watch::channel(0);
         let counts = Arc::clone(&seen);

@@ -11,7 +11,7 @@ use std::{
 
 use consumer::{ConsumerError, Registry};
 use deadpool_lapin::lapin::{
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    self, BasicProperties, Channel, Connection, ConnectionProperties,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions,
         ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -332,20 +332,7 @@ impl TestApp {
     /// duplicates). A result of another job, or one that is not `ok`, fails the test.
     pub async fn results_covering(&self, ids: &HashSet<Uuid>, mut seen: HashSet<Uuid>) -> usize {
         let queue = self.topology.names.results_queue.clone();
-        let channel = self.connection.create_channel().await.unwrap();
-        channel
-            .basic_qos(500, BasicQosOptions::default())
-            .await
-            .unwrap();
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                format!("test-cover-{}", Uuid::new_v4()).as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let (channel, mut consumer) = self.consume(&queue, 500).await;
         let mut read = 0;
         within(&format!("results for {} jobs", ids.len()), async {
             while seen.len() < ids.len() {
@@ -431,23 +418,29 @@ impl TestApp {
         check_confirmation(confirm.await.unwrap()).unwrap();
     }
 
-    /// Takes `n` messages from `queue`, waiting for each, and acks them. Messages beyond
-    /// `n` stay in the queue.
-    pub async fn take(&self, queue: &str, n: usize) -> Vec<Message> {
+    /// A new channel consuming `queue` with manual acks and `prefetch` unacked at most.
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> (Channel, lapin::Consumer) {
         let channel = self.connection.create_channel().await.unwrap();
         channel
-            .basic_qos(1, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .unwrap();
-        let mut consumer = channel
+        let consumer = channel
             .basic_consume(
                 queue.into(),
-                format!("test-take-{}", Uuid::new_v4()).as_str().into(),
+                format!("test-{}", Uuid::new_v4()).as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
             .unwrap();
+        (channel, consumer)
+    }
+
+    /// Takes `n` messages from `queue`, waiting for each, and acks them. Messages beyond
+    /// `n` stay in the queue.
+    pub async fn take(&self, queue: &str, n: usize) -> Vec<Message> {
+        let (channel, mut consumer) = self.consume(queue, 1).await;
         let mut out = Vec::with_capacity(n);
         within(&format!("{n} messages on {queue}"), async {
             while out.len() < n {
