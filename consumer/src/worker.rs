@@ -147,7 +147,7 @@ impl Worker {
         let outcome = match ran {
             Ok(output) => {
                 tracing::debug!("job completed");
-                Outcome::Completed(result(job.id, job.kind, Ok(&output), attempt, stages))
+                Outcome::Completed(result(job.id, job.kind, Some(job.created_at), Ok(&output), attempt, stages))
             }
             Err(failure) if failure.error.is_retryable() && attempt < self.max_attempts => {
                 tracing::warn!(stage = %failure.stage, error = %failure.error, "attempt failed; retrying");
@@ -166,7 +166,7 @@ impl Worker {
                 };
                 tracing::warn!(stage = %failure.stage, error = %reason, "job failed");
                 Outcome::Dead {
-                    result: Some(result(job.id, job.kind, Err(&reason), attempt, stages)),
+                    result: Some(result(job.id, job.kind, Some(job.created_at), Err(&reason), attempt, stages)),
                     reason,
                     stage: failure.stage.into_owned(),
                     attempts: attempt,
@@ -186,6 +186,7 @@ impl Worker {
             result(
                 id,
                 kind.unwrap_or_default(),
+                None,
                 Err(&reason),
                 attempt,
                 Vec::new(),
@@ -203,6 +204,7 @@ impl Worker {
 fn result(
     job_id: Uuid,
     kind: String,
+    job_created_at: Option<OffsetDateTime>,
     output: Result<&RawValue, &str>,
     attempts: u32,
     stages: Vec<StageTiming>,
@@ -220,6 +222,7 @@ fn result(
         error,
         attempts,
         finished_at: OffsetDateTime::now_utc(),
+        job_created_at,
         stages,
     };
     ResultMessage {

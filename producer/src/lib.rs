@@ -134,6 +134,15 @@ pub async fn run(
                 continue;
             }
         };
+        if let Some(rate) = settings.rate {
+            // Evenly spaced from the start: a late job is sent at once, never in a burst
+            // larger than the backlog it makes up.
+            let due = started + Duration::from_secs_f64(sent as f64 / rate);
+            tokio::select! {
+                () = shutdown.cancelled() => continue,
+                () = tokio::time::sleep_until(due.into()) => {}
+            }
+        }
         let job = Job::new(settings.kind.as_str(), payload);
         let body = match serde_json::to_vec(&job) {
             Ok(body) => body,

@@ -71,6 +71,11 @@ pub struct Settings {
           value_parser = parse_positive)]
     pub window: usize,
 
+    /// Publish at most this many jobs per second, evenly spaced (for latency measurements at a
+    /// fixed load); unset means as fast as the confirm window allows.
+    #[arg(long, env = "PRODUCER_RATE", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+
     /// Wait for the results of the jobs sent and print them as JSON lines on stdout.
     #[arg(long, env = "PRODUCER_WAIT")]
     pub wait: bool,
@@ -161,6 +166,7 @@ impl Settings {
             size,
             kind: TEXT_ANALYZE.to_owned(),
             window: DEFAULT_WINDOW,
+            rate: None,
             wait: false,
             wait_timeout: DEFAULT_WAIT_TIMEOUT_SECS,
             reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT_SECS,
@@ -193,6 +199,13 @@ impl Settings {
     }
 }
 
+fn parse_rate(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!("expected a positive number of jobs per second, got {value:?}")),
+    }
+}
+
 fn parse_kind(value: &str) -> Result<String, String> {
     if value.is_empty() || value.len() > shared::schema::MAX_KIND_LEN {
         return Err(format!(
@@ -222,5 +235,17 @@ mod tests {
         let serve =
             Settings::try_parse_from(["producer", "serve", "--listen", "127.0.0.1:1"]).unwrap();
         assert!(matches!(serve.command, Some(Command::Serve(_))));
+    }
+
+    #[test]
+    fn a_rate_is_positive() {
+        let rated = Settings::try_parse_from(["producer", "-n", "1", "--rate", "2.5"]).unwrap();
+        assert_eq!(rated.rate, Some(2.5));
+        for bad in ["0", "-1", "inf", "x"] {
+            assert!(
+                Settings::try_parse_from(["producer", "-n", "1", "--rate", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

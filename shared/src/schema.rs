@@ -98,6 +98,11 @@ pub struct JobResult<O = Box<RawValue>> {
     /// When the consumer finished the job (RFC 3339).
     #[serde(with = "time::serde::rfc3339")]
     pub finished_at: OffsetDateTime,
+    /// The job's own `created_at`, copied so that a reader of results alone can measure
+    /// end-to-end latency; `null` when the job could not be read. Optional on input, so results
+    /// written before the field existed still parse.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub job_created_at: Option<OffsetDateTime>,
     /// Timing of every stage that ran.
     pub stages: Vec<StageTiming>,
 }
@@ -163,6 +168,7 @@ mod tests {
             error: Some("boom".into()),
             attempts: 1,
             finished_at: OffsetDateTime::now_utc(),
+            job_created_at: None,
             stages: vec![StageTiming {
                 name: "decode".into(),
                 micros: 12,
@@ -176,6 +182,13 @@ mod tests {
         let back: JobResult<TextAnalysis> = serde_json::from_value(json).unwrap();
         assert_eq!(back.job_id, result.job_id);
         assert_eq!(back.stages, result.stages);
+    }
+
+    #[test]
+    fn result_without_job_created_at_still_parses() {
+        let body = r#"{"schema_version":1,"job_id":"6f1c2a4e-8d2b-4b7e-9a53-0c9f4b1d2e3f","kind":"k","status":"ok","output":1,"error":null,"attempts":1,"finished_at":"2026-01-02T03:04:05Z","stages":[]}"#;
+        let result: JobResult = serde_json::from_str(body).unwrap();
+        assert_eq!(result.job_created_at, None);
     }
 
     #[test]
