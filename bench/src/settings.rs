@@ -1,0 +1,68 @@
+//! What the bench runs, from flags or environment variables, with defaults in one place.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use shared::{config::DEFAULT_AMQP_URL, topology::QueueType};
+
+/// The bench's settings. The defaults are the full matrix the README documents.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub(crate) struct Settings {
+    /// AMQP URL of the broker to measure.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub(crate) amqp_url: String,
+
+    /// Jobs per run.
+    #[arg(long, default_value_t = 20_000)]
+    pub(crate) jobs: u64,
+
+    /// Runs of every row; the table shows the median.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) repeats: usize,
+
+    /// Queue types to cover.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [QueueType::Quorum, QueueType::Classic])]
+    pub(crate) queue_types: Vec<QueueType>,
+
+    /// Consumer process counts to cover.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
+    pub(crate) consumers: Vec<usize>,
+
+    /// Consumer concurrency values to cover.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 128])]
+    pub(crate) concurrency: Vec<usize>,
+
+    /// Size of each synthetic `text.analyze` text, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) size: usize,
+
+    /// Prefetch of every consumer, bare or not.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) prefetch: u16,
+
+    /// Unconfirmed publishes in flight, for the producer and the bare publisher alike.
+    #[arg(long, default_value_t = 512)]
+    pub(crate) window: usize,
+
+    /// Jobs of the memory run (one consumer, `--in-flight` prefetch); 0 skips it.
+    #[arg(long, default_value_t = 200_000)]
+    pub(crate) soak_jobs: u64,
+
+    /// Deliveries in flight in the memory run (its prefetch).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) in_flight: u16,
+
+    /// Also measure p50/p99 at a fixed rate of half each row's full-speed rate.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub(crate) half_rate: bool,
+
+    /// Where the `producer` and `consumer` binaries are; defaults to the bench's own directory
+    /// (`target/release` after `cargo build --release`).
+    #[arg(long)]
+    pub(crate) bin_dir: Option<PathBuf>,
+
+    /// Markdown file to write the table to (for example `BENCHMARKS.md`).
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+}
