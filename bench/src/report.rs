@@ -96,6 +96,14 @@ impl Row {
     }
 }
 
+/// The publishers alone, with nobody consuming: confirmed jobs per second of every repeat.
+#[derive(Debug, Clone)]
+pub(crate) struct PublishRow {
+    pub(crate) queue_type: QueueType,
+    pub(crate) bare: Vec<f64>,
+    pub(crate) producer: Vec<f64>,
+}
+
 /// The memory run: one consumer through many jobs with a deep prefetch.
 #[derive(Debug, Clone)]
 pub(crate) struct MemoryRun {
@@ -128,7 +136,12 @@ fn cell(value: Option<f64>, decimals: usize) -> String {
 }
 
 /// The report: how it was run, on what, the table, the ratios and the memory run.
-pub(crate) fn markdown(settings: &Settings, rows: &[Row], memory: Option<&MemoryRun>) -> String {
+pub(crate) fn markdown(
+    settings: &Settings,
+    publishers: &[PublishRow],
+    rows: &[Row],
+    memory: Option<&MemoryRun>,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Benchmarks\n");
     let _ = writeln!(
@@ -160,6 +173,27 @@ pub(crate) fn markdown(settings: &Settings, rows: &[Row], memory: Option<&Memory
         prefetch = settings.prefetch,
         half_jobs = (settings.jobs / 2).max(1000),
     );
+    if !publishers.is_empty() {
+        let _ = writeln!(
+            out,
+            "## Publishers alone\n\n\
+             {jobs} jobs into the work queue with nobody consuming: the `producer` binary against the \
+             bare publisher.\n\n\
+             | queue | bare publisher jobs/s | producer jobs/s | producer ÷ bare |\n|---|--:|--:|--:|",
+            jobs = settings.jobs
+        );
+        for row in publishers {
+            let bare = median(row.bare.iter().copied());
+            let producer = median(row.producer.iter().copied());
+            let ratio = if bare > 0.0 { producer / bare } else { 0.0 };
+            let _ = writeln!(
+                out,
+                "| {} | {bare:.0} | {producer:.0} | {ratio:.2} |",
+                row.queue_type
+            );
+        }
+        out.push('\n');
+    }
     let _ = writeln!(
         out,
         "## Results\n\n\

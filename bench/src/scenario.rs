@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::{
     bare, collect,
-    report::{self, MemoryRun, Row, Sample},
+    report::{self, MemoryRun, PublishRow, Row, Sample},
     settings::Settings,
     system::{self, Binaries, Env},
 };
@@ -100,6 +100,22 @@ pub(crate) async fn run_all(settings: &Settings) -> anyhow::Result<String> {
         }
     }
     let mut rows = Vec::new();
+    let mut publishers = Vec::new();
+    for &queue_type in &settings.queue_types {
+        let mut row = PublishRow {
+            queue_type,
+            bare: Vec::new(),
+            producer: Vec::new(),
+        };
+        for repeat in 1..=settings.repeats {
+            let bare = bench.publish_only(queue_type, false).await?;
+            let producer = bench.publish_only(queue_type, true).await?;
+            tracing::info!(%queue_type, repeat, bare, producer, "publishers alone, jobs/s");
+            row.bare.push(bare);
+            row.producer.push(producer);
+        }
+        publishers.push(row);
+    }
     for &queue_type in &settings.queue_types {
         let mut full: Vec<Vec<Sample>> = vec![Vec::new(); scenarios.len()];
         for repeat in 1..=settings.repeats {
@@ -136,7 +152,7 @@ pub(crate) async fn run_all(settings: &Settings) -> anyhow::Result<String> {
         0 => None,
         jobs => Some(bench.memory_run(jobs).await?),
     };
-    let markdown = report::markdown(settings, &rows, memory.as_ref());
+    let markdown = report::markdown(settings, &publishers, &rows, memory.as_ref());
     tracing::info!("results\n{markdown}");
     Ok(markdown)
 }
@@ -237,6 +253,39 @@ impl Bench<'_> {
             );
         }
         Ok(Sample::new(publish_rate, &collected, jobs, usage))
+    }
+
+    /// Publishes `jobs` jobs with nobody consuming them, with the producer binary or the bare
+    /// publisher, and returns the confirmed jobs per second.
+    async fn publish_only(&self, queue_type: QueueType, producer: bool) -> anyhow::Result<f64> {
+        let s = self.settings;
+        let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let topology = Topology::new(&namespace, queue_type, DEFAULT_DELIVERY_LIMIT);
+        let channel = self.admin.create_channel().await?;
+        topology.declare(&channel).await?;
+        let rate = if producer {
+            let env = Env {
+                amqp_url: &s.amqp_url,
+                namespace: &namespace,
+                queue_type,
+            };
+            self.binaries
+                .produce(&env, s.jobs, s.size, s.window, None)
+                .await
+        } else {
+            async {
+                let (_pool, publishing) = amqp::connect(&s.amqp_url, "bench bare publisher").await?;
+                let elapsed =
+                    bare::publish(&publishing, &topology.names, s.jobs, s.size, s.window, None)
+                        .await;
+                let _ = publishing.close(200, "done".into()).await;
+                anyhow::Ok(s.jobs as f64 / elapsed?.as_secs_f64())
+            }
+            .await
+        };
+        teardown(&channel, &topology).await;
+        let _ = channel.close(200, "run done".into()).await;
+        rate
     }
 
     /// One consumer with `in_flight` prefetch through `jobs` jobs, its RSS sampled as it goes.

@@ -62,7 +62,7 @@ pub(crate) struct Settings {
     #[arg(long)]
     pub(crate) bin_dir: Option<PathBuf>,
 
-    /// Markdown file to write the table to (for example `BENCHMARKS.md`).
-    #[arg(long)]
+    /// Markdown file to write the report to (`scripts/bench.sh` sets `BENCHMARKS.md`).
+    #[arg(long, env = "BENCH_OUT")]
     pub(crate) out: Option<PathBuf>,
 }

@@ -15,6 +15,7 @@
 //! it acks, so a job is acked only once what it produced is safely stored. `session.rs` owns
 //! one connection's life; `run` starts a new session whenever a connection is lost.
 
+pub mod confirm;
 pub mod envelope;
 pub mod http;
 pub mod intake;

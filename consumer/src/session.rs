@@ -19,10 +19,13 @@ use shared::{
     amqp,
     recent::{Body, Recent},
 };
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    Settings, intake,
+    Settings,
+    confirm::Confirmer,
+    intake,
     metrics::Metrics,
     readiness::{Readiness, State},
     registry::Registry,
@@ -113,9 +116,14 @@ pub async fn run(
         .await
         .map_err(classify)?;
 
+    let settler = Arc::new(Settler::new(
+        publish,
+        topology.names.clone(),
+        shared.metrics.clone(),
+    ));
     let worker = Arc::new(Worker {
         registry: shared.registry.clone(),
-        settler: Settler::new(publish, topology.names.clone(), shared.metrics.clone()),
+        settler: Arc::clone(&settler),
         max_body_bytes: settings.max_body_bytes,
         max_attempts: settings.max_attempts,
         retry_delays: settings.retry_delays(),
@@ -124,13 +132,22 @@ pub async fn run(
         metrics: shared.metrics.clone(),
     });
     let (queue_tx, queue_rx) = async_channel::bounded(settings.concurrency);
+    let (confirms_tx, confirms_rx) = mpsc::channel(usize::from(settings.prefetch.max(1)));
     let lost = CancellationToken::new();
     for _ in 0..settings.concurrency {
-        shared
-            .workers
-            .spawn(Arc::clone(&worker).run(queue_rx.clone(), lost.clone()));
+        shared.workers.spawn(Arc::clone(&worker).run(
+            queue_rx.clone(),
+            confirms_tx.clone(),
+            lost.clone(),
+        ));
     }
-    drop(queue_rx);
+    drop((queue_rx, confirms_tx));
+    let confirmer = Confirmer {
+        settler,
+        recent: Arc::clone(&shared.recent),
+        metrics: shared.metrics.clone(),
+    };
+    shared.workers.spawn(confirmer.run(confirms_rx, lost.clone()));
     shared.readiness.set(State::Consuming);
 
     if let Err(error) = intake::run(consumer, queue_tx, shutdown.clone()).await {

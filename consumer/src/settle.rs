@@ -1,11 +1,15 @@
-//! The last step of every delivery: publish what it produced, wait for the broker's confirm,
-//! and only then ack.
+//! The result publish and the ack: publish what a delivery produced, and once the broker has
+//! confirmed it, ack the delivery.
 //!
-//! If any publish fails, the delivery is nacked back onto the queue (or, when the connection
-//! is gone, simply left unacked, which the broker treats the same way), so a job is never
-//! acked without its result or dead letter safely stored.
+//! A worker calls [`Settler::publish`] and gets a [`Confirming`] future back at once; the
+//! [`crate::confirm`] task awaits it and calls [`Settler::settle`]. If any publish fails, the
+//! delivery is nacked back onto the queue (or, when the connection is gone, simply left
+//! unacked, which the broker treats the same way), so a job is never acked without its result
+//! or dead letter safely stored.
 
 use std::{sync::Arc, time::Duration};
+
+use futures::future::BoxFuture;
 
 use deadpool_lapin::lapin::{
     BasicProperties, Channel,
@@ -21,6 +25,9 @@ use shared::{
 use uuid::Uuid;
 
 use crate::metrics::Metrics;
+
+/// Resolves once the broker has confirmed every publish of one outcome.
+pub type Confirming = BoxFuture<'static, Result<(), PublishError>>;
 
 /// Longest wait for the broker's confirm of one publish; past it, the delivery is returned to
 /// the queue rather than held forever.
@@ -107,18 +114,19 @@ impl Settler {
         }
     }
 
-    /// Publishes what `outcome` requires, then acks `delivery`; nacks it with requeue when a
-    /// publish was not confirmed. Returns whether the delivery was acked. `kind` is the
-    /// metrics label: a kind this consumer serves, or [`crate::metrics::UNKNOWN_KIND`].
-    pub async fn settle(&self, delivery: Delivery, outcome: &Outcome, kind: &str) -> bool {
-        let published = match outcome {
+    /// Publishes what `outcome` requires and returns, without waiting, a future that resolves
+    /// once the broker has confirmed every one of those publishes (or one failed, or
+    /// [`CONFIRM_TIMEOUT`] passed). Publishing is cheap; the confirm is the slow part, so the
+    /// worker hands this future on and takes its next job while the broker confirms.
+    pub async fn publish(&self, delivery: &Delivery, outcome: &Outcome) -> Confirming {
+        match outcome {
             Outcome::Completed(result) => self.publish_result(result).await,
             Outcome::Retry {
                 next_attempt,
                 delay,
                 wait,
             } => {
-                self.publish_retry(&delivery, *next_attempt, *delay, *wait)
+                self.publish_retry(delivery, *next_attempt, *delay, *wait)
                     .await
             }
             Outcome::Dead {
@@ -127,17 +135,32 @@ impl Settler {
                 attempts,
                 result,
             } => {
-                let dead = self.publish_dead(&delivery, reason, stage, *attempts);
+                let dead = self.publish_dead(delivery, reason, stage, *attempts).await;
                 match result {
                     Some(result) => {
-                        let (dead, result) = futures::join!(dead, self.publish_result(result));
-                        dead.and(result)
+                        let result = self.publish_result(result).await;
+                        Box::pin(async move {
+                            let (dead, result) = futures::join!(dead, result);
+                            dead.and(result)
+                        })
                     }
-                    None => dead.await,
+                    None => dead,
                 }
             }
-        };
-        match published {
+        }
+    }
+
+    /// Settles `delivery` once its publishes are `confirmed`: acks it, or nacks it with
+    /// requeue when a publish failed. Returns whether the delivery was acked. `kind` is the
+    /// metrics label: a kind this consumer serves, or [`crate::metrics::UNKNOWN_KIND`].
+    pub async fn settle(
+        &self,
+        delivery: Delivery,
+        outcome: &Outcome,
+        kind: &str,
+        confirmed: Result<(), PublishError>,
+    ) -> bool {
+        match confirmed {
             Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
                 Ok(_) => {
                     self.count(outcome, kind);
@@ -163,8 +186,8 @@ impl Settler {
         }
     }
 
-    async fn publish_result(&self, result: &ResultMessage) -> Result<(), PublishError> {
-        self.publish(
+    async fn publish_result(&self, result: &ResultMessage) -> Confirming {
+        self.send(
             &self.names.results_exchange,
             routing_key(&result.kind),
             &result.body,
@@ -181,7 +204,7 @@ impl Settler {
         next_attempt: u32,
         delay: Duration,
         wait: Duration,
-    ) -> Result<(), PublishError> {
+    ) -> Confirming {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             X_ATTEMPT.into(),
@@ -193,7 +216,7 @@ impl Settler {
             .with_headers(headers)
             .with_expiration(wait.as_millis().to_string().as_str().into());
         let queue = self.names.retry_queue(delay);
-        self.publish("", routing_key(&queue), &delivery.data, properties)
+        self.send("", routing_key(&queue), &delivery.data, properties)
             .await
     }
 
@@ -205,7 +228,7 @@ impl Settler {
         reason: &str,
         stage: &str,
         attempts: u32,
-    ) -> Result<(), PublishError> {
+    ) -> Confirming {
         let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(X_ERROR.into(), AMQPValue::LongString(reason.into()));
         headers.insert(X_FAILED_STAGE.into(), AMQPValue::LongString(stage.into()));
@@ -214,7 +237,7 @@ impl Settler {
             AMQPValue::LongLongInt(i64::from(attempts)),
         );
         let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
-        self.publish(
+        self.send(
             &self.names.dead_exchange,
             delivery.routing_key.clone(),
             &delivery.data,
@@ -223,21 +246,24 @@ impl Settler {
         .await
     }
 
-    async fn publish(
+    async fn send(
         &self,
         exchange: &str,
         routing_key: ShortString,
         body: &[u8],
         properties: BasicProperties,
-    ) -> Result<(), PublishError> {
-        let confirm = self
+    ) -> Confirming {
+        let sent = self
             .channel
             .basic_publish(exchange.into(), routing_key, mandatory(), body, properties)
-            .await?;
-        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-            Ok(confirmation) => check_confirmation(confirmation?),
-            Err(_) => Err(PublishError::TimedOut(CONFIRM_TIMEOUT)),
-        }
+            .await;
+        Box::pin(async move {
+            let confirm = sent?;
+            match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                Ok(confirmation) => check_confirmation(confirmation?),
+                Err(_) => Err(PublishError::TimedOut(CONFIRM_TIMEOUT)),
+            }
+        })
     }
 }
 

@@ -14,6 +14,7 @@ use shared::{
     topology::RetryDelays,
 };
 use time::OffsetDateTime;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -22,6 +23,7 @@ use crate::{
     envelope::{self, Rejection},
     metrics::{Metrics, UNKNOWN_KIND},
     registry::Registry,
+    confirm::Settling,
     settle::{Outcome, ResultMessage, Settler},
     stage::{Payload, Trace},
 };
@@ -31,8 +33,8 @@ use crate::{
 pub struct Worker {
     /// Chains by kind.
     pub registry: Registry,
-    /// Publishes outcomes and acks.
-    pub settler: Settler,
+    /// Publishes outcomes.
+    pub settler: Arc<Settler>,
     /// Largest body accepted; larger ones are dead-lettered unparsed.
     pub max_body_bytes: usize,
     /// Attempts a job gets before a retryable failure becomes final.
@@ -49,10 +51,12 @@ pub struct Worker {
 
 impl Worker {
     /// Processes deliveries until the queue is closed and empty, or until `lost` fires (the
-    /// session's connection is gone).
+    /// session's connection is gone): runs the chain, publishes the outcome and hands the
+    /// delivery to the [`crate::confirm`] task, which acks it once the broker confirms.
     pub async fn run(
         self: Arc<Self>,
         queue: async_channel::Receiver<Delivery>,
+        confirms: mpsc::Sender<Settling>,
         lost: CancellationToken,
     ) {
         loop {
@@ -70,25 +74,26 @@ impl Worker {
             self.metrics.in_flight.inc();
             let work = async {
                 let (outcome, kind) = self.process(&delivery).await;
-                let acked = self.settler.settle(delivery, &outcome, kind).await;
-                (acked, outcome)
+                let confirming = self.settler.publish(&delivery, &outcome).await;
+                let settling = Settling {
+                    delivery,
+                    outcome,
+                    kind: kind.to_owned(),
+                    confirming,
+                };
+                confirms.send(settling).await.is_ok()
             };
             // When the session's connection is lost, its deliveries can no longer be acked:
             // the broker redelivers them to the next session, so this worker stops at once
             // instead of finishing work nobody can settle.
-            let finished = tokio::select! {
+            let handed_on = tokio::select! {
                 biased;
-                () = lost.cancelled() => None,
-                finished = work => Some(finished),
+                () = lost.cancelled() => false,
+                handed_on = work => handed_on,
             };
-            self.metrics.in_flight.dec();
-            let Some((acked, outcome)) = finished else {
+            if !handed_on {
+                self.metrics.in_flight.dec();
                 return;
-            };
-            if let (true, Outcome::Completed(result)) = (acked, &outcome) {
-                if !result.replayed {
-                    self.recent.insert(result.job_id, Arc::clone(&result.body));
-                }
             }
         }
     }

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The benchmark: a bare lapin loop against the real producer and consumer binaries, on the broker
+# at AMQP_URL (a local Debian RabbitMQ, started by scripts/rabbitmq-local.sh, when unset). Writes
+# the report to BENCHMARKS.md (or to BENCH_OUT); every flag goes to the bench, see --help.
+# Usage: scripts/bench.sh [--repeats 3] [--jobs 20000] [--queue-types quorum,classic] ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+AMQP_URL="${AMQP_URL:-$(scripts/rabbitmq-local.sh)}"
+export AMQP_URL BENCH_OUT="${BENCH_OUT:-BENCHMARKS.md}"
+cargo build --release --locked --quiet -p producer -p consumer -p bench
+exec target/release/bench "$@"
