@@ -11,13 +11,15 @@ COPY shared/Cargo.toml shared/
 COPY producer/Cargo.toml producer/
 COPY consumer/Cargo.toml consumer/
 COPY tests/Cargo.toml tests/
+COPY bench/Cargo.toml bench/
 RUN for crate in shared producer consumer tests; do \
       mkdir -p $crate/src && echo '//! stub' > $crate/src/lib.rs; \
     done \
  && echo 'fn main() {}' > producer/src/main.rs && echo 'fn main() {}' > consumer/src/main.rs \
+ && mkdir -p bench/src && echo 'fn main() {}' > bench/src/main.rs \
  && mkdir -p consumer/examples && echo 'fn main() {}' > consumer/examples/custom_kind.rs \
  && cargo build --release --locked -p producer -p consumer \
- && rm -rf shared producer consumer tests
+ && rm -rf shared producer consumer tests bench
 COPY . .
 RUN touch shared/src/lib.rs producer/src/lib.rs consumer/src/lib.rs \
  && cargo build --release --locked -p producer -p consumer \

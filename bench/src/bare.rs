@@ -15,7 +15,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use deadpool_lapin::lapin::{
     BasicProperties, Channel, Confirmation, Connection,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions},
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions,
+    },
     types::FieldTable,
 };
 use futures::{StreamExt, stream::FuturesUnordered};
@@ -88,7 +91,13 @@ pub(crate) async fn publish(
         let job = Job::new(TEXT_ANALYZE, payload);
         let body = serde_json::to_vec(&job)?;
         let confirm = channel
-            .basic_publish(exchange.into(), TEXT_ANALYZE.into(), MANDATORY, &body, properties(job.id))
+            .basic_publish(
+                exchange.into(),
+                TEXT_ANALYZE.into(),
+                MANDATORY,
+                &body,
+                properties(job.id),
+            )
             .await?;
         inflight.push(confirm);
         sent += 1;

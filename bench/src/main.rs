@@ -27,7 +27,8 @@ async fn main() -> anyhow::Result<()> {
     shared::telemetry::init(shared::telemetry::LogFormat::Pretty);
     let markdown = scenario::run_all(&settings).await?;
     if let Some(out) = &settings.out {
-        std::fs::write(out, &markdown).with_context(|| format!("cannot write {}", out.display()))?;
+        std::fs::write(out, &markdown)
+            .with_context(|| format!("cannot write {}", out.display()))?;
         tracing::info!(file = %out.display(), "benchmark table written");
     }
     Ok(())

@@ -165,7 +165,9 @@ pub(crate) fn markdown(
          result's arrival at the collector. \"half rate\": jobs published evenly at half the row's \
          own full-speed median (`producer --rate`), {half_jobs} jobs.\n\
          - peak RSS: the largest `VmHWM` of the row's consumer processes; CPU: user + system \
-         seconds of all its consumer processes per 10,000 jobs.\n",
+         seconds of all its consumer processes per 10,000 jobs.\n\
+         - ÷ bare: each repeat divided by the bare run of the same repeat (run minutes apart), \
+         then the median of those ratios.\n",
         jobs = settings.jobs,
         size = settings.size,
         repeats = settings.repeats,
@@ -185,7 +187,13 @@ pub(crate) fn markdown(
         for row in publishers {
             let bare = median(row.bare.iter().copied());
             let producer = median(row.producer.iter().copied());
-            let ratio = if bare > 0.0 { producer / bare } else { 0.0 };
+            let ratio = median(
+                row.producer
+                    .iter()
+                    .zip(&row.bare)
+                    .filter(|(_, b)| **b > 0.0)
+                    .map(|(p, b)| p / b),
+            );
             let _ = writeln!(
                 out,
                 "| {} | {bare:.0} | {producer:.0} | {ratio:.2} |",
@@ -204,13 +212,19 @@ pub(crate) fn markdown(
         let bare = rows
             .iter()
             .find(|r| r.queue_type == row.queue_type && r.scenario == Scenario::Bare);
-        let bare_publish = bare.and_then(|b| b.median(&b.full, |s| Some(s.publish_rate)));
-        let bare_e2e = bare.and_then(|b| b.median(&b.full, |s| Some(s.end_to_end_rate)));
         let publish = row.median(&row.full, |s| Some(s.publish_rate));
         let e2e = row.median(&row.full, |s| Some(s.end_to_end_rate));
-        let ratio = |mine: Option<f64>, base: Option<f64>| match (mine, base) {
-            (Some(m), Some(b)) if b > 0.0 => Some(m / b),
-            _ => None,
+        // Each repeat is divided by the bare run of the same repeat, minutes apart at most,
+        // and the median of those ratios is shown: the machine's slow and fast patches cancel.
+        let ratio = |field: fn(&Sample) -> f64| {
+            let bare = bare?;
+            let ratios = row
+                .full
+                .iter()
+                .zip(&bare.full)
+                .filter(|(_, b)| field(b) > 0.0)
+                .map(|(mine, b)| field(mine) / field(b));
+            Some(median(ratios))
         };
         let _ = writeln!(
             out,
@@ -226,8 +240,8 @@ pub(crate) fn markdown(
             cell(row.median(&row.half, |s| Some(s.p99_ms)), 1),
             cell(row.median(&row.full, |s| s.peak_rss_mib), 1),
             cell(row.median(&row.full, |s| s.cpu_per_10k), 2),
-            cell(ratio(publish, bare_publish), 2),
-            cell(ratio(e2e, bare_e2e), 2),
+            cell(ratio(|s| s.publish_rate), 2),
+            cell(ratio(|s| s.end_to_end_rate), 2),
         );
     }
     if let Some(memory) = memory {
@@ -274,7 +288,10 @@ fn machine() -> String {
         .find_map(|l| l.strip_prefix("MemTotal:"))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|kib| kib.parse::<f64>().ok())
-        .map_or_else(|| "unknown".to_owned(), |kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0));
+        .map_or_else(
+            || "unknown".to_owned(),
+            |kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0),
+        );
     let kernel = read("/proc/sys/kernel/osrelease").trim().to_owned();
     let rabbitmq = std::process::Command::new("rabbitmqctl")
         .args(["version"])

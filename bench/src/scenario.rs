@@ -56,7 +56,10 @@ impl std::fmt::Display for Scenario {
             Self::System {
                 consumers,
                 concurrency,
-            } => write!(f, "system: {consumers} consumer(s) × concurrency {concurrency}"),
+            } => write!(
+                f,
+                "system: {consumers} consumer(s) × concurrency {concurrency}"
+            ),
         }
     }
 }
@@ -120,7 +123,9 @@ pub(crate) async fn run_all(settings: &Settings) -> anyhow::Result<String> {
         let mut full: Vec<Vec<Sample>> = vec![Vec::new(); scenarios.len()];
         for repeat in 1..=settings.repeats {
             for (i, scenario) in scenarios.iter().enumerate() {
-                let sample = bench.run(*scenario, queue_type, settings.jobs, None).await?;
+                let sample = bench
+                    .run(*scenario, queue_type, settings.jobs, None)
+                    .await?;
                 tracing::info!(%queue_type, %scenario, repeat, "{sample}");
                 full[i].push(sample);
             }
@@ -208,7 +213,8 @@ impl Bench<'_> {
                     s.prefetch,
                     stop.clone(),
                 ));
-                let published = bare::publish(&publishing, names, jobs, s.size, s.window, rate).await;
+                let published =
+                    bare::publish(&publishing, names, jobs, s.size, s.window, rate).await;
                 let collected = collector.await?;
                 stop.cancel();
                 consumer.await??;
@@ -229,12 +235,19 @@ impl Bench<'_> {
                 for _ in 0..consumers {
                     children.push(self.binaries.consumer(&env, concurrency, s.prefetch)?);
                 }
-                let pids: Vec<u32> = children.iter().filter_map(tokio::process::Child::id).collect();
+                let pids: Vec<u32> = children
+                    .iter()
+                    .filter_map(tokio::process::Child::id)
+                    .collect();
                 wait_for_consumers(channel, &names.work_queue, consumers).await?;
                 let cpu_before: f64 = pids.iter().map(|&p| system::cpu_seconds(p)).sum();
-                let produced = self.binaries.produce(&env, jobs, s.size, s.window, rate).await;
+                let produced = self
+                    .binaries
+                    .produce(&env, jobs, s.size, s.window, rate)
+                    .await;
                 let collected = collector.await?;
-                let cpu: f64 = pids.iter().map(|&p| system::cpu_seconds(p)).sum::<f64>() - cpu_before;
+                let cpu: f64 =
+                    pids.iter().map(|&p| system::cpu_seconds(p)).sum::<f64>() - cpu_before;
                 let peak = pids
                     .iter()
                     .map(|&p| system::memory(p).peak_mib)
@@ -274,7 +287,8 @@ impl Bench<'_> {
                 .await
         } else {
             async {
-                let (_pool, publishing) = amqp::connect(&s.amqp_url, "bench bare publisher").await?;
+                let (_pool, publishing) =
+                    amqp::connect(&s.amqp_url, "bench bare publisher").await?;
                 let elapsed =
                     bare::publish(&publishing, &topology.names, s.jobs, s.size, s.window, None)
                         .await;
@@ -363,7 +377,9 @@ async fn wait_for_consumers(channel: &Channel, queue: &str, count: usize) -> any
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("{count} consumer(s) did not subscribe to {queue} within {CONSUMERS_READY_TIMEOUT:?}; see their logs above");
+            bail!(
+                "{count} consumer(s) did not subscribe to {queue} within {CONSUMERS_READY_TIMEOUT:?}; see their logs above"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -93,15 +93,13 @@ impl Binaries {
         if let Some(rate) = rate {
             command.args(["--rate", &format!("{rate:.1}")]);
         }
-        let output = command
-            .output()
-            .await
-            .context("cannot run producer")?;
+        let output = command.output().await.context("cannot run producer")?;
         let stderr = String::from_utf8_lossy(&output.stderr);
         if !output.status.success() {
             bail!("producer failed ({}): {stderr}", output.status);
         }
-        summary_rate(&stderr).with_context(|| format!("no summary in the producer's output: {stderr}"))
+        summary_rate(&stderr)
+            .with_context(|| format!("no summary in the producer's output: {stderr}"))
     }
 }
 
@@ -169,7 +167,12 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|t| t.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / TICKS_PER_SECOND
 }
 
@@ -194,7 +197,8 @@ mod tests {
 
     #[test]
     fn reads_the_producer_summary() {
-        let out = "WARN something\nsent 10000, confirmed 10000, failed 0, elapsed 2.000s, 5000 jobs/s\n";
+        let out =
+            "WARN something\nsent 10000, confirmed 10000, failed 0, elapsed 2.000s, 5000 jobs/s\n";
         assert_eq!(summary_rate(out), Some(5000.0));
         assert_eq!(summary_rate("nothing"), None);
     }

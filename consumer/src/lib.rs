@@ -3,17 +3,18 @@
 //! The data flow, one file per step:
 //!
 //! ```text
-//! broker ──▶ intake ──▶ bounded queue ──▶ worker × concurrency ──▶ settle ──▶ ack
-//!  (prefetch)  intake.rs   (async-channel)    worker.rs              settle.rs
+//! broker ──▶ intake ──▶ bounded queue ──▶ worker × concurrency ──▶ settle ──▶ confirm ──▶ ack
+//!  (prefetch)  intake.rs   (async-channel)    worker.rs          (publish)   confirm.rs
 //!                                               │ envelope.rs: size, UTF-8, JSON, schema, kind
 //!                                               │ shared::recent: a repeat of a completed job?
 //!                                               │ registry.rs: kind → chain
 //!                                               └ stage.rs:    decode → analyze → digest
 //! ```
 //!
-//! `settle` publishes the result (or dead letter) and waits for the broker's confirm before
-//! it acks, so a job is acked only once what it produced is safely stored. `session.rs` owns
-//! one connection's life; `run` starts a new session whenever a connection is lost.
+//! `settle` publishes the result (or retry copy, or dead letter) and the worker moves on;
+//! `confirm` waits for the broker's confirm and only then acks, so a job is acked only once
+//! what it produced is safely stored. `session.rs` owns one connection's life; `run` starts a
+//! new session whenever a connection is lost.
 
 pub mod confirm;
 pub mod envelope;

@@ -146,8 +146,11 @@ pub async fn run(
         settler,
         recent: Arc::clone(&shared.recent),
         metrics: shared.metrics.clone(),
+        limit: usize::from(settings.prefetch / 4).max(1),
     };
-    shared.workers.spawn(confirmer.run(confirms_rx, lost.clone()));
+    shared
+        .workers
+        .spawn(confirmer.run(confirms_rx, lost.clone()));
     shared.readiness.set(State::Consuming);
 
     if let Err(error) = intake::run(consumer, queue_tx, shutdown.clone()).await {

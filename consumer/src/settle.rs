@@ -2,8 +2,8 @@
 //! confirmed it, ack the delivery.
 //!
 //! A worker calls [`Settler::publish`] and gets a [`Confirming`] future back at once; the
-//! [`crate::confirm`] task awaits it and calls [`Settler::settle`]. If any publish fails, the
-//! delivery is nacked back onto the queue (or, when the connection is gone, simply left
+//! [`crate::confirm`] task awaits it and acks. If any publish fails, [`Settler::requeue`] nacks
+//! the delivery back onto the queue (or, when the connection is gone, simply left
 //! unacked, which the broker treats the same way), so a job is never acked without its result
 //! or dead letter safely stored.
 
@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use deadpool_lapin::lapin::{
     BasicProperties, Channel,
     message::Delivery,
-    options::{BasicAckOptions, BasicNackOptions},
+    options::BasicNackOptions,
     types::{AMQPValue, FieldTable, ShortString},
 };
 use shared::{
@@ -96,8 +96,9 @@ impl Settler {
         }
     }
 
-    /// Counts a settled outcome under the `kind` label.
-    fn count(&self, outcome: &Outcome, kind: &str) {
+    /// Counts an acked outcome under the `kind` label: a kind this consumer serves, or
+    /// [`crate::metrics::UNKNOWN_KIND`].
+    pub fn count(&self, outcome: &Outcome, kind: &str) {
         let m = &self.metrics;
         match outcome {
             Outcome::Completed(result) if result.replayed => {
@@ -150,39 +151,17 @@ impl Settler {
         }
     }
 
-    /// Settles `delivery` once its publishes are `confirmed`: acks it, or nacks it with
-    /// requeue when a publish failed. Returns whether the delivery was acked. `kind` is the
-    /// metrics label: a kind this consumer serves, or [`crate::metrics::UNKNOWN_KIND`].
-    pub async fn settle(
-        &self,
-        delivery: Delivery,
-        outcome: &Outcome,
-        kind: &str,
-        confirmed: Result<(), PublishError>,
-    ) -> bool {
-        match confirmed {
-            Ok(()) => match delivery.acker.ack(BasicAckOptions::default()).await {
-                Ok(_) => {
-                    self.count(outcome, kind);
-                    true
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "ack failed; the broker will redeliver the job");
-                    false
-                }
-            },
-            Err(error) => {
-                tracing::error!(%error, "publish not confirmed; returning the job to the queue");
-                self.metrics.requeued.inc();
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                };
-                if let Err(error) = delivery.acker.nack(requeue).await {
-                    tracing::warn!(%error, "nack failed; the broker will redeliver the job");
-                }
-                false
-            }
+    /// Returns `delivery` to the queue after one of its publishes failed: it is never acked
+    /// without its result or dead letter stored.
+    pub async fn requeue(&self, delivery: &Delivery, error: &PublishError) {
+        tracing::error!(%error, "publish not confirmed; returning the job to the queue");
+        self.metrics.requeued.inc();
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        if let Err(error) = delivery.acker.nack(requeue).await {
+            tracing::warn!(%error, "nack failed; the broker will redeliver the job");
         }
     }
 

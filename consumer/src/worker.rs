@@ -20,10 +20,10 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
+    confirm::Settling,
     envelope::{self, Rejection},
     metrics::{Metrics, UNKNOWN_KIND},
     registry::Registry,
-    confirm::Settling,
     settle::{Outcome, ResultMessage, Settler},
     stage::{Payload, Trace},
 };
@@ -152,7 +152,14 @@ impl Worker {
         let outcome = match ran {
             Ok(output) => {
                 tracing::debug!("job completed");
-                Outcome::Completed(result(job.id, job.kind, Some(job.created_at), Ok(&output), attempt, stages))
+                Outcome::Completed(result(
+                    job.id,
+                    job.kind,
+                    Some(job.created_at),
+                    Ok(&output),
+                    attempt,
+                    stages,
+                ))
             }
             Err(failure) if failure.error.is_retryable() && attempt < self.max_attempts => {
                 tracing::warn!(stage = %failure.stage, error = %failure.error, "attempt failed; retrying");
@@ -171,7 +178,14 @@ impl Worker {
                 };
                 tracing::warn!(stage = %failure.stage, error = %reason, "job failed");
                 Outcome::Dead {
-                    result: Some(result(job.id, job.kind, Some(job.created_at), Err(&reason), attempt, stages)),
+                    result: Some(result(
+                        job.id,
+                        job.kind,
+                        Some(job.created_at),
+                        Err(&reason),
+                        attempt,
+                        stages,
+                    )),
                     reason,
                     stage: failure.stage.into_owned(),
                     attempts: attempt,

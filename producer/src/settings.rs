@@ -202,7 +202,9 @@ impl Settings {
 fn parse_rate(value: &str) -> Result<f64, String> {
     match value.parse::<f64>() {
         Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
-        _ => Err(format!("expected a positive number of jobs per second, got {value:?}")),
+        _ => Err(format!(
+            "expected a positive number of jobs per second, got {value:?}"
+        )),
     }
 }
 

@@ -110,7 +110,10 @@ pub fn count(text: &str) -> Counts {
         if trimmed.is_empty() {
             continue;
         }
-        let word = if trimmed.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
+        let word = if trimmed
+            .bytes()
+            .all(|b| b.is_ascii() && !b.is_ascii_uppercase())
+        {
             Cow::Borrowed(trimmed)
         } else {
             Cow::Owned(trimmed.to_lowercase())
