@@ -118,3 +118,41 @@ async fn bench_sleep_is_built_in_and_bounded() {
     consumer.stop().await.unwrap();
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_job_does_not_hold_back_the_acks_of_the_others() {
+    // Arrange: prefetch 8. Acks are batched over runs of confirmed delivery tags; if the quick
+    // jobs behind the slow one (tag 1) waited for its ack, no more than 7 of them could be
+    // delivered before it finished.
+    let app = TestApp::new().await;
+    let mut settings = app.consumer_settings();
+    settings.prefetch = 8;
+    settings.concurrency = 4;
+    let slow_ms = 8_000;
+    app.publish_many("bench.sleep", [json!({ "ms": slow_ms })])
+        .await;
+    app.publish_many(
+        "text.analyze",
+        (0..100).map(|i| json!({ "text": format!("quick job {i}") })),
+    )
+    .await;
+
+    // Act
+    let started = std::time::Instant::now();
+    let consumer = app.spawn_consumer(settings, Registry::builtin());
+    let quick = app.results(100).await;
+
+    // Assert: all 100 quick results arrived while the slow job still slept, then the slow one
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(slow_ms * 3 / 4),
+        "the quick jobs took {waited:?}: held back by the slow one"
+    );
+    assert!(quick.iter().all(|r| r.json()["kind"] == "text.analyze"));
+    let slow = app.results(1).await;
+    assert_eq!(slow[0].json()["kind"], "bench.sleep");
+    assert_eq!(slow[0].json()["status"], "ok");
+    consumer.stop().await.unwrap();
+    assert_eq!(app.depth(&app.topology.names.work_queue).await, 0);
+    app.teardown().await;
+}

@@ -95,6 +95,12 @@ async fn run_end_to_end(queue_type: QueueType, n: usize) {
         assert_eq!(result["kind"], "text.analyze");
         assert_eq!(result["error"], Value::Null);
         assert_eq!(result["attempts"], 1);
+        let at = |field: &str| {
+            let text = result[field].as_str().unwrap();
+            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                .unwrap()
+        };
+        assert!(at("job_created_at") <= at("finished_at"), "{result}");
         assert!(seen.insert(result["job_id"].as_str().unwrap().to_owned()));
         let digest = result["output"]["sha256"].as_str().unwrap();
         assert_eq!(result["output"], by_digest[digest], "output mismatch");
@@ -137,4 +143,36 @@ async fn jobs_run_end_to_end_on_quorum_queues() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_end_to_end_on_classic_queues() {
     run_end_to_end(QueueType::Classic, 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_rate_spaces_the_publishes_evenly() {
+    // Arrange: 20 jobs at 40 per second are 19 gaps of 25 ms
+    let app = TestApp::new().await;
+    let mut settings = Settings::new(
+        app.common.clone(),
+        Source::Synthetic {
+            count: 20,
+            size: 100,
+        },
+    );
+    settings.rate = Some(40.0);
+
+    // Act
+    let summary = within(
+        "the producer",
+        producer::run(settings, std::io::sink(), CancellationToken::new()),
+    )
+    .await
+    .unwrap();
+
+    // Assert
+    assert!(summary.success(), "{summary}");
+    assert_eq!(summary.confirmed, 20);
+    assert!(
+        summary.elapsed >= std::time::Duration::from_millis(19 * 25),
+        "20 jobs at 40/s took only {:?}",
+        summary.elapsed
+    );
+    app.teardown().await;
 }
