@@ -1,8 +1,9 @@
-//! The last step of the data flow: waits for the broker's confirms of what the workers
-//! published, then acks the deliveries (or nacks them back onto the queue).
+//! The last steps of the data flow: sends what each job produced, waits for the broker's
+//! confirms, then acks the deliveries (or nacks them back onto the queue).
 //!
-//! Confirms are pipelined: a worker publishes, hands the delivery and its [`Confirming`]
-//! future here, and takes its next job at once. So `concurrency` bounds how many jobs run
+//! Publishes and confirms are pipelined: a worker hands the delivery and its [`Confirming`]
+//! future (the publishes of its outcome, not sent yet) here, and takes its next job at once;
+//! this task sends them, waits for the broker's confirms and acks. So `concurrency` bounds how many jobs run
 //! through their chains at a time, not how many results wait for the broker; that is bounded
 //! by the prefetch, as every delivery waiting here is still unacked.
 //!

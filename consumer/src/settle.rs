@@ -115,31 +115,28 @@ impl Settler {
         }
     }
 
-    /// Publishes what `outcome` requires and returns, without waiting, a future that resolves
-    /// once the broker has confirmed every one of those publishes (or one failed, or
-    /// [`CONFIRM_TIMEOUT`] passed). Publishing is cheap; the confirm is the slow part, so the
-    /// worker hands this future on and takes its next job while the broker confirms.
-    pub async fn publish(&self, delivery: &Delivery, outcome: &Outcome) -> Confirming {
+    /// The publishes `outcome` requires, as one future that sends them and resolves once the
+    /// broker has confirmed every one (or one failed, or [`CONFIRM_TIMEOUT`] passed). Nothing
+    /// is sent until it is polled: the worker hands it to [`crate::confirm`] and takes its next
+    /// job, so neither the send nor the confirm holds up the chains.
+    pub fn publish(self: &Arc<Self>, delivery: &Delivery, outcome: &Outcome) -> Confirming {
         match outcome {
-            Outcome::Completed(result) => self.publish_result(result).await,
+            Outcome::Completed(result) => self.publish_result(result),
             Outcome::Retry {
                 next_attempt,
                 delay,
                 wait,
-            } => {
-                self.publish_retry(delivery, *next_attempt, *delay, *wait)
-                    .await
-            }
+            } => self.publish_retry(delivery, *next_attempt, *delay, *wait),
             Outcome::Dead {
                 reason,
                 stage,
                 attempts,
                 result,
             } => {
-                let dead = self.publish_dead(delivery, reason, stage, *attempts).await;
+                let dead = self.publish_dead(delivery, reason, stage, *attempts);
                 match result {
                     Some(result) => {
-                        let result = self.publish_result(result).await;
+                        let result = self.publish_result(result);
                         Box::pin(async move {
                             let (dead, result) = futures::join!(dead, result);
                             dead.and(result)
@@ -165,20 +162,19 @@ impl Settler {
         }
     }
 
-    async fn publish_result(&self, result: &ResultMessage) -> Confirming {
+    fn publish_result(self: &Arc<Self>, result: &ResultMessage) -> Confirming {
         self.send(
             &self.names.results_exchange,
             routing_key(&result.kind),
-            &result.body,
+            Arc::clone(&result.body),
             result_properties(result.job_id),
         )
-        .await
     }
 
     /// Parks the job in the retry queue for `delay`, with `x-attempt` = `next_attempt` and a
     /// per-message expiration of `wait`; the broker then dead-letters it back to the work queue.
-    async fn publish_retry(
-        &self,
+    fn publish_retry(
+        self: &Arc<Self>,
         delivery: &Delivery,
         next_attempt: u32,
         delay: Duration,
@@ -195,14 +191,13 @@ impl Settler {
             .with_headers(headers)
             .with_expiration(wait.as_millis().to_string().as_str().into());
         let queue = self.names.retry_queue(delay);
-        self.send("", routing_key(&queue), &delivery.data, properties)
-            .await
+        self.send("", routing_key(&queue), delivery.data.clone(), properties)
     }
 
     /// Publishes the original body byte for byte, with the original properties and the
     /// failure headers added.
-    async fn publish_dead(
-        &self,
+    fn publish_dead(
+        self: &Arc<Self>,
         delivery: &Delivery,
         reason: &str,
         stage: &str,
@@ -219,25 +214,31 @@ impl Settler {
         self.send(
             &self.names.dead_exchange,
             delivery.routing_key.clone(),
-            &delivery.data,
+            delivery.data.clone(),
             properties,
         )
-        .await
     }
 
-    async fn send(
-        &self,
+    fn send(
+        self: &Arc<Self>,
         exchange: &str,
         routing_key: ShortString,
-        body: &[u8],
+        body: impl AsRef<[u8]> + Send + 'static,
         properties: BasicProperties,
     ) -> Confirming {
-        let sent = self
-            .channel
-            .basic_publish(exchange.into(), routing_key, mandatory(), body, properties)
-            .await;
+        let this = Arc::clone(self);
+        let exchange = ShortString::from(exchange);
         Box::pin(async move {
-            let confirm = sent?;
+            let confirm = this
+                .channel
+                .basic_publish(
+                    exchange,
+                    routing_key,
+                    mandatory(),
+                    body.as_ref(),
+                    properties,
+                )
+                .await?;
             match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
                 Ok(confirmation) => check_confirmation(confirmation?),
                 Err(_) => Err(PublishError::TimedOut(CONFIRM_TIMEOUT)),

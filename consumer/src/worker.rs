@@ -51,8 +51,9 @@ pub struct Worker {
 
 impl Worker {
     /// Processes deliveries until the queue is closed and empty, or until `lost` fires (the
-    /// session's connection is gone): runs the chain, publishes the outcome and hands the
-    /// delivery to the [`crate::confirm`] task, which acks it once the broker confirms.
+    /// session's connection is gone): runs the chain and hands the delivery, with the publishes
+    /// its outcome requires, to the [`crate::confirm`] task, which sends them and acks the
+    /// delivery once the broker confirms.
     pub async fn run(
         self: Arc<Self>,
         queue: async_channel::Receiver<Delivery>,
@@ -74,7 +75,7 @@ impl Worker {
             self.metrics.in_flight.inc();
             let work = async {
                 let (outcome, kind) = self.process(&delivery).await;
-                let confirming = self.settler.publish(&delivery, &outcome).await;
+                let confirming = self.settler.publish(&delivery, &outcome);
                 let settling = Settling {
                     delivery,
                     outcome,
