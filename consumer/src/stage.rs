@@ -21,7 +21,7 @@
 //! ```
 //!
 //! Running a chain records each stage's wall time in a [`Trace`], runs each stage inside a
-//! `stage` tracing span, and bounds each stage by its [`Stage::timeout`] (or the consumer's
+//! `stage` tracing span (debug level), and bounds each stage by its [`Stage::timeout`] (or the consumer's
 //! default), so a stuck stage becomes a retryable error instead of a stuck delivery. A stage
 //! that panics fails its job permanently; the worker lives on.
 
@@ -168,7 +168,9 @@ impl<S: Stage> Chain for S {
     ) -> Result<S::Output, ChainFailure> {
         let name = self.name();
         let limit = self.timeout().unwrap_or(trace.default_timeout);
-        let span = tracing::info_span!("stage", stage = name);
+        // Debug level: at the default `info` filter the per-job `job` span (id, kind, attempt)
+        // is enough context, and three more spans per job cost more than the stages themselves.
+        let span = tracing::debug_span!("stage", stage = name);
         let started = Instant::now();
         // A panicking stage is a bug in that stage, not in the consumer: it fails this job
         // permanently instead of killing the worker task and stranding its delivery.
