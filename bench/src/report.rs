@@ -161,6 +161,8 @@ pub(crate) fn markdown(
          - **system**: the real `producer` (window {window}) and `consumer` processes (prefetch \
          {prefetch}), on the same topology: jobs exchange → work queue, results exchange → durable \
          results queue + the bench's collector queue.\n\
+         - every run has a namespace of its own, deleted after it, then a {pause} ms pause so \
+         that the broker's cleanup does not land on the next run.\n\
          - end to end: first publish to last result; latency: each job's `created_at` to its \
          result's arrival at the collector. \"half rate\": jobs published evenly at half the row's \
          own full-speed median (`producer --rate`), {half_jobs} jobs.\n\
@@ -174,6 +176,7 @@ pub(crate) fn markdown(
         window = settings.window,
         prefetch = settings.prefetch,
         half_jobs = (settings.jobs / 2).max(1000),
+        pause = settings.pause_ms,
     );
     if !publishers.is_empty() {
         let _ = writeln!(

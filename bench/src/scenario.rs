@@ -180,6 +180,7 @@ impl Bench<'_> {
             .await;
         teardown(&channel, &topology).await;
         let _ = channel.close(200, "run done".into()).await;
+        tokio::time::sleep(Duration::from_millis(self.settings.pause_ms)).await;
         outcome
     }
 
@@ -299,6 +300,7 @@ impl Bench<'_> {
         };
         teardown(&channel, &topology).await;
         let _ = channel.close(200, "run done".into()).await;
+        tokio::time::sleep(Duration::from_millis(s.pause_ms)).await;
         rate
     }
 

@@ -57,6 +57,12 @@ pub(crate) struct Settings {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub(crate) half_rate: bool,
 
+    /// Pause after each run, in milliseconds, so that the broker's cleanup of the run's deleted
+    /// queues (quorum queues delete their segment files in the background) does not land on the
+    /// next run.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) pause_ms: u64,
+
     /// Where the `producer` and `consumer` binaries are; defaults to the bench's own directory
     /// (`target/release` after `cargo build --release`).
     #[arg(long)]
