@@ -390,30 +390,19 @@ async fn wait_for_consumers(channel: &Channel, queue: &str, count: usize) -> any
 /// Deletes every queue and exchange of the run's namespace, retry queues included.
 async fn teardown(channel: &Channel, topology: &Topology) {
     let n = &topology.names;
-    let common = CommonSettings::new("");
-    let retry_queues: Vec<String> = consumer::Settings::new(common)
-        .retry_delays()
-        .buckets()
+    let delays = consumer::Settings::new(CommonSettings::new("")).retry_delays();
+    let queues = n
+        .queues(&delays)
         .into_iter()
-        .map(|delay| n.retry_queue(delay))
-        .collect();
-    let collector = collect::queue_name(n);
-    for queue in [&n.work_queue, &n.results_queue, &n.dead_queue, &collector]
-        .into_iter()
-        .chain(&retry_queues)
-    {
+        .chain([collect::queue_name(n)]);
+    for queue in queues {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    for exchange in [
-        &n.jobs_exchange,
-        &n.unrouted_exchange,
-        &n.results_exchange,
-        &n.dead_exchange,
-    ] {
+    for exchange in n.exchanges() {
         let _ = channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
             .await;
     }
 }

@@ -113,6 +113,28 @@ impl Names {
     pub fn retry_queue(&self, delay: Duration) -> String {
         format!("{}.retry.{}ms", self.work_queue, delay.as_millis())
     }
+
+    /// Every exchange of the namespace, for tools that delete one.
+    #[must_use]
+    pub fn exchanges(&self) -> [&str; 4] {
+        [
+            &self.jobs_exchange,
+            &self.unrouted_exchange,
+            &self.results_exchange,
+            &self.dead_exchange,
+        ]
+    }
+
+    /// Every queue of the namespace's default work queue, with the retry queues of `delays`,
+    /// for tools that delete one.
+    #[must_use]
+    pub fn queues(&self, delays: &RetryDelays) -> Vec<String> {
+        [&self.work_queue, &self.results_queue, &self.dead_queue]
+            .into_iter()
+            .cloned()
+            .chain(delays.buckets().into_iter().map(|d| self.retry_queue(d)))
+            .collect()
+    }
 }
 
 /// The delays retries wait, from `base` doubling up to `max`: the retry queue buckets.

@@ -525,34 +525,21 @@ impl TestApp {
             base: TEST_RETRY_BASE,
             max: TEST_RETRY_MAX,
         };
-        let retry_queues: Vec<String> = test_delays
-            .buckets()
+        let default_delays = consumer::Settings::new(self.common.clone()).retry_delays();
+        let queues = n
+            .queues(&test_delays)
             .into_iter()
-            .chain(
-                consumer::Settings::new(self.common.clone())
-                    .retry_delays()
-                    .buckets(),
-            )
-            .map(|delay| n.retry_queue(delay))
-            .collect();
-        for queue in [&n.work_queue, &n.results_queue, &n.dead_queue]
-            .into_iter()
-            .chain(&retry_queues)
-        {
+            .chain(n.queues(&default_delays));
+        for queue in queues {
             let _ = self
                 .channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for exchange in [
-            &n.jobs_exchange,
-            &n.unrouted_exchange,
-            &n.results_exchange,
-            &n.dead_exchange,
-        ] {
+        for exchange in n.exchanges() {
             let _ = self
                 .channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
                 .await;
         }
         let _ = self.connection.close(200, "test done".into()).await;
