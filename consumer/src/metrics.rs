@@ -10,7 +10,7 @@
 //! | `consumer_jobs_replayed_total` | counter | `kind`: repeats answered from the recent-results window |
 //! | `consumer_jobs_requeued_total` | counter | deliveries nacked back because a publish was not confirmed |
 //! | `consumer_stage_duration_seconds` | histogram | `kind`, `stage` |
-//! | `consumer_jobs_in_flight` | gauge | jobs being processed now |
+//! | `consumer_jobs_in_flight` | gauge | jobs taken and not yet acked: in a chain or awaiting the broker's confirm |
 //! | `consumer_queue_depth` | gauge | deliveries waiting in the in-process queue |
 //! | `consumer_reconnects_total` | counter | connections lost and made again |
 //!
@@ -49,7 +49,7 @@ pub struct Metrics {
     pub requeued: IntCounter,
     /// Wall time of each stage, by kind and stage.
     pub stage_seconds: HistogramVec,
-    /// Jobs being processed now.
+    /// Jobs taken and not yet acked: in a chain, or awaiting the broker's confirm.
     pub in_flight: IntGauge,
     /// Deliveries waiting in the in-process queue (set at scrape time).
     pub queue_depth: IntGauge,
@@ -113,8 +113,11 @@ impl Metrics {
             &["kind", "stage"],
         )
         .expect("valid histogram");
-        let in_flight = IntGauge::new("consumer_jobs_in_flight", "Jobs being processed now.")
-            .expect("valid gauge");
+        let in_flight = IntGauge::new(
+            "consumer_jobs_in_flight",
+            "Jobs taken and not yet acked: in a chain, or awaiting the broker's confirm.",
+        )
+        .expect("valid gauge");
         let queue_depth = IntGauge::new(
             "consumer_queue_depth",
             "Deliveries waiting in the in-process queue.",

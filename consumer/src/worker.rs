@@ -1,6 +1,6 @@
 //! A worker takes deliveries from the in-process queue, runs each through its kind's chain
-//! inside a span carrying the job id, kind and attempt, and hands the outcome to the
-//! [`Settler`].
+//! inside a span carrying the job id, kind and attempt, and hands the delivery, with the
+//! publishes its outcome requires ([`Settler::publish`]), to the [`crate::confirm`] task.
 
 use std::{sync::Arc, time::Duration};
 
