@@ -8,7 +8,7 @@
 //! by the prefetch, as every delivery waiting here is still unacked.
 //!
 //! Acks are batched without ever covering an unconfirmed job. Delivery tags on a channel are
-//! consecutive, so [`Watermark`] knows every tag up to the highest it has seen; one
+//! consecutive, so the `Watermark` knows every tag up to the highest it has seen; one
 //! `multiple` ack goes out for the longest run of tags above the last settled one whose
 //! results are all confirmed. A tag not seen yet is still in a worker and stops the run. When
 //! a slow job holds the run back for long (`limit` confirmed deliveries wait behind it), those
