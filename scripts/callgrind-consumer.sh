@@ -30,5 +30,5 @@ wait "$pid" || true
 for q in $(rabbitmqctl list_queues name -q 2>/dev/null | grep "^$JOBS_NAMESPACE\."); do
   rabbitmqctl delete_queue "$q" >/dev/null 2>&1 || true
 done
-callgrind_annotate "$out" 2>/dev/null | grep -m1 'PROGRAM TOTALS'
+callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ && !done { print; done = 1 }'
 echo "profile: $out (callgrind_annotate --inclusive=yes $out)"

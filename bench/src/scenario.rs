@@ -32,6 +32,8 @@ use crate::{
 const RESULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for consumer processes to subscribe.
 const CONSUMERS_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Consumer concurrency of the memory run: the largest of the matrix.
+const MEMORY_RUN_CONCURRENCY: usize = 128;
 /// Longest wait for a consumer to stop after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -163,6 +165,22 @@ pub(crate) async fn run_all(settings: &Settings) -> anyhow::Result<String> {
 }
 
 impl Bench<'_> {
+    /// A fresh namespace on `queue_type` queues, its topology declared, and a channel on it.
+    async fn open(&self, queue_type: QueueType) -> anyhow::Result<(String, Topology, Channel)> {
+        let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let topology = Topology::new(&namespace, queue_type, DEFAULT_DELIVERY_LIMIT);
+        let channel = self.admin.create_channel().await?;
+        topology.declare(&channel).await?;
+        Ok((namespace, topology, channel))
+    }
+
+    /// Deletes what [`Bench::open`] declared, then pauses (see [`Settings::pause_ms`]).
+    async fn close(&self, topology: &Topology, channel: Channel) {
+        teardown(&channel, topology).await;
+        let _ = channel.close(200, "run done".into()).await;
+        tokio::time::sleep(Duration::from_millis(self.settings.pause_ms)).await;
+    }
+
     /// One run: `jobs` jobs at full speed, or at `rate` per second.
     async fn run(
         &self,
@@ -171,16 +189,11 @@ impl Bench<'_> {
         jobs: u64,
         rate: Option<f64>,
     ) -> anyhow::Result<Sample> {
-        let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
-        let topology = Topology::new(&namespace, queue_type, DEFAULT_DELIVERY_LIMIT);
-        let channel = self.admin.create_channel().await?;
-        topology.declare(&channel).await?;
+        let (namespace, topology, channel) = self.open(queue_type).await?;
         let outcome = self
             .measure(scenario, &namespace, &topology, &channel, jobs, rate)
             .await;
-        teardown(&channel, &topology).await;
-        let _ = channel.close(200, "run done".into()).await;
-        tokio::time::sleep(Duration::from_millis(self.settings.pause_ms)).await;
+        self.close(&topology, channel).await;
         outcome
     }
 
@@ -273,10 +286,7 @@ impl Bench<'_> {
     /// publisher, and returns the confirmed jobs per second.
     async fn publish_only(&self, queue_type: QueueType, producer: bool) -> anyhow::Result<f64> {
         let s = self.settings;
-        let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
-        let topology = Topology::new(&namespace, queue_type, DEFAULT_DELIVERY_LIMIT);
-        let channel = self.admin.create_channel().await?;
-        topology.declare(&channel).await?;
+        let (namespace, topology, channel) = self.open(queue_type).await?;
         let rate = if producer {
             let env = Env {
                 amqp_url: &s.amqp_url,
@@ -298,20 +308,15 @@ impl Bench<'_> {
             }
             .await
         };
-        teardown(&channel, &topology).await;
-        let _ = channel.close(200, "run done".into()).await;
-        tokio::time::sleep(Duration::from_millis(s.pause_ms)).await;
+        self.close(&topology, channel).await;
         rate
     }
 
     /// One consumer with `in_flight` prefetch through `jobs` jobs, its RSS sampled as it goes.
     async fn memory_run(&self, jobs: u64) -> anyhow::Result<MemoryRun> {
         let s = self.settings;
-        let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
         let queue_type = s.queue_types.first().copied().unwrap_or_default();
-        let topology = Topology::new(&namespace, queue_type, DEFAULT_DELIVERY_LIMIT);
-        let channel = self.admin.create_channel().await?;
-        topology.declare(&channel).await?;
+        let (namespace, topology, channel) = self.open(queue_type).await?;
         let outcome = async {
             let queue = collect::subscribe(&channel, &topology.names).await?;
             let mut collector = tokio::spawn(collect::collect(
@@ -325,7 +330,7 @@ impl Bench<'_> {
                 namespace: &namespace,
                 queue_type,
             };
-            let concurrency = 128;
+            let concurrency = MEMORY_RUN_CONCURRENCY;
             let child = self.binaries.consumer(&env, concurrency, s.in_flight)?;
             let pid = child.id().context("consumer exited at once")?;
             wait_for_consumers(&channel, &topology.names.work_queue, 1).await?;
@@ -359,7 +364,7 @@ impl Bench<'_> {
             })
         }
         .await;
-        teardown(&channel, &topology).await;
+        self.close(&topology, channel).await;
         outcome
     }
 }
