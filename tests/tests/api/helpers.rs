@@ -336,12 +336,7 @@ impl TestApp {
         let mut read = 0;
         within(&format!("results for {} jobs", ids.len()), async {
             while seen.len() < ids.len() {
-                let delivery = consumer.next().await.expect("consumer ended").unwrap();
-                delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .unwrap();
+                let delivery = next_acked(&mut consumer).await;
                 let result: Value = serde_json::from_slice(&delivery.data).unwrap();
                 let id: Uuid = result["job_id"].as_str().unwrap().parse().unwrap();
                 assert!(
@@ -444,12 +439,7 @@ impl TestApp {
         let mut out = Vec::with_capacity(n);
         within(&format!("{n} messages on {queue}"), async {
             while out.len() < n {
-                let delivery = consumer.next().await.expect("consumer ended").unwrap();
-                delivery
-                    .acker
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .unwrap();
+                let delivery = next_acked(&mut consumer).await;
                 out.push(Message {
                     body: delivery.data,
                     properties: delivery.properties,
@@ -544,6 +534,17 @@ impl TestApp {
         }
         let _ = self.connection.close(200, "test done".into()).await;
     }
+}
+
+/// The next delivery of `consumer`, acked.
+async fn next_acked(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    let delivery = consumer.next().await.expect("consumer ended").unwrap();
+    delivery
+        .acker
+        .ack(BasicAckOptions::default())
+        .await
+        .unwrap();
+    delivery
 }
 
 /// A message read back from a queue.
