@@ -13,6 +13,15 @@
 //! results are all confirmed. A tag not seen yet is still in a worker and stops the run. When
 //! a slow job holds the run back for long (`limit` confirmed deliveries wait behind it), those
 //! are acked one by one instead, so a slow job never stalls the prefetch window.
+//!
+//! When a publish is not confirmed, what happens depends on the channel. On a live channel
+//! (the message was returned, nacked, or its confirm timed out) the job goes to a retry queue
+//! unchanged ([`Outcome::Deferred`]) and comes back after a delay, so a failure that repeats
+//! does not spin; only if that copy fails too is the delivery nacked back. When the broker
+//! closed the publish channel (a deleted exchange, a message over `max_message_size`, a
+//! revoked permission), nothing more can be published on it: the session ends and the consumer
+//! reconnects with backoff, declaring the topology again. A job whose own result was over
+//! `max_message_size` is remembered, so its redelivery is dead-lettered, not run again.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -23,13 +32,16 @@ use deadpool_lapin::lapin::{Acker, message::Delivery, options::BasicAckOptions};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use shared::{
     amqp::PublishError,
+    reason::Reason,
     recent::{Body, Recent},
+    topology::RetryDelays,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     metrics::Metrics,
+    session::Ending,
     settle::{Confirming, Outcome, Settler},
 };
 
@@ -43,6 +55,9 @@ pub struct Settling {
     pub kind: String,
     /// Resolves once every publish of `outcome` is confirmed.
     pub confirming: Confirming,
+    /// Size of the largest message `outcome` publishes, to tell which job the broker refused
+    /// when it closes the channel over a message's size.
+    pub largest: usize,
 }
 
 impl std::fmt::Debug for Settling {
@@ -102,6 +117,13 @@ pub struct Confirmer {
     /// Confirmed deliveries allowed to wait behind an unconfirmed one before they are acked
     /// one by one.
     pub limit: usize,
+    /// How long a job whose outcome could not be published waits before it comes back.
+    pub retry_delays: RetryDelays,
+    /// Jobs whose result the broker refused for good, shared with the workers of later
+    /// sessions.
+    pub refused: Arc<Recent<Reason>>,
+    /// Ends the session when the publish channel is gone.
+    pub ending: Ending,
 }
 
 impl std::fmt::Debug for Confirmer {
@@ -112,13 +134,21 @@ impl std::fmt::Debug for Confirmer {
     }
 }
 
-type Confirmed = (Delivery, Outcome, String, Result<(), PublishError>);
+/// A delivery whose publishes have resolved.
+struct Confirmed {
+    delivery: Delivery,
+    outcome: Outcome,
+    kind: String,
+    largest: usize,
+    confirmed: Result<(), PublishError>,
+}
 
 impl Confirmer {
     /// Settles everything sent on `queue` until every sender is gone and every confirm has
     /// arrived, or until `lost` fires: then the deliveries still waiting are dropped unacked,
     /// and the broker redelivers them to the next session.
     pub async fn run(self, mut queue: mpsc::Receiver<Settling>, lost: CancellationToken) {
+        // `lost` and `self.ending` are the same session token; `lost` is what workers see.
         let mut waiting = FuturesUnordered::new();
         let mut marks = Watermark::default();
         let mut open = true;
@@ -126,15 +156,25 @@ impl Confirmer {
             tokio::select! {
                 biased;
                 () = lost.cancelled() => {
-                    let dropped = waiting.len() + marks.ready.len();
+                    // Handed over but not received yet: dropped too, and no longer in flight.
+                    queue.close();
+                    let mut unreceived = 0;
+                    while queue.try_recv().is_ok() {
+                        unreceived += 1;
+                    }
+                    let dropped = waiting.len() + marks.ready.len() + unreceived;
                     self.metrics.in_flight.sub(i64::try_from(dropped).unwrap_or(i64::MAX));
                     return;
                 }
                 Some(confirmed) = waiting.next(), if !waiting.is_empty() => {
-                    self.confirmed(confirmed, &mut marks).await;
+                    if let Some(again) = self.confirmed(confirmed, &mut marks).await {
+                        waiting.push(confirm(again));
+                    }
                     // Take every confirm that has arrived too, so that one ack covers them all.
                     while let Some(Some(confirmed)) = waiting.next().now_or_never() {
-                        self.confirmed(confirmed, &mut marks).await;
+                        if let Some(again) = self.confirmed(confirmed, &mut marks).await {
+                            waiting.push(confirm(again));
+                        }
                     }
                     self.ack(&mut marks, false).await;
                 }
@@ -149,13 +189,18 @@ impl Confirmer {
         self.ack(&mut marks, true).await;
     }
 
-    async fn confirmed(
-        &self,
-        (delivery, outcome, kind, confirmed): Confirmed,
-        marks: &mut Watermark,
-    ) {
+    /// Records a resolved delivery; returns what must be published instead when its
+    /// publishes failed on a live channel.
+    async fn confirmed(&self, confirmed: Confirmed, marks: &mut Watermark) -> Option<Settling> {
+        let Confirmed {
+            delivery,
+            outcome,
+            kind,
+            largest,
+            confirmed,
+        } = confirmed;
         let tag = delivery.delivery_tag;
-        match confirmed {
+        let error = match confirmed {
             Ok(()) => {
                 let ready = Ready {
                     acker: delivery.acker,
@@ -163,13 +208,59 @@ impl Confirmer {
                     kind,
                 };
                 marks.ready.insert(tag, ready);
+                return None;
             }
-            Err(error) => {
-                self.settler.requeue(&delivery, &error).await;
-                self.metrics.in_flight.dec();
-                marks.settled.insert(tag);
-            }
+            Err(error) => error,
+        };
+        if !self.settler.channel_open() {
+            self.remember_if_refused(&delivery, largest, &error);
+            // Left unacked: the session ends, and the broker redelivers it to the next one.
+            self.metrics.in_flight.dec();
+            self.ending.end(Reason::new(format_args!(
+                "the broker closed the publish channel: {error}"
+            )));
+            return None;
         }
+        if matches!(outcome, Outcome::Deferred { .. }) {
+            self.settler.requeue(&delivery, &error).await;
+            self.metrics.in_flight.dec();
+            marks.settled.insert(tag);
+            return None;
+        }
+        let attempt = crate::envelope::attempt(&delivery.properties);
+        let delay = self.retry_delays.after_attempt(attempt);
+        tracing::warn!(%error, ?delay, "publish not confirmed; the job comes back through the retry queue");
+        let deferred = Outcome::Deferred { delay };
+        let confirming = self.settler.publish(&delivery, &deferred);
+        Some(Settling {
+            largest: delivery.data.len(),
+            delivery,
+            outcome: deferred,
+            kind,
+            confirming,
+        })
+    }
+
+    /// When the broker closed the channel over a message's size and this delivery's outcome
+    /// is that message, remembers the job so that its redelivery is dead-lettered.
+    fn remember_if_refused(&self, delivery: &Delivery, largest: usize, error: &PublishError) {
+        let Some(size) = refused_size(error) else {
+            return;
+        };
+        if size != largest {
+            return;
+        }
+        let id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| uuid::Uuid::parse_str(id.as_str()).ok());
+        let Some(id) = id else { return };
+        let reason = Reason::new(format_args!(
+            "the broker refused the job's result of {size} bytes: {error}"
+        ));
+        tracing::warn!(job_id = %id, %reason, "the job will be dead-lettered when it comes back");
+        self.refused.insert(id, reason);
     }
 
     /// Acks the run above the watermark with one `multiple` ack; then, when `limit` confirmed
@@ -215,14 +306,49 @@ async fn confirm(settling: Settling) -> Confirmed {
         outcome,
         kind,
         confirming,
+        largest,
     } = settling;
     let confirmed = confirming.await;
-    (delivery, outcome, kind, confirmed)
+    Confirmed {
+        delivery,
+        outcome,
+        kind,
+        largest,
+        confirmed,
+    }
+}
+
+/// The size of the message the broker refused, when it closed the channel because a message
+/// was over its `max_message_size` ("message size N is larger than configured max size M").
+fn refused_size(error: &PublishError) -> Option<usize> {
+    let text = error.to_string();
+    let (_, rest) = text.split_once("message size ")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    if !rest[digits.len()..].starts_with(" is larger than") {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_refused_size_is_read_from_the_brokers_text() {
+        use deadpool_lapin::lapin::{
+            self,
+            protocol::{AMQPError, AMQPErrorKind, AMQPSoftError},
+        };
+        let amqp = AMQPError::new(
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+            "PRECONDITION_FAILED - message size 2000123 is larger than configured max size 1048576"
+                .into(),
+        );
+        let error = PublishError::Amqp(lapin::Error::from(lapin::ErrorKind::ProtocolError(amqp)));
+        assert_eq!(refused_size(&error), Some(2_000_123));
+        assert_eq!(refused_size(&PublishError::Nacked), None);
+    }
 
     #[test]
     fn the_watermark_stops_at_the_first_unconfirmed_tag() {

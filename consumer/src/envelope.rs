@@ -2,14 +2,16 @@
 //!
 //! In order, and cheapest first: body size (never parsed when too large), content type,
 //! empty body, UTF-8, JSON shape, `schema_version`, and the kind's length. Each failure
-//! is a [`Rejection`] with a specific, human-readable reason for `x-error`, and with the job
-//! id and kind when they can still be read, so a `failed` result can be published.
+//! is a [`Rejection`] with a specific, human-readable reason for `x-error` (a [`Reason`]:
+//! bounded, whatever it quotes), and with the job id and kind when they can still be read, so a
+//! `failed` result can be published.
 
 use deadpool_lapin::lapin::{BasicProperties, message::Delivery, types::AMQPValue};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use shared::{
     headers::{CONTENT_TYPE_JSON, X_ATTEMPT},
+    reason::Reason,
     schema::{Job, MAX_KIND_LEN, SCHEMA_VERSION},
 };
 use uuid::Uuid;
@@ -18,7 +20,7 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
     /// Goes into `x-error`.
-    pub reason: String,
+    pub reason: Reason,
     /// The job id, from the body or the `message_id` property, when readable.
     pub job_id: Option<Uuid>,
     /// The kind, from the body, when readable.
@@ -34,33 +36,33 @@ pub type OpenedJob<'a> = Job<&'a RawValue>;
 /// A [`Rejection`] for every way the message breaks wire contract v1.
 pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>, Rejection> {
     let body = delivery.data.as_slice();
-    let reject = |reason: String| Rejection {
+    let reject = |reason: Reason| Rejection {
         reason,
         job_id: message_id(&delivery.properties),
         kind: None,
     };
     if body.len() > max_body_bytes {
-        return Err(reject(format!(
+        return Err(reject(Reason::new(format_args!(
             "body of {} bytes exceeds the limit of {max_body_bytes} bytes",
             body.len()
-        )));
+        ))));
     }
     if let Some(content_type) = delivery.properties.content_type() {
         if content_type.as_str() != CONTENT_TYPE_JSON {
-            return Err(reject(format!(
+            return Err(reject(Reason::new(format_args!(
                 "content_type {:?} is not {CONTENT_TYPE_JSON:?}",
                 content_type.as_str()
-            )));
+            ))));
         }
     }
     if body.is_empty() {
-        return Err(reject("empty body".to_owned()));
+        return Err(reject(Reason::new("empty body")));
     }
     let text = std::str::from_utf8(body).map_err(|e| {
-        reject(format!(
+        reject(Reason::new(format_args!(
             "body is not valid UTF-8 (invalid byte at offset {})",
             e.valid_up_to()
-        ))
+        )))
     })?;
     let job: OpenedJob<'_> = match serde_json::from_str(text) {
         Ok(job) => job,
@@ -68,14 +70,14 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
     };
     if job.schema_version != SCHEMA_VERSION {
         return Err(Rejection {
-            reason: unsupported_version(&job.schema_version.to_string()),
+            reason: unsupported_version(job.schema_version),
             job_id: Some(job.id),
             kind: Some(job.kind),
         });
     }
     if job.kind.is_empty() || job.kind.len() > MAX_KIND_LEN {
         return Err(Rejection {
-            reason: format!("kind must be 1 to {MAX_KIND_LEN} bytes long"),
+            reason: Reason::new(format_args!("kind must be 1 to {MAX_KIND_LEN} bytes long")),
             job_id: Some(job.id),
             kind: None,
         });
@@ -83,7 +85,10 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
     Ok(job)
 }
 
-/// The attempt number carried by `x-attempt`; 1 when absent or unreadable.
+/// The attempt number carried by `x-attempt`, as the README defines it for any value a client
+/// may send: absent, or not an AMQP integer (a string, a float, a table, ...), counts as 1; an
+/// integer below 1 counts as 1; one above `u32::MAX` counts as `u32::MAX` (so a retryable
+/// failure is final at once). The copies this consumer publishes always carry an integer.
 #[must_use]
 pub fn attempt(properties: &BasicProperties) -> u32 {
     let value = properties
@@ -100,7 +105,7 @@ pub fn attempt(properties: &BasicProperties) -> u32 {
         Some(AMQPValue::LongLongInt(n)) => *n,
         _ => 1,
     };
-    u32::try_from(n).ok().filter(|n| *n >= 1).unwrap_or(1)
+    u32::try_from(n.max(1)).unwrap_or(u32::MAX)
 }
 
 fn message_id(properties: &BasicProperties) -> Option<Uuid> {
@@ -110,8 +115,10 @@ fn message_id(properties: &BasicProperties) -> Option<Uuid> {
         .and_then(|id| Uuid::parse_str(id.as_str()).ok())
 }
 
-fn unsupported_version(found: &str) -> String {
-    format!("unsupported schema_version {found} (this consumer speaks {SCHEMA_VERSION})")
+fn unsupported_version(found: impl std::fmt::Display) -> Reason {
+    Reason::new(format_args!(
+        "unsupported schema_version {found} (this consumer speaks {SCHEMA_VERSION})"
+    ))
 }
 
 /// Turns a failed parse into the most specific reason: a wrong `schema_version` first (a
@@ -143,10 +150,14 @@ fn explain(text: &str, error: &serde_json::Error, properties: &BasicProperties) 
         .map(RawValue::get);
     let reason = match version {
         Some(v) if v != SCHEMA_VERSION.to_string() => unsupported_version(v),
-        _ if error.is_syntax() || error.is_eof() => format!("malformed JSON: {error}"),
+        _ if error.is_syntax() || error.is_eof() => {
+            Reason::new(format_args!("malformed JSON: {error}"))
+        }
         _ => match not_an_object(text) {
-            Some(what) => format!("invalid job: expected a JSON object, got {what}"),
-            None => format!("invalid job: {error}"),
+            Some(what) => Reason::new(format_args!(
+                "invalid job: expected a JSON object, got {what}"
+            )),
+            None => Reason::new(format_args!("invalid job: {error}")),
         },
     };
     Rejection {
@@ -234,7 +245,7 @@ mod tests {
         for (body, expected) in cases {
             let r = reason(&body);
             assert!(
-                r.reason.contains(expected),
+                r.reason.as_str().contains(expected),
                 "{expected:?} not in {:?}",
                 r.reason
             );
@@ -256,7 +267,7 @@ mod tests {
     fn a_foreign_content_type_is_refused() {
         let props = BasicProperties::default().with_content_type("text/plain".into());
         let r = open(&delivery(b"{}", props), 1024).unwrap_err();
-        assert!(r.reason.contains("content_type"), "{}", r.reason);
+        assert!(r.reason.as_str().contains("content_type"), "{}", r.reason);
     }
 
     mod fuzz {
@@ -275,7 +286,10 @@ mod tests {
                     prop_assert_eq!(job.schema_version, SCHEMA_VERSION);
                     prop_assert!(!job.kind.is_empty() && job.kind.len() <= MAX_KIND_LEN);
                 }
-                Err(rejection) => prop_assert!(!rejection.reason.is_empty()),
+                Err(rejection) => {
+                    prop_assert!(!rejection.reason.as_str().is_empty());
+                    prop_assert!(rejection.reason.as_str().len() <= shared::reason::REASON_MAX_LEN);
+                }
             }
             Ok(())
         }
@@ -330,5 +344,43 @@ mod tests {
         let props = BasicProperties::default().with_headers(headers);
         assert_eq!(attempt(&props), 3);
         assert_eq!(attempt(&BasicProperties::default()), 1);
+    }
+
+    #[test]
+    fn a_malformed_attempt_has_a_defined_meaning() {
+        let with = |value: AMQPValue| {
+            let mut headers = FieldTable::default();
+            headers.insert(X_ATTEMPT.into(), value);
+            attempt(&BasicProperties::default().with_headers(headers))
+        };
+        assert_eq!(with(AMQPValue::LongString("3".into())), 1);
+        assert_eq!(with(AMQPValue::FieldTable(FieldTable::default())), 1);
+        assert_eq!(with(AMQPValue::Double(2.0)), 1);
+        assert_eq!(with(AMQPValue::LongLongInt(-5)), 1);
+        assert_eq!(with(AMQPValue::LongLongInt(0)), 1);
+        assert_eq!(with(AMQPValue::LongLongInt(i64::MAX)), u32::MAX);
+        assert_eq!(with(AMQPValue::LongUInt(u32::MAX)), u32::MAX);
+    }
+
+    #[test]
+    fn reasons_that_quote_input_are_bounded() {
+        let huge = "a".repeat(300_000);
+        let id = format!("\"{ID}\"");
+        let cases = [
+            job(&format!("\"{huge}\""), &id, "\"k\""),
+            job("1", &format!("\"{huge}\""), "\"k\""),
+            job("1", &id, &format!("{{\"{huge}\":1}}")),
+            format!("{{\"schema_version\":1,\"id\":{id},\"kind\":\"k\",\"x\":\"{huge}"),
+        ];
+        for body in cases {
+            let d = delivery(body.as_bytes(), BasicProperties::default());
+            let r = open(&d, 1024 * 1024).unwrap_err();
+            assert!(
+                r.reason.as_str().len() <= shared::reason::REASON_MAX_LEN,
+                "{} bytes: {}",
+                r.reason.as_str().len(),
+                &r.reason.as_str()[..100]
+            );
+        }
     }
 }

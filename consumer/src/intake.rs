@@ -17,10 +17,13 @@ pub enum IntakeError {
     /// The broker cancelled the consumer (for example, the queue was deleted).
     #[error("the broker cancelled the consumer")]
     Cancelled,
+    /// The session ended from inside (its publish channel is gone).
+    #[error("the session ended")]
+    Ended,
 }
 
-/// Moves deliveries into `queue` until `shutdown` fires, the workers are gone, or the broker
-/// stops the consumer. A delivery that was read but not queued when shutdown fires is left
+/// Moves deliveries into `queue` until `shutdown` fires, the workers are gone, the session
+/// ends (`ended`), or the broker stops the consumer. A delivery that was read but not queued when shutdown fires is left
 /// unacked, and the broker redelivers it once the channel closes.
 ///
 /// # Errors
@@ -29,11 +32,13 @@ pub async fn run(
     mut consumer: Consumer,
     queue: async_channel::Sender<Delivery>,
     shutdown: CancellationToken,
+    ended: CancellationToken,
 ) -> Result<(), IntakeError> {
     loop {
         let next = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
+            () = ended.cancelled() => return Err(IntakeError::Ended),
             next = consumer.next() => next,
         };
         let delivery = match next {
@@ -44,6 +49,7 @@ pub async fn run(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),
+            () = ended.cancelled() => return Err(IntakeError::Ended),
             sent = queue.send(delivery) => if sent.is_err() { return Ok(()) },
         }
     }

@@ -17,6 +17,7 @@
 //! new session whenever a connection is lost.
 
 pub mod confirm;
+pub mod copy;
 pub mod envelope;
 pub mod http;
 pub mod intake;
@@ -68,6 +69,11 @@ pub const DEFAULT_RECENT_RESULTS: usize = 10_000;
 pub const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
 /// Longest delay between reconnect attempts.
 pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(10);
+/// How long a session must have been consuming before a loss starts the backoff over: a
+/// message that kills the connection each time must not make a 100 ms crash loop.
+pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Jobs whose result the broker refused remembered per process (see [`confirm`]).
+pub const REFUSED_REMEMBERED: usize = 10_000;
 
 /// Runs the consumer until `shutdown` fires. See [`run_with`].
 ///
@@ -121,6 +127,7 @@ pub async fn run_with(
     let _stop_http = http_stop.drop_guard();
     let shared = session::Shared {
         recent: Arc::new(shared::recent::Recent::new(settings.recent_results)),
+        refused: Arc::new(shared::recent::Recent::new(REFUSED_REMEMBERED)),
         settings,
         registry,
         metrics,
@@ -133,7 +140,8 @@ pub async fn run_with(
         match ended {
             Ok(()) => break Ok(()),
             Err(session::SessionError::Lost(reason)) => {
-                if shared.readiness.state() == State::Consuming {
+                let healthy = shared.readiness.consuming_for();
+                if healthy.is_some_and(|d| d >= HEALTHY_AFTER) {
                     backoff.reset();
                 }
                 shared.readiness.set(State::Reconnecting);

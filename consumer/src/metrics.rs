@@ -8,7 +8,7 @@
 //! | `consumer_jobs_retried_total` | counter | `kind`: attempts sent to a retry queue |
 //! | `consumer_jobs_dead_lettered_total` | counter | `kind`: messages published to `jobs.dead` |
 //! | `consumer_jobs_replayed_total` | counter | `kind`: repeats answered from the recent-results window |
-//! | `consumer_jobs_requeued_total` | counter | deliveries nacked back because a publish was not confirmed |
+//! | `consumer_jobs_requeued_total` | counter | deliveries sent back because their outcome's publish was not confirmed (through a retry queue, or nacked) |
 //! | `consumer_stage_duration_seconds` | histogram | `kind`, `stage` |
 //! | `consumer_jobs_in_flight` | gauge | jobs taken and not yet acked: in a chain or awaiting the broker's confirm |
 //! | `consumer_queue_depth` | gauge | deliveries waiting in the in-process queue |
@@ -101,7 +101,7 @@ impl Metrics {
         );
         let requeued = IntCounter::new(
             "consumer_jobs_requeued_total",
-            "Deliveries nacked back because a publish was not confirmed.",
+            "Deliveries sent back because their outcome's publish was not confirmed (through a retry queue, or nacked).",
         )
         .expect("valid counter");
         let stage_seconds = HistogramVec::new(

@@ -3,7 +3,8 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
@@ -28,6 +29,8 @@ pub enum State {
 pub struct Readiness {
     state: watch::Sender<State>,
     http_addr: Arc<OnceLock<SocketAddr>>,
+    /// When the current stretch of `Consuming` began (`None` while not consuming).
+    consuming_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Default for Readiness {
@@ -35,6 +38,7 @@ impl Default for Readiness {
         Self {
             state: watch::Sender::new(State::Starting),
             http_addr: Arc::default(),
+            consuming_since: Arc::default(),
         }
     }
 }
@@ -68,7 +72,29 @@ impl Readiness {
         let _ = self.http_addr.set(addr);
     }
 
+    /// How long the consumer has been `Consuming` without a break, if it is.
+    #[must_use]
+    pub fn consuming_for(&self) -> Option<Duration> {
+        let since = self
+            .consuming_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        since.map(|t| t.elapsed())
+    }
+
     pub(crate) fn set(&self, state: State) {
+        {
+            let mut since = self
+                .consuming_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            match state {
+                State::Consuming => {
+                    since.get_or_insert_with(Instant::now);
+                }
+                _ => *since = None,
+            }
+        }
         if self.state.send_replace(state) != state {
             tracing::info!(?state, "consumer state");
         }

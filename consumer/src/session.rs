@@ -5,7 +5,10 @@
 //! session stop at once: their deliveries can no longer be acked, and the broker redelivers
 //! them to the new session.
 
-use std::sync::Arc;
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use deadpool_lapin::{
     Pool,
@@ -17,6 +20,7 @@ use deadpool_lapin::{
 };
 use shared::{
     amqp,
+    reason::Reason,
     recent::{Body, Recent},
 };
 use tokio::sync::mpsc;
@@ -29,6 +33,7 @@ use crate::{
     metrics::Metrics,
     readiness::{Readiness, State},
     registry::Registry,
+    copy,
     settle::Settler,
     worker::Worker,
 };
@@ -45,6 +50,8 @@ pub struct Shared {
     pub registry: Registry,
     /// Recently completed results.
     pub recent: Arc<Recent<Body>>,
+    /// Jobs whose result the broker refused for good, by id, with the reason.
+    pub refused: Arc<Recent<Reason>>,
     /// What was counted and timed, across sessions.
     pub metrics: Metrics,
     /// Every worker of every session, for the final drain.
@@ -65,6 +72,37 @@ pub enum SessionError {
     Fatal(#[from] lapin::Error),
 }
 
+/// Ends a session from inside (the confirm task, when the publish channel is gone): fires the
+/// session's token, which workers and intake watch, and keeps the first reason.
+#[derive(Debug, Clone, Default)]
+pub struct Ending {
+    token: CancellationToken,
+    reason: Arc<OnceLock<Reason>>,
+}
+
+impl Ending {
+    /// Ends the session; the first reason given is the one reported.
+    pub fn end(&self, reason: Reason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// The token that fires when the session ends.
+    #[must_use]
+    pub fn token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Why the session ended, if it was ended from inside.
+    #[must_use]
+    pub fn reason(&self) -> Option<Reason> {
+        self.reason.get().cloned()
+    }
+}
+
+/// Longest wait for a connection (TCP, TLS and the AMQP handshake) before trying again.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Runs one session. `Ok` means shutdown was requested and in-flight work has drained.
 ///
 /// # Errors
@@ -75,10 +113,18 @@ pub async fn run(
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let settings = &shared.settings;
-    let connection = pool
-        .get()
-        .await
-        .map_err(|e| SessionError::Lost(format!("cannot connect: {e}")))?;
+    let connection = tokio::select! {
+        () = shutdown.cancelled() => return Ok(()),
+        got = tokio::time::timeout(CONNECT_TIMEOUT, pool.get()) => match got {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => return Err(SessionError::Lost(format!("cannot connect: {e}"))),
+            Err(_) => {
+                return Err(SessionError::Lost(format!(
+                    "cannot connect: no answer within {CONNECT_TIMEOUT:?}"
+                )));
+            }
+        },
+    };
     let classify = |error: lapin::Error| {
         if amqp::is_connection_loss(&error, &connection) {
             SessionError::Lost(error.to_string())
@@ -120,6 +166,7 @@ pub async fn run(
         publish,
         topology.names.clone(),
         shared.metrics.clone(),
+        copy::header_budget(connection.configuration().frame_max()),
     ));
     let worker = Arc::new(Worker {
         registry: shared.registry.clone(),
@@ -130,10 +177,13 @@ pub async fn run(
         stage_timeout: settings.stage_timeout(),
         recent: Arc::clone(&shared.recent),
         metrics: shared.metrics.clone(),
+        max_result_bytes: settings.max_result_bytes,
+        refused: Arc::clone(&shared.refused),
     });
     let (queue_tx, queue_rx) = async_channel::bounded(settings.concurrency);
     let (confirms_tx, confirms_rx) = mpsc::channel(usize::from(settings.prefetch.max(1)));
-    let lost = CancellationToken::new();
+    let ending = Ending::default();
+    let lost = ending.token();
     for _ in 0..settings.concurrency {
         shared.workers.spawn(Arc::clone(&worker).run(
             queue_rx.clone(),
@@ -147,15 +197,28 @@ pub async fn run(
         recent: Arc::clone(&shared.recent),
         metrics: shared.metrics.clone(),
         limit: usize::from(settings.prefetch / 4).max(1),
+        retry_delays: settings.retry_delays(),
+        refused: Arc::clone(&shared.refused),
+        ending: ending.clone(),
     };
     shared
         .workers
         .spawn(confirmer.run(confirms_rx, lost.clone()));
     shared.readiness.set(State::Consuming);
 
-    if let Err(error) = intake::run(consumer, queue_tx, shutdown.clone()).await {
+    if let Err(error) = intake::run(consumer, queue_tx, shutdown.clone(), lost.clone()).await {
         lost.cancel();
-        return Err(SessionError::Lost(error.to_string()));
+        let reason = ending
+            .reason()
+            .map_or_else(|| error.to_string(), Reason::into_string);
+        // The connection may still be up (only the publish channel died): close it, so that
+        // the broker redelivers this session's unacked deliveries now, not when the process
+        // ends.
+        if connection.status().connected() {
+            let close = connection.close(200, "session ended; reconnecting".into());
+            let _ = tokio::time::timeout(BROKER_REPLY_TIMEOUT, close).await;
+        }
+        return Err(SessionError::Lost(reason));
     }
 
     shared.readiness.set(State::Draining);

@@ -20,6 +20,9 @@ pub const DEFAULT_PREFETCH: u16 = 256;
 pub const DEFAULT_CONCURRENCY: usize = 64;
 /// Largest body accepted (1 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest result body published (16 MiB: RabbitMQ 4's default `max_message_size`; 3.x
+/// accepts 128 MiB).
+pub const DEFAULT_MAX_RESULT_BYTES: usize = 16 * 1024 * 1024;
 /// Attempts a job gets before a retryable failure becomes final.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// Delay before the first retry, in seconds; each further retry waits twice as long.
@@ -68,6 +71,12 @@ pub struct Settings {
           value_parser = parse_positive)]
     pub max_body_bytes: usize,
 
+    /// Largest result body published, in bytes; a job whose output is larger fails (stage
+    /// `encode`). Keep it at or below the broker's `max_message_size`.
+    #[arg(long, env = "CONSUMER_MAX_RESULT_BYTES", default_value_t = DEFAULT_MAX_RESULT_BYTES,
+          value_parser = parse_positive)]
+    pub max_result_bytes: usize,
+
     /// Attempts a job gets before a retryable stage error becomes final.
     #[arg(long, env = "CONSUMER_MAX_ATTEMPTS", default_value_t = DEFAULT_MAX_ATTEMPTS,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -112,6 +121,7 @@ impl Settings {
             prefetch: DEFAULT_PREFETCH,
             concurrency: DEFAULT_CONCURRENCY,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             retry_base_delay: DEFAULT_RETRY_BASE_DELAY_SECS,
             retry_max_delay: DEFAULT_RETRY_MAX_DELAY_SECS,

@@ -20,11 +20,12 @@ use deadpool_lapin::lapin::{
 use shared::{
     amqp::{PublishError, check_confirmation, mandatory, result_properties},
     headers::{X_ATTEMPT, X_ATTEMPTS, X_ERROR, X_FAILED_STAGE},
+    reason::{REASON_MAX_LEN, Reason},
     topology::Names,
 };
 use uuid::Uuid;
 
-use crate::metrics::Metrics;
+use crate::{copy, metrics::Metrics};
 
 /// Resolves once the broker has confirmed every publish of one outcome.
 pub type Confirming = BoxFuture<'static, Result<(), PublishError>>;
@@ -66,7 +67,7 @@ pub enum Outcome {
     /// `failed` result.
     Dead {
         /// Goes into `x-error`.
-        reason: String,
+        reason: Reason,
         /// Goes into `x-failed-stage`.
         stage: String,
         /// Goes into `x-attempts`.
@@ -74,6 +75,28 @@ pub enum Outcome {
         /// The `failed` result, when the job id is known.
         result: Option<ResultMessage>,
     },
+    /// The publishes of its outcome were not confirmed on a live channel (returned, nacked,
+    /// timed out): the delivery goes unchanged to the retry queue of `delay` and comes back
+    /// after it, without using up an attempt.
+    Deferred {
+        /// The retry queue's delay.
+        delay: Duration,
+    },
+}
+
+impl Outcome {
+    /// Size of the largest message publishing this outcome sends for `delivery`.
+    #[must_use]
+    pub fn largest_publish(&self, delivery: &Delivery) -> usize {
+        match self {
+            Self::Completed(result) => result.body.len(),
+            Self::Retry { .. } | Self::Deferred { .. } => delivery.data.len(),
+            Self::Dead { result, .. } => result
+                .as_ref()
+                .map_or(0, |r| r.body.len())
+                .max(delivery.data.len()),
+        }
+    }
 }
 
 /// Publishes outcomes on a confirm channel and settles deliveries.
@@ -82,18 +105,31 @@ pub struct Settler {
     channel: Channel,
     names: Names,
     metrics: Metrics,
+    /// Largest header table a copy of a delivery may carry (see [`copy::header_budget`]).
+    header_budget: usize,
 }
 
 impl Settler {
     /// A settler publishing on `channel`, which must have publisher confirms enabled, and
-    /// counting what it settles in `metrics`.
+    /// counting what it settles in `metrics`; copies of deliveries carry at most
+    /// `header_budget` bytes of headers ([`copy::header_budget`] of the connection's
+    /// `frame_max`).
     #[must_use]
-    pub fn new(channel: Channel, names: Names, metrics: Metrics) -> Self {
+    pub fn new(channel: Channel, names: Names, metrics: Metrics, header_budget: usize) -> Self {
         Self {
             channel,
             names,
             metrics,
+            header_budget,
         }
+    }
+
+    /// Whether the publish channel is still open. The broker closes a channel for a publish it
+    /// refuses (a deleted exchange, a message over `max_message_size`, a revoked permission);
+    /// every later publish on it fails, so the session must end and reconnect.
+    #[must_use]
+    pub fn channel_open(&self) -> bool {
+        self.channel.status().connected()
     }
 
     /// Counts an acked outcome under the `kind` label: a kind this consumer serves, or
@@ -106,6 +142,7 @@ impl Settler {
             }
             Outcome::Completed(_) => m.processed.with_label_values(&[kind]).inc(),
             Outcome::Retry { .. } => m.retried.with_label_values(&[kind]).inc(),
+            Outcome::Deferred { .. } => m.requeued.inc(),
             Outcome::Dead { result, .. } => {
                 m.dead_lettered.with_label_values(&[kind]).inc();
                 if result.is_some() {
@@ -127,6 +164,7 @@ impl Settler {
                 delay,
                 wait,
             } => self.publish_retry(delivery, *next_attempt, *delay, *wait),
+            Outcome::Deferred { delay } => self.retry_later(delivery, *delay),
             Outcome::Dead {
                 reason,
                 stage,
@@ -148,10 +186,10 @@ impl Settler {
         }
     }
 
-    /// Returns `delivery` to the queue after one of its publishes failed: it is never acked
-    /// without its result or dead letter stored.
+    /// Returns `delivery` to the queue after its publishes and the retry copy that replaced
+    /// them failed: it is never acked without its result or dead letter stored.
     pub async fn requeue(&self, delivery: &Delivery, error: &PublishError) {
-        tracing::error!(%error, "publish not confirmed; returning the job to the queue");
+        tracing::error!(%error, "no publish confirmed, not even a retry copy; returning the job to the queue");
         self.metrics.requeued.inc();
         let requeue = BasicNackOptions {
             requeue: true,
@@ -180,11 +218,12 @@ impl Settler {
         delay: Duration,
         wait: Duration,
     ) -> Confirming {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            X_ATTEMPT.into(),
-            AMQPValue::LongLongInt(i64::from(next_attempt)),
-        );
+        let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(next_attempt)))];
+        let (headers, dropped) =
+            copy::bounded_headers(delivery.properties.headers().as_ref(), ours, self.header_budget);
+        if !dropped.is_empty() {
+            tracing::warn!(%dropped, "the retry copy leaves out headers");
+        }
         let properties = delivery
             .properties
             .clone()
@@ -194,22 +233,42 @@ impl Settler {
         self.send("", routing_key(&queue), delivery.data.clone(), properties)
     }
 
+    /// Sends `delivery` unchanged (same `x-attempt`) to the retry queue of `delay`, after the
+    /// publishes of its outcome were not confirmed on a live channel (returned, nacked, timed
+    /// out): the job comes back after the delay instead of at once, so a failure that repeats
+    /// does not spin, and it does not use up an attempt.
+    pub fn retry_later(self: &Arc<Self>, delivery: &Delivery, delay: Duration) -> Confirming {
+        let attempt = crate::envelope::attempt(&delivery.properties);
+        self.publish_retry(delivery, attempt, delay, delay)
+    }
+
     /// Publishes the original body byte for byte, with the original properties and the
-    /// failure headers added.
+    /// failure headers added; original headers that would not fit in one frame beside ours
+    /// are left out, and `x-error` says so.
     fn publish_dead(
         self: &Arc<Self>,
         delivery: &Delivery,
-        reason: &str,
+        reason: &Reason,
         stage: &str,
         attempts: u32,
     ) -> Confirming {
-        let mut headers: FieldTable = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(X_ERROR.into(), AMQPValue::LongString(reason.into()));
-        headers.insert(X_FAILED_STAGE.into(), AMQPValue::LongString(stage.into()));
-        headers.insert(
-            X_ATTEMPTS.into(),
-            AMQPValue::LongLongInt(i64::from(attempts)),
-        );
+        let ours = |reason: &Reason| {
+            vec![
+                (X_ERROR, AMQPValue::LongString(reason.as_str().into())),
+                (X_FAILED_STAGE, AMQPValue::LongString(stage.into())),
+                (X_ATTEMPTS, AMQPValue::LongLongInt(i64::from(attempts))),
+            ]
+        };
+        // Room for the longest x-error, so that the note on what was dropped still fits.
+        let budget = self.header_budget.saturating_sub(REASON_MAX_LEN);
+        let original = delivery.properties.headers().as_ref();
+        let (mut headers, dropped): (FieldTable, _) =
+            copy::bounded_headers(original, ours(reason), budget);
+        if !dropped.is_empty() {
+            let noted = reason.clone().with(format_args!("; {dropped}"));
+            tracing::warn!(%dropped, "the dead letter leaves out headers");
+            headers.insert(X_ERROR.into(), AMQPValue::LongString(noted.as_str().into()));
+        }
         let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
         self.send(
             &self.names.dead_exchange,

@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use shared::{
     headers::ENVELOPE_STAGE,
+    reason::Reason,
     recent::{Body, Recent},
     schema::{JobResult, SCHEMA_VERSION, StageTiming, Status},
     topology::RetryDelays,
@@ -23,7 +24,7 @@ use crate::{
     confirm::Settling,
     envelope::{self, Rejection},
     metrics::{Metrics, UNKNOWN_KIND},
-    registry::Registry,
+    registry::{ENCODE_STAGE, Registry},
     settle::{Outcome, ResultMessage, Settler},
     stage::{Payload, Trace},
 };
@@ -47,6 +48,11 @@ pub struct Worker {
     pub recent: Arc<Recent<Body>>,
     /// Where stage timings and outcomes are counted.
     pub metrics: Metrics,
+    /// Largest result body published; a larger output fails its job (stage `encode`).
+    pub max_result_bytes: usize,
+    /// Jobs whose outcome the broker refused for good (a result over its `max_message_size`),
+    /// by id: a redelivery of one is dead-lettered with the reason instead of run again.
+    pub refused: Arc<Recent<Reason>>,
 }
 
 impl Worker {
@@ -77,6 +83,7 @@ impl Worker {
                 let (outcome, kind) = self.process(&delivery).await;
                 let confirming = self.settler.publish(&delivery, &outcome);
                 let settling = Settling {
+                    largest: outcome.largest_publish(&delivery),
                     delivery,
                     outcome,
                     kind: kind.to_owned(),
@@ -111,11 +118,11 @@ impl Worker {
             }
         };
         let Some((label, chain)) = self.registry.get_with_kind(&job.kind) else {
-            let reason = format!(
+            let reason = Reason::new(format_args!(
                 "unknown kind {:?} (this consumer serves: {})",
                 job.kind,
                 self.registry.kinds().join(", ")
-            );
+            ));
             tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "rejected a job");
             let rejection = Rejection {
                 reason,
@@ -125,6 +132,17 @@ impl Worker {
             return (self.rejected(rejection, attempt), UNKNOWN_KIND);
         };
 
+        if let Some(reason) = self.refused.get(&job.id) {
+            tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "the broker refused this job's result before; dead-lettering it");
+            let failed = result(job.id, job.kind, Some(job.created_at), Err(&reason), attempt, Vec::new());
+            let outcome = Outcome::Dead {
+                result: Some(failed),
+                reason,
+                stage: ENCODE_STAGE.to_owned(),
+                attempts: attempt,
+            };
+            return (outcome, label);
+        }
         if let Some(body) = self.recent.get(&job.id) {
             tracing::info!(job_id = %job.id, kind = %job.kind, "repeat of a completed job; publishing its result again");
             let replay = ResultMessage {
@@ -151,6 +169,20 @@ impl Worker {
         }
         let _entered = span.enter();
         let outcome = match ran {
+            Ok(output) if output.get().len() > self.max_result_bytes => {
+                let reason = Reason::new(format_args!(
+                    "the output of {} bytes exceeds the largest result this consumer publishes ({} bytes, --max-result-bytes)",
+                    output.get().len(),
+                    self.max_result_bytes
+                ));
+                tracing::warn!(%reason, "job failed");
+                Outcome::Dead {
+                    result: Some(result(job.id, job.kind, Some(job.created_at), Err(&reason), attempt, stages)),
+                    reason,
+                    stage: ENCODE_STAGE.to_owned(),
+                    attempts: attempt,
+                }
+            }
             Ok(output) => {
                 tracing::debug!("job completed");
                 Outcome::Completed(result(
@@ -163,7 +195,8 @@ impl Worker {
                 ))
             }
             Err(failure) if failure.error.is_retryable() && attempt < self.max_attempts => {
-                tracing::warn!(stage = %failure.stage, error = %failure.error, "attempt failed; retrying");
+                let error = Reason::new(&failure.error);
+                tracing::warn!(stage = %failure.stage, %error, "attempt failed; retrying");
                 let delay = self.retry_delays.after_attempt(attempt);
                 Outcome::Retry {
                     next_attempt: attempt + 1,
@@ -173,9 +206,9 @@ impl Worker {
             }
             Err(failure) => {
                 let reason = if failure.error.is_retryable() {
-                    format!("{} (gave up after {attempt} attempts)", failure.error)
+                    Reason::new(&failure.error).with(format_args!(" (gave up after {attempt} attempts)"))
                 } else {
-                    failure.error.to_string()
+                    Reason::new(&failure.error)
                 };
                 tracing::warn!(stage = %failure.stage, error = %reason, "job failed");
                 Outcome::Dead {
@@ -225,13 +258,13 @@ fn result(
     job_id: Uuid,
     kind: String,
     job_created_at: Option<OffsetDateTime>,
-    output: Result<&RawValue, &str>,
+    output: Result<&RawValue, &Reason>,
     attempts: u32,
     stages: Vec<StageTiming>,
 ) -> ResultMessage {
     let (status, output, error) = match output {
         Ok(output) => (Status::Ok, Some(output), None),
-        Err(error) => (Status::Failed, None, Some(error.to_owned())),
+        Err(error) => (Status::Failed, None, Some(error.as_str().to_owned())),
     };
     let body = JobResult {
         schema_version: SCHEMA_VERSION,

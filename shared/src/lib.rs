@@ -7,12 +7,14 @@
 //! - [`config`]: the settings both binaries share (broker URL, namespace, queue type, logs).
 //! - [`telemetry`]: `tracing` subscriber setup, JSON or pretty.
 //! - [`recent`]: a bounded window of recent values by job id.
+//! - [`reason`]: the one function that bounds error texts that may echo input.
 //!
 //! Neither binary spells a name, header or field out again: they import it from here.
 
 pub mod amqp;
 pub mod config;
 pub mod headers;
+pub mod reason;
 pub mod recent;
 pub mod schema;
 pub mod telemetry;
