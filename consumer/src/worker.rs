@@ -206,7 +206,7 @@ impl Worker {
             }
             Err(failure) => {
                 let reason = if failure.error.is_retryable() {
-                    Reason::new(&failure.error).with(format_args!(" (gave up after {attempt} attempts)"))
+                    Reason::new(format_args!("gave up after {attempt} attempts: {}", failure.error))
                 } else {
                     Reason::new(&failure.error)
                 };

@@ -15,6 +15,7 @@ mod concurrency;
 mod crashes;
 mod end_to_end;
 mod helpers;
+mod hostile;
 mod http_fetch;
 mod ingest;
 mod observability;
