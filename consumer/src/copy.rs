@@ -23,7 +23,9 @@ pub fn header_budget(frame_max: u32) -> usize {
         // 0 means "no limit" in AMQP; RabbitMQ never offers it. Stay within its default.
         return 131_072 - PROPERTIES_RESERVE;
     }
-    frame_max.saturating_sub(PROPERTIES_RESERVE).max(frame_max / 2)
+    frame_max
+        .saturating_sub(PROPERTIES_RESERVE)
+        .max(frame_max / 2)
 }
 
 /// Original headers that did not fit in the copy.

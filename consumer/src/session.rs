@@ -29,11 +29,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     Settings,
     confirm::Confirmer,
-    intake,
+    copy, intake,
     metrics::Metrics,
     readiness::{Readiness, State},
     registry::Registry,
-    copy,
     settle::Settler,
     worker::Worker,
 };

@@ -219,8 +219,11 @@ impl Settler {
         wait: Duration,
     ) -> Confirming {
         let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(next_attempt)))];
-        let (headers, dropped) =
-            copy::bounded_headers(delivery.properties.headers().as_ref(), ours, self.header_budget);
+        let (headers, dropped) = copy::bounded_headers(
+            delivery.properties.headers().as_ref(),
+            ours,
+            self.header_budget,
+        );
         if !dropped.is_empty() {
             tracing::warn!(%dropped, "the retry copy leaves out headers");
         }

@@ -134,7 +134,14 @@ impl Worker {
 
         if let Some(reason) = self.refused.get(&job.id) {
             tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "the broker refused this job's result before; dead-lettering it");
-            let failed = result(job.id, job.kind, Some(job.created_at), Err(&reason), attempt, Vec::new());
+            let failed = result(
+                job.id,
+                job.kind,
+                Some(job.created_at),
+                Err(&reason),
+                attempt,
+                Vec::new(),
+            );
             let outcome = Outcome::Dead {
                 result: Some(failed),
                 reason,
@@ -169,30 +176,40 @@ impl Worker {
         }
         let _entered = span.enter();
         let outcome = match ran {
-            Ok(output) if output.get().len() > self.max_result_bytes => {
-                let reason = Reason::new(format_args!(
-                    "the output of {} bytes exceeds the largest result this consumer publishes ({} bytes, --max-result-bytes)",
-                    output.get().len(),
-                    self.max_result_bytes
-                ));
-                tracing::warn!(%reason, "job failed");
-                Outcome::Dead {
-                    result: Some(result(job.id, job.kind, Some(job.created_at), Err(&reason), attempt, stages)),
-                    reason,
-                    stage: ENCODE_STAGE.to_owned(),
-                    attempts: attempt,
-                }
-            }
             Ok(output) => {
-                tracing::debug!("job completed");
-                Outcome::Completed(result(
+                let completed = result(
                     job.id,
                     job.kind,
                     Some(job.created_at),
                     Ok(&output),
                     attempt,
                     stages,
-                ))
+                );
+                if completed.body.len() <= self.max_result_bytes {
+                    tracing::debug!("job completed");
+                    Outcome::Completed(completed)
+                } else {
+                    let reason = Reason::new(format_args!(
+                        "the result of {} bytes exceeds the largest this consumer publishes ({} bytes, --max-result-bytes)",
+                        completed.body.len(),
+                        self.max_result_bytes
+                    ));
+                    tracing::warn!(%reason, "job failed");
+                    let failed = result(
+                        completed.job_id,
+                        completed.kind,
+                        Some(job.created_at),
+                        Err(&reason),
+                        attempt,
+                        Vec::new(),
+                    );
+                    Outcome::Dead {
+                        result: Some(failed),
+                        reason,
+                        stage: ENCODE_STAGE.to_owned(),
+                        attempts: attempt,
+                    }
+                }
             }
             Err(failure) if failure.error.is_retryable() && attempt < self.max_attempts => {
                 let error = Reason::new(&failure.error);
@@ -206,7 +223,10 @@ impl Worker {
             }
             Err(failure) => {
                 let reason = if failure.error.is_retryable() {
-                    Reason::new(format_args!("gave up after {attempt} attempts: {}", failure.error))
+                    Reason::new(format_args!(
+                        "gave up after {attempt} attempts: {}",
+                        failure.error
+                    ))
                 } else {
                     Reason::new(&failure.error)
                 };

@@ -72,7 +72,11 @@ pub fn bounded(text: impl fmt::Display) -> String {
     let mut writer = Bounded::default();
     // Our writer never fails; a Display impl that does leaves what was written so far.
     let _ = write!(writer, "{text}");
-    let Bounded { mut kept, total, cut } = writer;
+    let Bounded {
+        mut kept,
+        total,
+        cut,
+    } = writer;
     if cut {
         let _ = write!(kept, "… [cut: {total} bytes in all]");
     }
@@ -123,9 +127,16 @@ mod tests {
     fn long_texts_are_cut_with_a_marker() {
         let huge = "x".repeat(300_000);
         let reason = Reason::new(format_args!("invalid payload: {huge:?}"));
-        assert!(reason.as_str().len() <= REASON_MAX_LEN, "{}", reason.as_str().len());
+        assert!(
+            reason.as_str().len() <= REASON_MAX_LEN,
+            "{}",
+            reason.as_str().len()
+        );
         assert!(reason.as_str().starts_with("invalid payload: \"xxx"));
-        assert!(reason.as_str().ends_with("[cut: 300019 bytes in all]"), "{reason}");
+        assert!(
+            reason.as_str().ends_with("[cut: 300019 bytes in all]"),
+            "{reason}"
+        );
     }
 
     #[test]

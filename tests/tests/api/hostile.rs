@@ -134,8 +134,8 @@ fn hostiles() -> Vec<Hostile> {
             "truncated-huge-json",
             "text.analyze",
             |id| {
-                let body = serde_json::to_vec(&job(id, "text.analyze", json!({"text": huge})))
-                    .unwrap();
+                let body =
+                    serde_json::to_vec(&job(id, "text.analyze", json!({"text": huge}))).unwrap();
                 body[..body.len() - 10].to_vec()
             },
             "malformed JSON",
@@ -202,9 +202,12 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
         .collect();
     for r in &readiness {
         let mut states = r.subscribe();
-        within("a consumer to be ready", states.wait_for(|s| *s == State::Consuming))
-            .await
-            .unwrap();
+        within(
+            "a consumer to be ready",
+            states.wait_for(|s| *s == State::Consuming),
+        )
+        .await
+        .unwrap();
     }
     let cases = hostiles();
     let texts = |n: usize| (0..n).map(|i| json!({"text": format!("good job {i}")}));
@@ -219,7 +222,11 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
     for case in &cases {
         app.publish_raw(case.routing_key, &case.body, case.properties.clone())
             .await;
-        let id = case.properties.message_id().as_ref().map(|id| id.as_str().parse().unwrap());
+        let id = case
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().parse().unwrap());
         if let Some(id) = id {
             by_id.insert(id, case);
         }
@@ -229,14 +236,21 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
         let id = Uuid::new_v4();
         let mut headers = FieldTable::default();
         headers.insert(X_ATTEMPT.into(), value);
-        let body = serde_json::to_vec(&job(id, "text.analyze", json!({"text": "odd attempt"})))
-            .unwrap();
-        app.publish_raw("text.analyze", &body, job_properties(id).with_headers(headers))
-            .await;
+        let body =
+            serde_json::to_vec(&job(id, "text.analyze", json!({"text": "odd attempt"}))).unwrap();
+        app.publish_raw(
+            "text.analyze",
+            &body,
+            job_properties(id).with_headers(headers),
+        )
+        .await;
         attempts_of.insert(id, expected);
         good.insert(id);
     }
-    good.extend(app.publish_many("text.analyze", texts(GOOD - GOOD / 2)).await);
+    good.extend(
+        app.publish_many("text.analyze", texts(GOOD - GOOD / 2))
+            .await,
+    );
 
     // Assert: every good job has an `ok` result and every hostile one with an id a `failed`
     // one, each read exactly once after the consumers drained.
@@ -261,10 +275,17 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
                     assert_eq!(result["attempts"], *expected, "{result}");
                 }
             } else {
-                let case = by_id.get(&id).unwrap_or_else(|| panic!("unknown result {id}"));
+                let case = by_id
+                    .get(&id)
+                    .unwrap_or_else(|| panic!("unknown result {id}"));
                 assert_eq!(result["status"], "failed", "{}: {result:.300}", case.name);
                 let error = result["error"].as_str().unwrap();
-                assert!(error.len() <= REASON_MAX_LEN, "{}: error of {} bytes", case.name, error.len());
+                assert!(
+                    error.len() <= REASON_MAX_LEN,
+                    "{}: error of {} bytes",
+                    case.name,
+                    error.len()
+                );
             }
         }
     })
@@ -275,7 +296,10 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
         assert!(
             page.lines().any(|l| l == "consumer_reconnects_total 0"),
             "consumer {i} reconnected:\n{}",
-            page.lines().filter(|l| l.contains("reconnect")).collect::<Vec<_>>().join("\n")
+            page.lines()
+                .filter(|l| l.contains("reconnect"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
     for consumer in consumers {
@@ -287,15 +311,25 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
         *seen.entry(id).or_default() += 1;
     }
     let duplicates: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(duplicates.is_empty(), "results read more than once: {duplicates:?}");
+    assert!(
+        duplicates.is_empty(),
+        "results read more than once: {duplicates:?}"
+    );
 
     let dead = app.dead_letters(cases.len()).await;
     let dead_queue = app.topology.names.dead_queue.clone();
-    assert!(app.drain(&dead_queue).await.is_empty(), "more dead letters than hostile messages");
+    assert!(
+        app.drain(&dead_queue).await.is_empty(),
+        "more dead letters than hostile messages"
+    );
     let mut named = HashSet::new();
     for letter in &dead {
         let error = letter.header("x-error").expect("x-error");
-        assert!(error.len() <= REASON_MAX_LEN, "x-error of {} bytes", error.len());
+        assert!(
+            error.len() <= REASON_MAX_LEN,
+            "x-error of {} bytes",
+            error.len()
+        );
         let case = match letter.properties.message_id() {
             Some(id) => {
                 let id: Uuid = id.as_str().parse().unwrap();
@@ -305,21 +339,34 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
             None => cases.iter().find(|c| !c.has_id).unwrap(),
         };
         assert!(error.contains(case.error), "{}: {error:.300}", case.name);
-        assert_eq!(letter.body, case.body, "{}: the body is kept byte for byte", case.name);
+        assert_eq!(
+            letter.body, case.body,
+            "{}: the body is kept byte for byte",
+            case.name
+        );
         if case.name == "headers-near-frame-max" {
             assert_eq!(letter.header("x-small").as_deref(), Some("kept"));
             assert!(letter.header("x-big").is_none());
         }
         named.insert(case.name);
     }
-    assert_eq!(named.len(), cases.len(), "every hostile message dead-lettered once");
+    assert_eq!(
+        named.len(),
+        cases.len(),
+        "every hostile message dead-lettered once"
+    );
     app.teardown().await;
 }
 
 async fn metrics(readiness: &Readiness) -> String {
     let url = format!("http://{}/metrics", readiness.http_addr().unwrap());
     tokio::task::spawn_blocking(move || {
-        ureq::get(&url).call().unwrap().body_mut().read_to_string().unwrap()
+        ureq::get(&url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
     })
     .await
     .unwrap()

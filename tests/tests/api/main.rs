@@ -21,6 +21,7 @@ mod ingest;
 mod observability;
 mod producer_failures;
 mod producer_reconnect;
+mod pushback;
 mod reconnect;
 mod repeats;
 mod retries;
