@@ -49,6 +49,9 @@ pub enum ConsumerError {
     /// The broker refused the consumer's setup on a live connection.
     #[error(transparent)]
     Session(#[from] session::SessionError),
+    /// The namespace and `--kinds` make a queue name longer than AMQP allows.
+    #[error(transparent)]
+    Names(#[from] shared::topology::NameTooLong),
     /// `--kinds` names kinds this consumer has no chain for.
     #[error("--kinds names kinds this consumer does not have: {}", .0.join(", "))]
     UnknownKinds(Vec<String>),
@@ -107,6 +110,7 @@ pub async fn run_with(
     let registry = registry
         .only(&settings.kinds)
         .map_err(ConsumerError::UnknownKinds)?;
+    settings.topology().check_names(&settings.retry_delays())?;
     let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))
         .map_err(amqp::ConnectError::from)?;
     tracing::info!(

@@ -51,6 +51,9 @@ pub enum ProducerError {
     /// The input could not be opened.
     #[error(transparent)]
     Input(#[from] InputError),
+    /// Shutdown was requested before the producer was connected.
+    #[error("interrupted before connecting")]
+    Interrupted,
 }
 
 /// Publishes every payload of the configured source, then (with `--wait`) writes the result
@@ -84,6 +87,7 @@ pub async fn run(
         &settings.kind,
         settings.window,
         settings.reconnect_timeout(),
+        shutdown.clone(),
     )
     .await?;
     let mut listener = match settings.wait {
@@ -166,10 +170,13 @@ pub async fn run(
             gave_up = Some(error);
         }
     }
+    let lost = match gave_up {
+        Some(error) => Some((publisher.abandon(&mut settled), error)),
+        None => None,
+    };
     summary.sent = sent;
     summary.reconnects = publisher.reconnects;
-    if let Some(error) = gave_up {
-        let lost = publisher.abandon();
+    if let Some((lost, error)) = lost {
         summary.failed += lost;
         summary
             .errors

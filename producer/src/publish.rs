@@ -7,6 +7,8 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
+use tokio_util::sync::CancellationToken;
+
 use deadpool_lapin::{
     Pool,
     lapin::{self, Channel, Confirmation, types::ShortString},
@@ -23,6 +25,11 @@ use uuid::Uuid;
 const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
 /// Longest delay between reconnect attempts.
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
+/// Longest wait for one job's confirm; past it the job counts as failed (it may or may not be
+/// stored: a broker that blocks publishers, for example, confirms nothing).
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a connection (TCP and the AMQP handshake) before trying again.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A job ready to publish: its id and its encoded body.
 #[derive(Debug, Clone)]
@@ -36,14 +43,20 @@ pub struct Outgoing {
 /// The fate of one job.
 pub type Settled = Result<(), String>;
 
-/// The connection could not be made again within the reconnect timeout.
+/// Why publishing stopped before every job was confirmed.
 #[derive(Debug, thiserror::Error)]
-#[error("gave up reconnecting after {waited:?}: {last_error}")]
-pub struct GaveUp {
-    /// How long it tried.
-    pub waited: Duration,
-    /// The last connection error.
-    pub last_error: String,
+pub enum Stopped {
+    /// The connection could not be made again within the reconnect timeout.
+    #[error("gave up reconnecting after {waited:?}: {last_error}")]
+    GaveUp {
+        /// How long it tried.
+        waited: Duration,
+        /// The last connection error.
+        last_error: String,
+    },
+    /// Shutdown was requested (SIGTERM, Ctrl-C) while jobs waited for the broker.
+    #[error("interrupted while waiting for the broker")]
+    Interrupted,
 }
 
 struct Link {
@@ -51,7 +64,9 @@ struct Link {
     channel: Channel,
 }
 
-type Inflight = FuturesUnordered<BoxFuture<'static, (Outgoing, lapin::Result<Confirmation>)>>;
+/// What became of one publish: its confirmation, or `None` when none came in time.
+type Confirmed = (Outgoing, Option<lapin::Result<Confirmation>>);
+type Inflight = FuturesUnordered<BoxFuture<'static, Confirmed>>;
 
 /// Publishes jobs to the jobs exchange with publisher confirms.
 pub struct Publisher {
@@ -72,6 +87,8 @@ pub struct Publisher {
     refused: Option<String>,
     /// Connections lost and made again.
     pub reconnects: u64,
+    /// Stops every wait for the broker.
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -89,6 +106,7 @@ impl Publisher {
     ///
     /// # Errors
     /// The first connection is not retried: a broker that is not there at start is an error.
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         pool: Pool,
         broker: String,
@@ -97,8 +115,12 @@ impl Publisher {
         kind: &str,
         window: usize,
         reconnect_timeout: Duration,
+        shutdown: CancellationToken,
     ) -> Result<Self, crate::ProducerError> {
-        let link = open_link(&pool, &broker, &topology, declare).await?;
+        let link = tokio::select! {
+            () = shutdown.cancelled() => return Err(crate::ProducerError::Interrupted),
+            link = open_link(&pool, &broker, &topology, declare) => link?,
+        };
         Ok(Self {
             broker,
             exchange: topology.names.jobs_exchange.as_str().into(),
@@ -113,6 +135,7 @@ impl Publisher {
             resend: VecDeque::new(),
             refused: None,
             reconnects: 0,
+            shutdown,
         })
     }
 
@@ -120,12 +143,13 @@ impl Publisher {
     /// fate is known to `settled`.
     ///
     /// # Errors
-    /// [`GaveUp`] when the connection is lost and cannot be made again in time.
+    /// [`Stopped`] when the connection is lost and cannot be made again in time, or on
+    /// shutdown.
     pub async fn send(
         &mut self,
         job: Outgoing,
         settled: &mut impl FnMut(Uuid, Settled),
-    ) -> Result<(), GaveUp> {
+    ) -> Result<(), Stopped> {
         self.resend.push_back(job);
         self.pump(settled).await
     }
@@ -133,11 +157,12 @@ impl Publisher {
     /// Waits until every job sent is confirmed or failed, sending again after reconnects.
     ///
     /// # Errors
-    /// [`GaveUp`] when the connection is lost and cannot be made again in time.
-    pub async fn finish(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> Result<(), GaveUp> {
+    /// [`Stopped`] when the connection is lost and cannot be made again in time, or on
+    /// shutdown.
+    pub async fn finish(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> Result<(), Stopped> {
         loop {
             self.pump(settled).await?;
-            match self.inflight.next().await {
+            match self.next_confirm().await? {
                 Some(done) => self.settle(done, settled),
                 None if self.resend.is_empty() => return Ok(()),
                 None => {}
@@ -145,9 +170,12 @@ impl Publisher {
         }
     }
 
-    /// After [`GaveUp`]: drops every job not yet confirmed and returns how many there were;
-    /// they are failures.
-    pub fn abandon(&mut self) -> u64 {
+    /// After [`Stopped`]: settles the confirms that have arrived, then drops every job not
+    /// yet confirmed and returns how many there were; they are failures.
+    pub fn abandon(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> u64 {
+        while let Some(Some(done)) = self.inflight.next().now_or_never() {
+            self.settle(done, settled);
+        }
         let lost = self.resend.len() + self.inflight.len();
         self.resend.clear();
         self.inflight = FuturesUnordered::new();
@@ -167,14 +195,23 @@ impl Publisher {
         self.link.as_ref().map(|l| &l.connection)
     }
 
-    async fn pump(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> Result<(), GaveUp> {
+    /// The next confirm to arrive, or [`Stopped::Interrupted`] on shutdown.
+    async fn next_confirm(&mut self) -> Result<Option<Confirmed>, Stopped> {
+        let shutdown = self.shutdown.clone();
+        tokio::select! {
+            () = shutdown.cancelled() => Err(Stopped::Interrupted),
+            next = self.inflight.next() => Ok(next),
+        }
+    }
+
+    async fn pump(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> Result<(), Stopped> {
         while let Some(job) = self.resend.pop_front() {
             if let Some(reason) = &self.refused {
                 settled(job.id, Err(reason.clone()));
                 continue;
             }
             while self.inflight.len() >= self.window {
-                if let Some(done) = self.inflight.next().await {
+                if let Some(done) = self.next_confirm().await? {
                     self.settle(done, settled);
                 }
             }
@@ -192,9 +229,10 @@ impl Publisher {
                 )
                 .await;
             match published {
-                Ok(confirm) => self
-                    .inflight
-                    .push(Box::pin(confirm.map(move |outcome| (job, outcome)))),
+                Ok(confirm) => self.inflight.push(Box::pin(
+                    tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+                        .map(move |outcome| (job, outcome.ok())),
+                )),
                 Err(error) if self.lost(&error) => {
                     self.resend.push_front(job);
                     self.link = None;
@@ -205,11 +243,16 @@ impl Publisher {
         Ok(())
     }
 
-    fn settle(
-        &mut self,
-        (job, outcome): (Outgoing, lapin::Result<Confirmation>),
-        settled: &mut impl FnMut(Uuid, Settled),
-    ) {
+    fn settle(&mut self, (job, outcome): Confirmed, settled: &mut impl FnMut(Uuid, Settled)) {
+        let Some(outcome) = outcome else {
+            settled(
+                job.id,
+                Err(format!(
+                    "no confirm from the broker within {CONFIRM_TIMEOUT:?}; the job may or may not be stored"
+                )),
+            );
+            return;
+        };
         match outcome {
             Ok(confirmation) => {
                 settled(
@@ -246,7 +289,7 @@ impl Publisher {
     }
 
     /// The confirm channel, reconnecting first if the connection is gone.
-    async fn channel(&mut self) -> Result<Channel, GaveUp> {
+    async fn channel(&mut self) -> Result<Channel, Stopped> {
         if let Some(link) = &self.link {
             if link.connection.status().connected() {
                 return Ok(link.channel.clone());
@@ -255,8 +298,13 @@ impl Publisher {
         self.link = None;
         let started = Instant::now();
         let mut backoff = Backoff::new(RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY);
+        let shutdown = self.shutdown.clone();
         loop {
-            match open_link(&self.pool, &self.broker, &self.topology, self.declare).await {
+            let opened = tokio::select! {
+                () = shutdown.cancelled() => return Err(Stopped::Interrupted),
+                opened = open_link(&self.pool, &self.broker, &self.topology, self.declare) => opened,
+            };
+            match opened {
                 Ok(link) => {
                     self.reconnects += 1;
                     tracing::info!(
@@ -268,7 +316,7 @@ impl Publisher {
                     return Ok(channel);
                 }
                 Err(error) if started.elapsed() >= self.reconnect_timeout => {
-                    return Err(GaveUp {
+                    return Err(Stopped::GaveUp {
                         waited: started.elapsed(),
                         last_error: error.to_string(),
                     });
@@ -276,7 +324,10 @@ impl Publisher {
                 Err(error) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(%error, ?delay, "connection lost; reconnecting");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        () = shutdown.cancelled() => return Err(Stopped::Interrupted),
+                        () = tokio::time::sleep(delay) => {}
+                    }
                 }
             }
         }
@@ -289,13 +340,19 @@ async fn open_link(
     topology: &Topology,
     declare: bool,
 ) -> Result<Link, crate::ProducerError> {
-    let connection = pool
-        .get()
-        .await
-        .map_err(|reason| amqp::ConnectError::Connect {
+    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, pool.get()).await {
+        Ok(got) => got.map_err(|reason| amqp::ConnectError::Connect {
             url: broker.to_owned(),
             reason,
-        })?;
+        })?,
+        Err(_) => {
+            return Err(amqp::ConnectError::Timeout {
+                url: broker.to_owned(),
+                after: CONNECT_TIMEOUT,
+            }
+            .into());
+        }
+    };
     if declare {
         let setup = connection.create_channel().await?;
         topology.declare(&setup).await?;

@@ -13,8 +13,8 @@ use deadpool_lapin::{
     lapin::{
         self, Channel,
         options::{
-            BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions,
-            QueueDeleteOptions,
+            BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
+            QueueDeclareOptions, QueueDeleteOptions,
         },
         types::{AMQPValue, FieldTable},
     },
@@ -28,6 +28,12 @@ use shared::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+
+/// Results the broker may send ahead of the listener (AMQP prefetch).
+pub const PREFETCH: u16 = 500;
+/// Results buffered in the process for the reader; beyond it, the listener stops acking and the
+/// broker stops sending.
+pub const BUFFER: usize = 1024;
 
 /// One result as it arrived: its job id and the untouched body.
 #[derive(Debug)]
@@ -43,8 +49,8 @@ pub struct Arrived {
 /// Receives every result published while it runs.
 #[derive(Debug)]
 pub struct Listener {
-    /// Results in arrival order.
-    pub results: mpsc::UnboundedReceiver<Arrived>,
+    /// Results in arrival order, at most [`BUFFER`] waiting.
+    pub results: mpsc::Receiver<Arrived>,
     queue: String,
     stop: CancellationToken,
 }
@@ -59,7 +65,7 @@ impl Listener {
     pub async fn start(pool: Pool, names: &Names, expires: Duration) -> Result<Self, lapin::Error> {
         let queue = format!("{}.wait.{}", names.results_queue, Uuid::new_v4().simple());
         let exchange = names.results_exchange.clone();
-        let (tx, results) = mpsc::unbounded_channel();
+        let (tx, results) = mpsc::channel(BUFFER);
         let stop = CancellationToken::new();
         let connection = pool.get().await.map_err(|e| match e {
             deadpool_lapin::PoolError::Backend(e) => e,
@@ -118,6 +124,9 @@ async fn subscribe(
     expires: Duration,
 ) -> Result<Channel, lapin::Error> {
     let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await?;
     let mut args = FieldTable::default();
     args.insert(
         "x-expires".into(),
@@ -139,7 +148,7 @@ async fn subscribe(
 }
 
 /// Forwards results until the channel fails (`true`: reconnect) or nobody listens (`false`).
-async fn forward(channel: &Channel, queue: &str, tx: &mpsc::UnboundedSender<Arrived>) -> bool {
+async fn forward(channel: &Channel, queue: &str, tx: &mpsc::Sender<Arrived>) -> bool {
     let consumer = channel
         .basic_consume(
             queue.into(),
@@ -156,8 +165,9 @@ async fn forward(channel: &Channel, queue: &str, tx: &mpsc::UnboundedSender<Arri
         }
     };
     while let Some(Ok(delivery)) = consumer.next().await {
-        // Acked once handed over: a result read but lost with the connection comes again.
-        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        // Acked once handed over (the buffer is bounded, so a slow reader holds the acks back
+        // and the prefetch stops the broker): a result lost with the connection comes again.
+        let acker = delivery.acker.clone();
         match parse(&delivery.data) {
             Some((job_id, ok)) => {
                 let arrived = Arrived {
@@ -165,12 +175,13 @@ async fn forward(channel: &Channel, queue: &str, tx: &mpsc::UnboundedSender<Arri
                     ok,
                     body: delivery.data,
                 };
-                if tx.send(arrived).is_err() {
+                if tx.send(arrived).await.is_err() {
                     return false;
                 }
             }
             None => tracing::warn!("ignoring a result that is not valid v1 JSON"),
         }
+        let _ = acker.ack(BasicAckOptions::default()).await;
     }
     tracing::warn!("results listener: connection lost; reconnecting");
     true

@@ -100,6 +100,14 @@ pub enum ConnectError {
         /// What went wrong (kept out of the error chain: the message already says it).
         reason: deadpool_lapin::PoolError,
     },
+    /// The broker did not complete the connection in time.
+    #[error("cannot connect to the broker at {url}: no answer within {after:?}")]
+    Timeout {
+        /// The broker URL, password redacted.
+        url: String,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
 }
 
 /// A pool for `url` and one live connection from it, named `connection_name` in the
@@ -194,19 +202,34 @@ impl Backoff {
     }
 }
 
-/// `url` with its password replaced by `***`, for logs.
+/// `url` with its password replaced by `***`, for logs and error messages. The URL is parsed by
+/// a URL library, so any userinfo RabbitMQ's URI spec allows (percent-encoded `/`, `@` or `:`
+/// in a password, several `@`) is handled; a URL that does not parse keeps only its scheme.
 #[must_use]
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            format!("{scheme}://{user}:***@{host}{path}")
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
+                return masked(url);
+            }
+            parsed.to_string()
         }
-        None => url.to_owned(),
+        Err(_) => masked(url),
+    }
+}
+
+/// Everything after the scheme hidden: for text that is not a URL one can take apart safely.
+fn masked(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, _))
+            if scheme.len() <= 16
+                && scheme
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'+') =>
+        {
+            format!("{scheme}://***")
+        }
+        _ => "***".to_owned(),
     }
 }
 
@@ -222,7 +245,28 @@ mod tests {
         );
         assert_eq!(redact("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
         assert_eq!(redact("amqp://u:p@ss@host/v"), "amqp://u:***@host/v");
-        assert_eq!(redact("not a url"), "not a url");
+        assert_eq!(
+            redact("amqp://u:p%2Fs%40s%3A@host/v"),
+            "amqp://u:***@host/v"
+        );
+        assert_eq!(
+            redact("amqps://user@host:5671/v"),
+            "amqps://user@host:5671/v"
+        );
+        // An unencoded '/' in the password is not a URI: nothing after the scheme is shown.
+        assert_eq!(redact("amqp://u:se/cret@host/v"), "amqp://***");
+        assert_eq!(redact("not a url"), "***");
+        for hostile in [
+            "amqp://u:s:e:c@h/",
+            "amqp://:secret@h/",
+            "amqp://u:sec ret@h/",
+        ] {
+            assert!(
+                !redact(hostile).contains("sec"),
+                "{hostile} -> {}",
+                redact(hostile)
+            );
+        }
     }
 
     #[test]

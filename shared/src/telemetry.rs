@@ -15,9 +15,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// lapin logs every message the broker returns with its whole body at `warn`; we report
+/// returned messages ourselves (code and reason, never the payload), so its line is off.
+const QUIET_RETURNS: &str = "lapin::returned_messages=error";
+
 /// Installs the global subscriber. Calling it again (as tests do) keeps the first one.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = match QUIET_RETURNS.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // `try_init` fails only when a subscriber is already installed, which is fine.
     let _ = match format {
@@ -30,8 +38,18 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// Cancels `token` on SIGTERM (what `docker stop` and compose send) or Ctrl-C.
+/// Cancels `token` on SIGTERM (what `docker stop` and compose send) or Ctrl-C; a second
+/// signal ends the process at once (exit code 130), for a user who will not wait for the
+/// graceful stop.
 pub async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+    first_signal().await;
+    token.cancel();
+    first_signal().await;
+    eprintln!("second signal: exiting now, without waiting for in-flight work");
+    std::process::exit(130);
+}
+
+async fn first_signal() {
     let ctrl_c = async {
         if let Err(error) = tokio::signal::ctrl_c().await {
             tracing::warn!(%error, "cannot listen for Ctrl-C");
@@ -56,5 +74,4 @@ pub async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
         () = ctrl_c => tracing::info!("Ctrl-C received; shutting down"),
         () = term => tracing::info!("SIGTERM received; shutting down"),
     }
-    token.cancel();
 }

@@ -29,6 +29,22 @@ use deadpool_lapin::lapin::{
 /// Binding key that matches every routing key on a topic exchange.
 pub const MATCH_ALL: &str = "#";
 
+/// Longest exchange or queue name: AMQP carries names as short strings.
+pub const MAX_NAME_LEN: usize = 255;
+
+/// A name the settings would derive is too long for AMQP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the queue or exchange name {shown:?} would be {len} bytes long, and AMQP names are at most \
+     {MAX_NAME_LEN}: use a shorter --namespace, or fewer or shorter --kinds"
+)]
+pub struct NameTooLong {
+    /// The start of the name.
+    pub shown: String,
+    /// Its length in bytes.
+    pub len: usize,
+}
+
 /// Which RabbitMQ queue type backs the durable queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum QueueType {
@@ -186,6 +202,31 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// Checks that every name this topology declares, retry queues of `delays` included, fits
+    /// in an AMQP short string, so that no declaration can fail (or panic) on a name later.
+    ///
+    /// # Errors
+    /// The first name that is too long.
+    pub fn check_names(&self, delays: &RetryDelays) -> Result<(), NameTooLong> {
+        let n = &self.names;
+        let queues = n.queues(delays);
+        let retry = delays.buckets().into_iter().map(|d| n.retry_queue(d));
+        let too_long = n
+            .exchanges()
+            .into_iter()
+            .map(str::to_owned)
+            .chain(queues)
+            .chain(retry)
+            .find(|name| name.len() > MAX_NAME_LEN);
+        match too_long {
+            None => Ok(()),
+            Some(name) => Err(NameTooLong {
+                shown: name.chars().take(60).chain("…".chars()).collect(),
+                len: name.len(),
+            }),
+        }
+    }
+
     /// The topology for a namespace, queue type and delivery limit.
     #[must_use]
     pub fn new(namespace: &str, queue_type: QueueType, delivery_limit: u32) -> Self {
@@ -407,6 +448,22 @@ mod tests {
             Names::default().retry_queue(Duration::from_secs(2)),
             "jobs.work.retry.2000ms"
         );
+    }
+
+    #[test]
+    fn names_over_255_bytes_are_refused() {
+        let delays = RetryDelays {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        };
+        let ns = "n".repeat(200);
+        let ok = Topology::new(&ns, QueueType::Quorum, 10);
+        assert!(ok.check_names(&delays).is_ok());
+        let kinds = vec!["k".repeat(100)];
+        let long = Topology::new(&ns, QueueType::Quorum, 10).with_kinds(&kinds);
+        let error = long.check_names(&delays).unwrap_err();
+        assert!(error.len > MAX_NAME_LEN);
+        assert!(error.to_string().contains("use a shorter --namespace"));
     }
 
     #[test]
