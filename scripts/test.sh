@@ -3,6 +3,7 @@
 # - the broker in AMQP_URL when it is set;
 # - otherwise testcontainers, when a Docker engine answers;
 # - otherwise a local Debian rabbitmq-server, installed and started by scripts/rabbitmq-local.sh.
+# With a broker in AMQP_URL, the alarm tests also get a node of their own (scripts/rabbitmq-node.sh).
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +17,10 @@ if [ -z "${AMQP_URL:-}" ]; then
     AMQP_URL="$(scripts/rabbitmq-local.sh)"
     export AMQP_URL
   fi
+fi
+# Tests that set a memory alarm need a broker node of their own (tests/tests/api/isolated.rs):
+# with a broker in AMQP_URL, start one on this host; testcontainers starts its own.
+if [ -n "${AMQP_URL:-}" ] && [ -z "${ISOLATED_AMQP_URL:-}" ]; then
+  eval "$(scripts/rabbitmq-node.sh)"
 fi
 cargo test --workspace --locked "$@"

@@ -6,6 +6,7 @@
 
 use deadpool_lapin::lapin::{self, Consumer, message::Delivery};
 use futures::StreamExt;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Why intake stopped.
@@ -23,7 +24,9 @@ pub enum IntakeError {
 }
 
 /// Moves deliveries into `queue` until `shutdown` fires, the workers are gone, the session
-/// ends (`ended`), or the broker stops the consumer. A delivery that was read but not queued when shutdown fires is left
+/// ends (`ended`), or the broker stops the consumer. While `blocked` is true (the broker blocks
+/// publishes, so no result could be stored) it takes nothing new; the prefetched deliveries
+/// wait, unacked, in the broker's client buffer. A delivery that was read but not queued when shutdown fires is left
 /// unacked, and the broker redelivers it once the channel closes.
 ///
 /// # Errors
@@ -33,8 +36,17 @@ pub async fn run(
     queue: async_channel::Sender<Delivery>,
     shutdown: CancellationToken,
     ended: CancellationToken,
+    mut blocked: watch::Receiver<bool>,
 ) -> Result<(), IntakeError> {
     loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => return Ok(()),
+            () = ended.cancelled() => return Err(IntakeError::Ended),
+            unblocked = blocked.wait_for(|b| !*b) => if unblocked.is_err() {
+                return Err(IntakeError::Ended);
+            },
+        }
         let next = tokio::select! {
             biased;
             () = shutdown.cancelled() => return Ok(()),

@@ -13,6 +13,7 @@
 //! | `consumer_jobs_in_flight` | gauge | jobs taken and not yet acked: in a chain or awaiting the broker's confirm |
 //! | `consumer_queue_depth` | gauge | deliveries waiting in the in-process queue |
 //! | `consumer_reconnects_total` | counter | connections lost and made again |
+//! | `consumer_blocked` | gauge | 1 while the broker blocks this consumer's publishes (memory or disk alarm) |
 //!
 //! `kind` is only ever a kind this consumer serves, or `_unknown`: a label never takes a value
 //! from untrusted input, so bad messages cannot blow up the number of series.
@@ -55,6 +56,8 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// Connections lost and made again.
     pub reconnects: IntCounter,
+    /// 1 while the broker blocks this consumer's publishes (a memory or disk alarm), else 0.
+    pub blocked: IntGauge,
 }
 
 impl Default for Metrics {
@@ -128,12 +131,18 @@ impl Metrics {
             "Connections lost and made again.",
         )
         .expect("valid counter");
+        let blocked = IntGauge::new(
+            "consumer_blocked",
+            "1 while the broker blocks this consumer's publishes (memory or disk alarm).",
+        )
+        .expect("valid gauge");
         for metric in [
             Box::new(requeued.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(stage_seconds.clone()),
             Box::new(in_flight.clone()),
             Box::new(queue_depth.clone()),
             Box::new(reconnects.clone()),
+            Box::new(blocked.clone()),
         ] {
             registry.register(metric).expect("unique metric");
         }
@@ -149,6 +158,7 @@ impl Metrics {
             in_flight,
             queue_depth,
             reconnects,
+            blocked,
         }
     }
 

@@ -16,6 +16,9 @@ pub enum State {
     Starting,
     /// Connected and consuming: ready.
     Consuming,
+    /// Connected, but the broker blocks publishes (a memory or disk alarm): no new job is
+    /// taken until it unblocks.
+    Blocked,
     /// The connection was lost; waiting to reconnect.
     Reconnecting,
     /// Shutdown requested; finishing in-flight jobs.
@@ -80,6 +83,22 @@ impl Readiness {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         since.map(|t| t.elapsed())
+    }
+
+    /// Moves from `from` to `to` only if the state is `from` now (the broker's blocked and
+    /// unblocked notices must not override `Reconnecting` or `Draining`).
+    pub(crate) fn switch(&self, from: State, to: State) {
+        let mut switched = false;
+        self.state.send_if_modified(|state| {
+            switched = *state == from && from != to;
+            if switched {
+                *state = to;
+            }
+            switched
+        });
+        if switched {
+            tracing::info!(state = ?to, "consumer state");
+        }
     }
 
     pub(crate) fn set(&self, state: State) {

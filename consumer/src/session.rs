@@ -18,12 +18,13 @@ use deadpool_lapin::{
         types::FieldTable,
     },
 };
+use futures::StreamExt;
 use shared::{
     amqp,
     reason::Reason,
     recent::{Body, Recent},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -204,8 +205,19 @@ pub async fn run(
         .workers
         .spawn(confirmer.run(confirms_rx, lost.clone()));
     shared.readiness.set(State::Consuming);
+    let (blocked_tx, blocked) = watch::channel(false);
+    let watching = CancellationToken::new();
+    tokio::spawn(watch_blocked(
+        connection.events_listener(),
+        blocked_tx,
+        shared.readiness.clone(),
+        shared.metrics.clone(),
+        watching.clone(),
+    ));
+    let _stop_watching = watching.drop_guard();
 
-    if let Err(error) = intake::run(consumer, queue_tx, shutdown.clone(), lost.clone()).await {
+    let taken = intake::run(consumer, queue_tx, shutdown.clone(), lost.clone(), blocked).await;
+    if let Err(error) = taken {
         lost.cancel();
         let reason = ending
             .reason()
@@ -245,4 +257,43 @@ pub async fn run(
         Err(_) => tracing::warn!("the broker did not confirm the connection's close"),
     }
     Ok(())
+}
+
+/// Follows the broker's `connection.blocked` / `connection.unblocked` notices: the broker blocks
+/// a connection that publishes while a memory or disk alarm is in effect. While blocked, intake
+/// takes no new job, `/readyz` says `Blocked` (503) and `consumer_blocked` is 1.
+async fn watch_blocked(
+    events: impl futures::Stream<Item = lapin::Event> + Send + 'static,
+    blocked: watch::Sender<bool>,
+    readiness: Readiness,
+    metrics: crate::metrics::Metrics,
+    stop: CancellationToken,
+) {
+    let mut events = std::pin::pin!(events);
+    loop {
+        let event = tokio::select! {
+            () = stop.cancelled() => break,
+            event = events.next() => match event {
+                Some(event) => event,
+                None => break,
+            },
+        };
+        match event {
+            lapin::Event::ConnectionBlocked(reason) => {
+                let reason = Reason::new(reason);
+                tracing::warn!(%reason, "the broker blocks publishes; taking no new jobs until it unblocks");
+                blocked.send_replace(true);
+                metrics.blocked.set(1);
+                readiness.switch(State::Consuming, State::Blocked);
+            }
+            lapin::Event::ConnectionUnblocked => {
+                tracing::info!("the broker unblocked publishes; taking jobs again");
+                blocked.send_replace(false);
+                metrics.blocked.set(0);
+                readiness.switch(State::Blocked, State::Consuming);
+            }
+            _ => {}
+        }
+    }
+    metrics.blocked.set(0);
 }

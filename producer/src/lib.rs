@@ -180,13 +180,17 @@ pub async fn run(
         summary.failed += lost;
         summary
             .errors
-            .push(format!("{error}; {lost} jobs unconfirmed"));
+            .push(format!("{error}; {lost} jobs sent and unconfirmed"));
     }
     summary.errors.extend(input_failures);
     if let Some(total) = payloads.len_hint() {
         // Jobs never handed to the broker (after a fatal error or an interruption) failed too.
         let accounted = summary.confirmed + summary.failed;
-        summary.failed += total.saturating_sub(accounted);
+        let never_sent = total.saturating_sub(accounted);
+        if never_sent > 0 {
+            summary.failed += never_sent;
+            summary.errors.push(format!("{never_sent} jobs never sent"));
+        }
     }
     progress.finish_and_clear();
 
@@ -200,11 +204,19 @@ pub async fn run(
             &shutdown,
         )
         .await;
-        let cleanup = match publisher.connection() {
-            Some(connection) => connection.create_channel().await.ok(),
+        // Cleanup is best effort and bounded: the private queue expires by itself anyway.
+        let channel = match publisher.connection() {
+            Some(connection) => {
+                let create = connection.create_channel();
+                tokio::time::timeout(publish::CLOSE_TIMEOUT, create)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
             None => None,
         };
-        listener.close(cleanup.as_ref()).await;
+        let close = listener.close(channel.as_ref());
+        let _ = tokio::time::timeout(publish::CLOSE_TIMEOUT, close).await;
     }
     summary.elapsed = started.elapsed();
     publisher.close().await;

@@ -30,6 +30,8 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a connection (TCP and the AMQP handshake) before trying again.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest wait for the broker to confirm the connection's close.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A job ready to publish: its id and its encoded body.
 #[derive(Debug, Clone)]
@@ -182,10 +184,12 @@ impl Publisher {
         lost as u64
     }
 
-    /// Closes the connection.
+    /// Closes the connection, waiting at most [`CLOSE_TIMEOUT`] for the broker (which does not
+    /// answer while it blocks the connection).
     pub async fn close(self) {
         if let Some(link) = self.link {
-            let _ = link.connection.close(200, "producer done".into()).await;
+            let close = link.connection.close(200, "producer done".into());
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
         }
     }
 
@@ -219,15 +223,22 @@ impl Publisher {
                 self.settle(done, settled);
             }
             let channel = self.channel().await?;
-            let published = channel
-                .basic_publish(
-                    self.exchange.clone(),
-                    self.routing_key.clone(),
-                    mandatory(),
-                    &job.body,
-                    job_properties(job.id),
-                )
-                .await;
+            let publish = channel.basic_publish(
+                self.exchange.clone(),
+                self.routing_key.clone(),
+                mandatory(),
+                &job.body,
+                job_properties(job.id),
+            );
+            // A broker that blocks publishers stops reading: the send itself may never end.
+            let shutdown = self.shutdown.clone();
+            let published = tokio::select! {
+                () = shutdown.cancelled() => {
+                    self.resend.push_front(job);
+                    return Err(Stopped::Interrupted);
+                }
+                published = publish => published,
+            };
             match published {
                 Ok(confirm) => self.inflight.push(Box::pin(
                     tokio::time::timeout(CONFIRM_TIMEOUT, confirm)

@@ -210,7 +210,7 @@ pub const CONTAINER_LABEL: &str = "queue-worker.tests";
 /// The RabbitMQ container to start: testcontainers' `RabbitMq` (which waits for
 /// "Server startup complete; 4 plugins started."), with the image taken from
 /// `TEST_RABBITMQ_IMAGE` (`name[:tag]`) when set, e.g. a locally built one.
-fn rabbitmq_request() -> ContainerRequest<RabbitMq> {
+pub fn rabbitmq_request() -> ContainerRequest<RabbitMq> {
     let request = RabbitMq::default().with_label(CONTAINER_LABEL, "1");
     let Ok(image) = std::env::var("TEST_RABBITMQ_IMAGE") else {
         return request;
@@ -267,10 +267,14 @@ impl TestApp {
 
     /// A fresh namespace whose shared settings `tweak` may change, topology declared.
     pub async fn with_settings(tweak: impl FnOnce(&mut CommonSettings)) -> Self {
+        Self::on_broker(broker_url().await, tweak).await
+    }
+
+    /// A fresh namespace on the broker at `url` (not the shared one), topology declared.
+    pub async fn on_broker(url: String, tweak: impl FnOnce(&mut CommonSettings)) -> Self {
         if std::env::var_os("TEST_LOG").is_some() {
             shared::telemetry::init(shared::telemetry::LogFormat::Pretty);
         }
-        let url = broker_url().await;
         let mut common = CommonSettings::new(url.clone());
         common.namespace = format!("test-{}", Uuid::new_v4().simple());
         tweak(&mut common);

@@ -8,6 +8,7 @@
     unreachable_pub
 )]
 
+mod alarms;
 mod bad_input;
 mod chaos;
 mod children;
@@ -18,6 +19,7 @@ mod helpers;
 mod hostile;
 mod http_fetch;
 mod ingest;
+mod isolated;
 mod observability;
 mod producer_failures;
 mod producer_reconnect;
