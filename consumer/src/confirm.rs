@@ -293,7 +293,7 @@ impl Confirmer {
             self.settler.count(&outcome, &kind);
             if let Outcome::Completed(result) = outcome {
                 if !result.replayed {
-                    self.recent.insert(result.job_id, result.body);
+                    self.recent.insert(result.repeat_key, result.body);
                 }
             }
         }

@@ -39,6 +39,9 @@ pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ResultMessage {
     /// The job it belongs to.
     pub job_id: Uuid,
+    /// Where a completed job's result is remembered ([`shared::recent::repeat_key`]: id, kind
+    /// and payload), so that only a true repeat is answered with it.
+    pub repeat_key: Uuid,
     /// Routing key on the results exchange.
     pub kind: String,
     /// Whether this is a stored result published again for a repeated job.

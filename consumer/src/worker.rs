@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use shared::{
     headers::ENVELOPE_STAGE,
     reason::Reason,
-    recent::{Body, Recent},
+    recent::{Body, Recent, repeat_key},
     schema::{JobResult, SCHEMA_VERSION, StageTiming, Status},
     topology::RetryDelays,
 };
@@ -150,10 +150,12 @@ impl Worker {
             };
             return (outcome, label);
         }
-        if let Some(body) = self.recent.get(&job.id) {
+        let key = repeat_key(job.id, &job.kind, job.payload.get().as_bytes());
+        if let Some(body) = self.recent.get(&key) {
             tracing::info!(job_id = %job.id, kind = %job.kind, "repeat of a completed job; publishing its result again");
             let replay = ResultMessage {
                 job_id: job.id,
+                repeat_key: key,
                 kind: job.kind,
                 body,
                 replayed: true,
@@ -187,7 +189,10 @@ impl Worker {
                 );
                 if completed.body.len() <= self.max_result_bytes {
                     tracing::debug!("job completed");
-                    Outcome::Completed(completed)
+                    Outcome::Completed(ResultMessage {
+                        repeat_key: key,
+                        ..completed
+                    })
                 } else {
                     let reason = Reason::new(format_args!(
                         "the result of {} bytes exceeds the largest this consumer publishes ({} bytes, --max-result-bytes)",
@@ -300,6 +305,7 @@ fn result(
     };
     ResultMessage {
         job_id,
+        repeat_key: job_id,
         body: to_json(&body).into(),
         kind: body.kind,
         replayed: false,

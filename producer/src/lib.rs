@@ -170,10 +170,7 @@ pub async fn run(
             gave_up = Some(error);
         }
     }
-    let lost = match gave_up {
-        Some(error) => Some((publisher.abandon(&mut settled), error)),
-        None => None,
-    };
+    let lost = gave_up.map(|error| (publisher.abandon(&mut settled), error));
     summary.sent = sent;
     summary.reconnects = publisher.reconnects;
     if let Some((lost, error)) = lost {

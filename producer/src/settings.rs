@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{ArgGroup, Parser};
 use shared::{
     config::{CommonSettings, parse_positive, parse_seconds},
-    schema::{BENCH_SLEEP, TEXT_ANALYZE},
+    schema::TEXT_ANALYZE,
 };
 
 /// Unconfirmed publishes allowed in flight.
@@ -110,10 +110,37 @@ pub struct ServeSettings {
     #[arg(long, env = "PRODUCER_LISTEN", default_value_t = default_listen())]
     pub listen: std::net::SocketAddr,
 
-    /// Kinds accepted; others get 422. Comma-separated.
+    /// Kinds accepted; others get 422. Comma-separated. (`bench.sleep` parks a consumer
+    /// worker: add it only for trusted clients.)
     #[arg(long, env = "PRODUCER_ACCEPT_KINDS", value_delimiter = ',',
-          default_values_t = [TEXT_ANALYZE.to_owned(), BENCH_SLEEP.to_owned()])]
+          default_values_t = [TEXT_ANALYZE.to_owned()])]
     pub accept_kinds: Vec<String>,
+
+    /// Bearer tokens accepted, comma-separated (16 characters at least). With no token and no
+    /// tokens file, the server listens on 127.0.0.1 only.
+    #[arg(
+        long,
+        env = "PRODUCER_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub tokens: Vec<String>,
+
+    /// A file of bearer tokens, one per line (`#` starts a comment); read again when it
+    /// changes, so tokens rotate without a restart.
+    #[arg(long, env = "PRODUCER_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+
+    /// Requests handled at once; more get 429 with `Retry-After`.
+    #[arg(long, env = "PRODUCER_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT,
+          value_parser = parse_positive)]
+    pub max_in_flight: usize,
+
+    /// Longest time a request may take, in seconds (a confirm that does not come in time
+    /// answers 503).
+    #[arg(long, env = "PRODUCER_REQUEST_TIMEOUT", default_value_t = DEFAULT_REQUEST_TIMEOUT_SECS,
+          value_parser = parse_seconds)]
+    pub request_timeout: f64,
 
     /// Largest request body, in bytes; larger ones get 413.
     #[arg(long, env = "PRODUCER_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES,
@@ -124,6 +151,11 @@ pub struct ServeSettings {
     #[arg(long, env = "PRODUCER_RESULT_CACHE", default_value_t = DEFAULT_RESULT_CACHE,
           value_parser = parse_positive)]
     pub result_cache: usize,
+
+    /// Bytes of results kept for `GET /jobs/{id}`, at most.
+    #[arg(long, env = "PRODUCER_RESULT_CACHE_BYTES", default_value_t = DEFAULT_RESULT_CACHE_BYTES,
+          value_parser = parse_positive)]
+    pub result_cache_bytes: usize,
 }
 
 /// Where `producer serve` listens: every interface, port 8080.
@@ -136,6 +168,12 @@ pub fn default_listen() -> std::net::SocketAddr {
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Results `producer serve` keeps for `GET /jobs/{id}`.
 pub const DEFAULT_RESULT_CACHE: usize = 100_000;
+/// Bytes of results `producer serve` keeps (256 MiB).
+pub const DEFAULT_RESULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
+/// Requests `producer serve` handles at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
+/// Longest time a `producer serve` request may take, in seconds.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: f64 = 10.0;
 
 impl ServeSettings {
     /// Defaults, listening on `listen`.
@@ -143,10 +181,21 @@ impl ServeSettings {
     pub fn new(listen: std::net::SocketAddr) -> Self {
         Self {
             listen,
-            accept_kinds: vec![TEXT_ANALYZE.to_owned(), BENCH_SLEEP.to_owned()],
+            accept_kinds: vec![TEXT_ANALYZE.to_owned()],
+            tokens: Vec::new(),
+            tokens_file: None,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT_SECS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             result_cache: DEFAULT_RESULT_CACHE,
+            result_cache_bytes: DEFAULT_RESULT_CACHE_BYTES,
         }
+    }
+
+    /// [`ServeSettings::request_timeout`] as a duration.
+    #[must_use]
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.request_timeout)
     }
 }
 

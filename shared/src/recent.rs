@@ -7,7 +7,8 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    hash::BuildHasher,
+    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
 };
 
 use uuid::Uuid;
@@ -15,10 +16,12 @@ use uuid::Uuid;
 /// A stored result body, shared without copying.
 pub type Body = Arc<[u8]>;
 
-/// Values by job id, at most `capacity` of them.
+/// Values by job id, at most `capacity` of them (and, when weighed, at most `max_bytes`).
 #[derive(Debug)]
 pub struct Recent<V> {
     capacity: usize,
+    max_bytes: usize,
+    weigh: fn(&V) -> usize,
     inner: Mutex<Window<V>>,
 }
 
@@ -26,17 +29,39 @@ pub struct Recent<V> {
 struct Window<V> {
     by_id: HashMap<Uuid, V>,
     order: VecDeque<Uuid>,
+    bytes: usize,
+}
+
+/// The key under which a completed job is remembered: its id *and* what it asked for, so that a
+/// client that reuses an id for another payload (or another kind) never gets the other job's
+/// result. A 128-bit keyed hash, with keys random per process.
+#[must_use]
+pub fn repeat_key(job_id: Uuid, kind: &str, payload: &[u8]) -> Uuid {
+    static STATES: OnceLock<[foldhash::quality::RandomState; 2]> = OnceLock::new();
+    let [a, b] = STATES.get_or_init(Default::default);
+    let high = a.hash_one((job_id, kind, payload));
+    let low = b.hash_one((job_id, kind, payload));
+    Uuid::from_u64_pair(high, low)
 }
 
 impl<V: Clone> Recent<V> {
     /// A window of `capacity` values; 0 disables it.
     #[must_use]
     pub fn new(capacity: usize) -> Self {
+        Self::weighed(capacity, usize::MAX, |_| 0)
+    }
+
+    /// A window of at most `capacity` values and `max_bytes` bytes as `weigh` counts them.
+    #[must_use]
+    pub fn weighed(capacity: usize, max_bytes: usize, weigh: fn(&V) -> usize) -> Self {
         Self {
             capacity,
+            max_bytes,
+            weigh,
             inner: Mutex::new(Window {
                 by_id: HashMap::new(),
                 order: VecDeque::new(),
+                bytes: 0,
             }),
         }
     }
@@ -61,13 +86,22 @@ impl<V: Clone> Recent<V> {
         if self.capacity == 0 {
             return;
         }
-        let mut window = self.lock();
-        if window.by_id.insert(job_id, value).is_none() {
-            window.order.push_back(job_id);
+        let weight = (self.weigh)(&value);
+        if weight > self.max_bytes {
+            return;
         }
-        while window.order.len() > self.capacity {
-            if let Some(old) = window.order.pop_front() {
-                window.by_id.remove(&old);
+        let mut window = self.lock();
+        window.bytes += weight;
+        match window.by_id.insert(job_id, value) {
+            None => window.order.push_back(job_id),
+            Some(old) => window.bytes -= (self.weigh)(&old),
+        }
+        while window.order.len() > self.capacity || window.bytes > self.max_bytes {
+            let Some(old) = window.order.pop_front() else {
+                break;
+            };
+            if let Some(old) = window.by_id.remove(&old) {
+                window.bytes -= (self.weigh)(&old);
             }
         }
     }
@@ -92,6 +126,32 @@ mod tests {
         assert!(recent.get(&ids[0]).is_none());
         assert_eq!(recent.get(&ids[1]), Some(1));
         assert!(recent.contains(&ids[2]));
+    }
+
+    #[test]
+    fn a_weighed_window_keeps_within_its_bytes() {
+        let recent: Recent<Body> = Recent::weighed(100, 10, |b| b.len());
+        let ids: Vec<Uuid> = (0..4).map(|_| Uuid::new_v4()).collect();
+        for id in &ids {
+            recent.insert(*id, Arc::from(&b"abcd"[..]));
+        }
+        assert!(recent.get(&ids[1]).is_none(), "12 bytes would be over 10");
+        assert!(recent.contains(&ids[2]) && recent.contains(&ids[3]));
+        recent.insert(Uuid::new_v4(), Arc::from(&[0u8; 11][..]));
+        assert!(
+            recent.contains(&ids[3]),
+            "a value over the limit is not kept at all"
+        );
+    }
+
+    #[test]
+    fn repeat_keys_differ_by_payload_and_kind() {
+        let id = Uuid::new_v4();
+        let key = repeat_key(id, "k", b"{}");
+        assert_eq!(key, repeat_key(id, "k", b"{}"));
+        assert_ne!(key, repeat_key(id, "k", b"{ }"));
+        assert_ne!(key, repeat_key(id, "other", b"{}"));
+        assert_ne!(key, repeat_key(Uuid::new_v4(), "k", b"{}"));
     }
 
     #[test]

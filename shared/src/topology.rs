@@ -419,6 +419,7 @@ fn short(name: &str) -> ShortString {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

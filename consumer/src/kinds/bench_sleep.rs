@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::stage::{Chain, Payload, Stage, StageError, decode};
 
-/// Longest sleep accepted, so a payload cannot park a worker for long.
-pub const MAX_MS: u64 = 60_000;
+/// Longest sleep accepted, so a payload cannot park a worker for long; below the stage's own
+/// timeout ([`Sleep`]'s), whatever `--stage-timeout` says.
+pub const MAX_MS: u64 = 20_000;
 
 /// Payload of `bench.sleep`.
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -41,6 +42,10 @@ impl Stage for Sleep {
 
     fn name(&self) -> &'static str {
         "sleep"
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        Some(Duration::from_millis(MAX_MS) + Duration::from_secs(5))
     }
 
     async fn run(&self, input: SleepFor) -> Result<Slept, StageError> {

@@ -113,7 +113,7 @@ async fn bench_sleep_is_built_in_and_bounded() {
         dead[0]
             .header("x-error")
             .unwrap()
-            .contains("ms must be at most 60000")
+            .contains("ms must be at most 20000")
     );
     consumer.stop().await.unwrap();
     app.teardown().await;

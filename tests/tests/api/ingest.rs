@@ -81,6 +81,7 @@ async fn serve(app: &TestApp, amqp_url: Option<&str>, shutdown: &CancellationTok
     }
     let mut settings = ServeSettings::new(SocketAddr::from(([127, 0, 0, 1], 0)));
     settings.max_body_bytes = 4096;
+    settings.accept_kinds.push("bench.sleep".to_owned());
     let (addr, _task) = producer::serve::start(&common, &settings, shutdown.clone())
         .await
         .unwrap();
@@ -211,6 +212,11 @@ async fn without_a_broker_the_answer_is_503_with_retry_after() {
             .contains("unavailable"),
         "{}",
         reply.body
+    );
+    let text = reply.body.to_string();
+    assert!(
+        !text.contains("127.0.0.1") && !text.contains("guest"),
+        "the answer names the broker: {text}"
     );
     shutdown.cancel();
     app.teardown().await;

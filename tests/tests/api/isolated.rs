@@ -31,7 +31,7 @@ pub struct Isolated {
 
 enum Control {
     Host(String),
-    Container(ContainerAsync<RabbitMq>),
+    Container(Box<ContainerAsync<RabbitMq>>),
 }
 
 static NODE: OnceCell<Isolated> = OnceCell::const_new();
@@ -68,7 +68,7 @@ async fn start() -> Isolated {
     let port = container.get_host_port_ipv4(5672).await.unwrap();
     Isolated {
         url: format!("amqp://guest:guest@{host}:{port}/%2f"),
-        control: Control::Container(container),
+        control: Control::Container(Box::new(container)),
     }
 }
 

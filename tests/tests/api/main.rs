@@ -19,6 +19,7 @@ mod helpers;
 mod hostile;
 mod http_fetch;
 mod ingest;
+mod ingest_safety;
 mod isolated;
 mod observability;
 mod producer_failures;

@@ -250,8 +250,30 @@ async fn five_forced_closes_in_a_row_lose_no_job() {
         .unwrap();
     }
 
-    // Assert: every job completes; none reached the delivery limit.
+    // Assert: every job completes; none reached the delivery limit; the in-flight gauge
+    // returns to 0 (nothing a lost session held stays counted).
     app.results_covering(&ids, HashSet::new()).await;
+    let url = format!("http://{}/metrics", readiness.http_addr().unwrap());
+    within("the in-flight gauge to return to 0", async {
+        loop {
+            let url = url.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                ureq::get(&url)
+                    .call()
+                    .unwrap()
+                    .body_mut()
+                    .read_to_string()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            if page.lines().any(|l| l == "consumer_jobs_in_flight 0") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
     consumer.stop().await.unwrap();
     assert_eq!(app.depth(&app.topology.names.dead_queue).await, 0);
     app.teardown().await;

@@ -7,11 +7,21 @@
 //! | `GET /jobs/{id}` | 200 with the result; 202 `{"status": "pending"}` if accepted here and not done; 404 otherwise |
 //!
 //! A body that is not such JSON gets 400, a kind not accepted 422, a body over the limit 413,
-//! all with `{"error": "..."}`. When the broker is unreachable, the connection is blocked by
-//! flow control, or a job is not confirmed, the answer is 503 with `Retry-After`: never a 202
-//! for a job the broker did not confirm. A client may send its own `id` (a UUID) so that a
-//! retried request does not create a second job: consumers answer a repeat of a completed id
-//! with its stored result.
+//! a POST without `Content-Type: application/json` 415, all with `{"error": "..."}` (bounded,
+//! never naming the broker's host or user). When the broker is unreachable, the connection is
+//! blocked by flow control, or a job is not confirmed in time, the answer is 503 with
+//! `Retry-After`: never a 202 for a job the broker did not confirm. Every request has a
+//! deadline, and requests in flight are bounded (429 + `Retry-After` beyond), so a broker
+//! outage grows neither memory nor the time shutdown takes.
+//!
+//! Every route needs `Authorization: Bearer <token>` when tokens are configured ([`auth`]);
+//! without any, the server listens on 127.0.0.1 only. A client may send its own `id` (a UUID)
+//! so that a retried request does not create a second job: consumers answer a repeat of a
+//! completed job with its stored result. An id already accepted here for another kind or
+//! payload is refused (409), and consumers key repeats by id, kind and payload, so an id
+//! reused for another job never returns the other job's result.
+
+pub mod auth;
 
 use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -19,7 +29,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, Path, State},
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -29,11 +39,12 @@ use serde_json::{json, value::RawValue};
 use shared::{
     amqp::{self, check_confirmation, job_properties, mandatory},
     config::CommonSettings,
-    recent::{Body, Recent},
+    reason::Reason,
+    recent::{Body, Recent, repeat_key},
     schema::{Job, MAX_KIND_LEN},
     topology::Topology,
 };
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -50,6 +61,9 @@ pub enum ServeError {
     /// The pool could not be built.
     #[error(transparent)]
     Connect(#[from] amqp::ConnectError),
+    /// The tokens could not be read.
+    #[error(transparent)]
+    Tokens(#[from] auth::TokensError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -67,7 +81,12 @@ struct Ingest {
     accept: HashSet<String>,
     link: Mutex<Option<(deadpool_lapin::Connection, Channel)>>,
     results: Recent<Body>,
-    accepted: Recent<()>,
+    /// Jobs accepted here, by id, with the key of what they asked for (kind and payload).
+    accepted: Recent<Uuid>,
+    tokens: auth::Tokens,
+    /// One permit per request in flight.
+    permits: Arc<Semaphore>,
+    request_timeout: Duration,
     /// True once the private results queue is bound: no job is accepted before, or its
     /// result could be published before anyone here listens for it.
     listening: tokio::sync::watch::Receiver<bool>,
@@ -82,33 +101,41 @@ struct NewJob {
     id: Option<Uuid>,
 }
 
-/// An HTTP error with a JSON body.
+/// An HTTP error with a JSON body whose text is bounded ([`Reason`]).
 struct Failure {
     status: StatusCode,
-    message: String,
+    message: Reason,
 }
 
 impl Failure {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, message: impl std::fmt::Display) -> Self {
         Self {
             status,
-            message: message.into(),
+            message: Reason::new(message),
         }
     }
 
-    fn unavailable(message: impl Into<String>) -> Self {
+    fn unavailable(message: impl std::fmt::Display) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 }
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(json!({ "error": self.message }))).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(
+        let mut response =
+            (self.status, Json(json!({ "error": self.message.as_str() }))).into_response();
+        let headers = response.headers_mut();
+        if matches!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+        ) {
+            headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),
             );
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -130,6 +157,15 @@ pub async fn start(
         std::process::id()
     );
     let pool = amqp::pool(&common.amqp_url, &name).map_err(amqp::ConnectError::from)?;
+    let tokens = auth::Tokens::new(&settings.tokens, settings.tokens_file.clone())?;
+    let mut listen = settings.listen;
+    if !tokens.configured() && !listen.ip().is_loopback() {
+        tracing::warn!(
+            asked = %listen,
+            "no token configured (--tokens, --tokens-file): listening on 127.0.0.1 only"
+        );
+        listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
     let (listening_tx, listening) = tokio::sync::watch::channel(false);
     let ingest = Arc::new(Ingest {
         pool,
@@ -137,8 +173,13 @@ pub async fn start(
         topology: common.topology(),
         accept: settings.accept_kinds.iter().cloned().collect(),
         link: Mutex::new(None),
-        results: Recent::new(settings.result_cache),
+        results: Recent::weighed(settings.result_cache, settings.result_cache_bytes, |b| {
+            b.len()
+        }),
         accepted: Recent::new(settings.result_cache),
+        tokens,
+        permits: Arc::new(Semaphore::new(settings.max_in_flight)),
+        request_timeout: settings.request_timeout(),
         listening,
     });
     tokio::spawn(collect_results(
@@ -147,14 +188,14 @@ pub async fn start(
         shutdown.clone(),
     ));
 
-    let listener = tokio::net::TcpListener::bind(settings.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Listen {
-            addr: settings.listen,
+            addr: listen,
             source,
         })?;
     let bound = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: settings.listen,
+        addr: listen,
         source,
     })?;
     let app = Router::new()
@@ -175,19 +216,37 @@ pub async fn start(
     Ok((bound, task))
 }
 
-async fn post_job(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
-    let job: NewJob = parse(&body)?;
-    ingest.check_kind(&job.kind)?;
-    let id = ingest.publish(job).await?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
+async fn post_job(
+    State(ingest): State<Arc<Ingest>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let _permit = ingest.admit(&headers, true)?;
+    ingest
+        .in_time(async {
+            let job: NewJob = parse(&body)?;
+            ingest.check_kind(&job.kind)?;
+            let id = ingest.publish(job).await?;
+            Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
+        })
+        .await
 }
 
-async fn post_batch(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
-    let jobs: Vec<NewJob> = parse(&body)?;
+async fn post_batch(
+    State(ingest): State<Arc<Ingest>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Failure> {
+    let _permit = ingest.admit(&headers, true)?;
+    ingest.in_time(batch(&ingest, &body)).await
+}
+
+async fn batch(ingest: &Ingest, body: &[u8]) -> Result<Response, Failure> {
+    let jobs: Vec<NewJob> = parse(body)?;
     for (i, job) in jobs.iter().enumerate() {
         ingest
             .check_kind(&job.kind)
-            .map_err(|f| Failure::new(f.status, format!("job {i}: {}", f.message)))?;
+            .map_err(|f| Failure::new(f.status, format_args!("job {i}: {}", f.message)))?;
     }
     let published =
         futures::future::join_all(jobs.into_iter().map(|job| ingest.publish(job))).await;
@@ -196,7 +255,7 @@ async fn post_batch(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Re
     for (i, outcome) in published.into_iter().enumerate() {
         match outcome {
             Ok(id) => ids.push(id),
-            Err(failure) => failed.push(json!({ "index": i, "error": failure.message })),
+            Err(failure) => failed.push(json!({ "index": i, "error": failure.message.as_str() })),
         }
     }
     if failed.is_empty() {
@@ -216,11 +275,13 @@ async fn post_batch(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Re
 
 async fn get_job(
     State(ingest): State<Arc<Ingest>>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
+    let _permit = ingest.admit(&headers, false)?;
     let id: Uuid = id
         .parse()
-        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, format!("not a job id: {e}")))?;
+        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, format_args!("not a job id: {e}")))?;
     if let Some(result) = ingest.results.get(&id) {
         let mut response = (StatusCode::OK, result.to_vec()).into_response();
         response.headers_mut().insert(
@@ -238,23 +299,72 @@ async fn get_job(
     }
     Err(Failure::new(
         StatusCode::NOT_FOUND,
-        format!("no job {id} known here"),
+        format_args!("no job {id} known here"),
     ))
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Failure> {
     serde_json::from_slice(body)
-        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))
+        .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, format_args!("invalid body: {e}")))
 }
 
 impl Ingest {
+    /// Lets a request in: its token (401), its content type for a body (415), and a place
+    /// among the requests in flight (429 beyond `--max-in-flight`).
+    fn admit(&self, headers: &HeaderMap, json_body: bool) -> Result<OwnedSemaphorePermit, Failure> {
+        if self.tokens.configured() {
+            let offered = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            if !self.tokens.allows(offered) {
+                return Err(Failure::new(
+                    StatusCode::UNAUTHORIZED,
+                    "a valid `Authorization: Bearer <token>` header is required",
+                ));
+            }
+        }
+        if json_body {
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let essence = content_type.split(';').next().unwrap_or_default().trim();
+            if !essence.eq_ignore_ascii_case("application/json") {
+                return Err(Failure::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "the body must be sent with `Content-Type: application/json`",
+                ));
+            }
+        }
+        Arc::clone(&self.permits).try_acquire_owned().map_err(|_| {
+            Failure::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests in flight; try again shortly",
+            )
+        })
+    }
+
+    /// Runs a request's work under the request deadline; past it, 503.
+    async fn in_time(
+        &self,
+        work: impl Future<Output = Result<Response, Failure>>,
+    ) -> Result<Response, Failure> {
+        match tokio::time::timeout(self.request_timeout, work).await {
+            Ok(answer) => answer,
+            Err(_) => Err(Failure::unavailable(format_args!(
+                "no confirm from the broker within {:?}; the job may or may not be stored, retry with the same id",
+                self.request_timeout
+            ))),
+        }
+    }
+
     fn check_kind(&self, kind: &str) -> Result<(), Failure> {
         if kind.is_empty() || kind.len() > MAX_KIND_LEN || !self.accept.contains(kind) {
             let mut accepted: Vec<&str> = self.accept.iter().map(String::as_str).collect();
             accepted.sort_unstable();
             return Err(Failure::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!(
+                format_args!(
                     "kind {kind:?} is not accepted here (accepted: {})",
                     accepted.join(", ")
                 ),
@@ -269,10 +379,24 @@ impl Ingest {
         if let Some(id) = new.id {
             job.id = id;
         }
+        let asked = repeat_key(job.id, &job.kind, job.payload.get().as_bytes());
+        if self
+            .accepted
+            .get(&job.id)
+            .is_some_and(|earlier| earlier != asked)
+        {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                format_args!(
+                    "id {} was already used here for another kind or payload; use a new id",
+                    job.id
+                ),
+            ));
+        }
         let body = serde_json::to_vec(&job).map_err(|e| {
             Failure::new(
                 StatusCode::BAD_REQUEST,
-                format!("cannot encode the job: {e}"),
+                format_args!("cannot encode the job: {e}"),
             )
         })?;
         let channel = self.channel().await?;
@@ -304,12 +428,13 @@ impl Ingest {
         };
         match outcome {
             Ok(()) => {
-                self.accepted.insert(job.id, ());
+                self.accepted.insert(job.id, asked);
                 Ok(job.id)
             }
             Err(error) => {
+                tracing::warn!(%error, job_id = %job.id, "a posted job was not confirmed");
                 self.forget_link_if_dead().await;
-                Err(Failure::unavailable(format!(
+                Err(Failure::unavailable(format_args!(
                     "job not confirmed by the broker: {error}"
                 )))
             }
@@ -351,14 +476,15 @@ impl Ingest {
                 *link = Some((connection, channel.clone()));
                 Ok(channel)
             }
-            Ok(Err(error)) => Err(Failure::unavailable(format!(
-                "broker {} unavailable: {error}",
-                self.broker
-            ))),
-            Err(_) => Err(Failure::unavailable(format!(
-                "broker {} did not answer in time",
-                self.broker
-            ))),
+            Ok(Err(error)) => {
+                // The details (host, user) go to the log, not to the client.
+                tracing::warn!(broker = %self.broker, %error, "the broker is unavailable");
+                Err(Failure::unavailable("the broker is unavailable"))
+            }
+            Err(_) => {
+                tracing::warn!(broker = %self.broker, "the broker did not answer in time");
+                Err(Failure::unavailable("the broker did not answer in time"))
+            }
         }
     }
 

@@ -1,0 +1,222 @@
+//! `producer serve` on a network: bearer tokens, JSON only, an id reused for another payload
+//! refused, no token means loopback only, and a broker that confirms nothing answers 503 in
+//! time while requests beyond the in-flight bound get 429.
+
+use std::{net::SocketAddr, time::Duration};
+
+use producer::ServeSettings;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    helpers::{TestApp, within},
+    isolated::isolated,
+};
+
+const TOKEN: &str = "test-token-0123456789";
+
+struct Reply {
+    status: u16,
+    retry_after: Option<String>,
+    body: Value,
+}
+
+async fn call(
+    url: String,
+    token: Option<&str>,
+    content_type: Option<&str>,
+    body: Option<Value>,
+) -> Reply {
+    let token = token.map(str::to_owned);
+    let content_type = content_type.map(str::to_owned);
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let response = match body {
+            Some(body) => {
+                let mut request = agent.post(&url);
+                if let Some(token) = &token {
+                    request = request.header("authorization", &format!("Bearer {token}"));
+                }
+                if let Some(content_type) = &content_type {
+                    request = request.header("content-type", content_type);
+                }
+                request.send(body.to_string().as_bytes())
+            }
+            None => {
+                let mut request = agent.get(&url);
+                if let Some(token) = &token {
+                    request = request.header("authorization", &format!("Bearer {token}"));
+                }
+                request.call()
+            }
+        };
+        let mut response = response.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        Reply {
+            status,
+            retry_after,
+            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+async fn serve(
+    app: &TestApp,
+    tweak: impl FnOnce(&mut ServeSettings),
+) -> (SocketAddr, CancellationToken) {
+    let mut settings = ServeSettings::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    settings.tokens = vec![TOKEN.to_owned()];
+    tweak(&mut settings);
+    let shutdown = CancellationToken::new();
+    let (addr, _task) = producer::serve::start(&app.common, &settings, shutdown.clone())
+        .await
+        .unwrap();
+    (addr, shutdown)
+}
+
+fn job(text: &str, id: Uuid) -> Value {
+    json!({"kind": "text.analyze", "payload": {"text": text}, "id": id})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_needs_a_token_json_and_an_unused_id() {
+    // Arrange
+    let app = TestApp::new().await;
+    let (addr, shutdown) = serve(&app, |_| {}).await;
+    let url = format!("http://{addr}/jobs");
+    let json = Some("application/json");
+    let id = Uuid::new_v4();
+
+    // Act + Assert
+    let reply = call(url.clone(), None, json, Some(job("a", id))).await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    let reply = call(
+        url.clone(),
+        Some("wrong-token-0123456789"),
+        json,
+        Some(job("a", id)),
+    )
+    .await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    let reply = call(
+        url.clone(),
+        Some(TOKEN),
+        Some("application/x-www-form-urlencoded"),
+        Some(job("a", id)),
+    )
+    .await;
+    assert_eq!(reply.status, 415, "{}", reply.body);
+    let reply = call(url.clone(), Some(TOKEN), None, Some(job("a", id))).await;
+    assert_eq!(reply.status, 415, "{}", reply.body);
+    let reply = call(
+        url.clone(),
+        Some(TOKEN),
+        Some("application/json; charset=utf-8"),
+        Some(job("a", id)),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let again = call(url.clone(), Some(TOKEN), json, Some(job("a", id))).await;
+    assert_eq!(
+        again.status, 202,
+        "the same job again is a retry: {}",
+        again.body
+    );
+    let other = call(url.clone(), Some(TOKEN), json, Some(job("b", id))).await;
+    assert_eq!(other.status, 409, "{}", other.body);
+    let status = call(format!("{url}/{id}"), None, None, None).await;
+    assert_eq!(status.status, 401, "reads need the token too");
+    let status = call(format!("{url}/{id}"), Some(TOKEN), None, None).await;
+    assert_eq!(status.status, 202, "{}", status.body);
+    let huge = call(
+        url.clone(),
+        Some(TOKEN),
+        json,
+        Some(json!({"kind": "x".repeat(300), "payload": {}})),
+    )
+    .await;
+    assert_eq!(huge.status, 422);
+    assert!(
+        huge.body.to_string().len() < 2048,
+        "the answer is bounded: {}",
+        huge.body
+    );
+    shutdown.cancel();
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_serve_listens_on_loopback_only() {
+    let app = TestApp::new().await;
+    let (addr, shutdown) = serve(&app, |s| {
+        s.tokens.clear();
+        s.listen = SocketAddr::from(([0, 0, 0, 0], 0));
+    })
+    .await;
+    assert!(addr.ip().is_loopback(), "bound to {addr}");
+    shutdown.cancel();
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_confirms_nothing_gets_503_in_time_and_429_beyond_the_bound() {
+    // Arrange: one request at a time, 2 s each at most, on a node whose publishers are blocked.
+    let (_lock, node) = isolated().await;
+    let app = TestApp::on_broker(node.url.clone(), |_| {}).await;
+    let (addr, shutdown) = serve(&app, |s| {
+        s.max_in_flight = 1;
+        s.request_timeout = 2.0;
+    })
+    .await;
+    let url = format!("http://{addr}/jobs");
+    // The first job connects the server (and its results listener) while the broker is well.
+    let warm = call(
+        url.clone(),
+        Some(TOKEN),
+        Some("application/json"),
+        Some(job("warm", Uuid::new_v4())),
+    )
+    .await;
+    assert_eq!(warm.status, 202, "{}", warm.body);
+    let alarm = node.raise_memory_alarm().await;
+
+    // Act: a request that waits for a confirm, and another one meanwhile.
+    let started = std::time::Instant::now();
+    let stuck = tokio::spawn(call(
+        url.clone(),
+        Some(TOKEN),
+        Some("application/json"),
+        Some(job("stuck", Uuid::new_v4())),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let beyond = call(
+        url.clone(),
+        Some(TOKEN),
+        Some("application/json"),
+        Some(job("beyond", Uuid::new_v4())),
+    )
+    .await;
+    let stuck = within("the stuck request", stuck).await.unwrap();
+    let took = started.elapsed();
+    alarm.clear().await;
+
+    // Assert
+    assert_eq!(beyond.status, 429, "{}", beyond.body);
+    assert_eq!(beyond.retry_after.as_deref(), Some("1"));
+    assert_eq!(stuck.status, 503, "{}", stuck.body);
+    assert_eq!(stuck.retry_after.as_deref(), Some("1"));
+    assert!(took < Duration::from_secs(6), "the deadline held: {took:?}");
+    shutdown.cancel();
+    app.teardown().await;
+}
