@@ -169,8 +169,8 @@ impl Bench<'_> {
     async fn open(&self, queue_type: QueueType) -> anyhow::Result<(String, Topology, Channel)> {
         let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
         let topology = Topology::new(&namespace, queue_type, DEFAULT_DELIVERY_LIMIT);
+        topology.declare(&self.admin).await?;
         let channel = self.admin.create_channel().await?;
-        topology.declare(&channel).await?;
         Ok((namespace, topology, channel))
     }
 

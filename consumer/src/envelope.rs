@@ -10,7 +10,7 @@ use deadpool_lapin::lapin::{BasicProperties, message::Delivery, types::AMQPValue
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use shared::{
-    headers::{CONTENT_TYPE_JSON, X_ATTEMPT},
+    headers::{CONTENT_TYPE_JSON, X_ATTEMPT, X_DELIVERY_COUNT},
     reason::Reason,
     schema::{Job, MAX_KIND_LEN, SCHEMA_VERSION},
 };
@@ -85,6 +85,26 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
     Ok(job)
 }
 
+/// How many times the broker delivered this message before without it being settled: the
+/// `x-delivery-count` header quorum queues set on a redelivery (absent, or not an integer: 0).
+#[must_use]
+pub fn delivery_count(properties: &BasicProperties) -> u64 {
+    let value = properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(X_DELIVERY_COUNT));
+    let n = match value {
+        Some(AMQPValue::ShortShortUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        _ => 0,
+    };
+    u64::try_from(n).unwrap_or(0)
+}
+
 /// The attempt number carried by `x-attempt`, as the README defines it for any value a client
 /// may send: absent, or not an AMQP integer (a string, a float, a table, ...), counts as 1; an
 /// integer below 1 counts as 1; one above `u32::MAX` counts as `u32::MAX` (so a retryable
@@ -108,7 +128,9 @@ pub fn attempt(properties: &BasicProperties) -> u32 {
     u32::try_from(n.max(1)).unwrap_or(u32::MAX)
 }
 
-fn message_id(properties: &BasicProperties) -> Option<Uuid> {
+/// The job id in the `message_id` property, when it is one.
+#[must_use]
+pub fn message_id(properties: &BasicProperties) -> Option<Uuid> {
     properties
         .message_id()
         .as_ref()

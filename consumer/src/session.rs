@@ -21,6 +21,7 @@ use deadpool_lapin::{
 use futures::StreamExt;
 use shared::{
     amqp,
+    declare::DeclareError,
     reason::Reason,
     recent::{Body, Recent},
 };
@@ -66,10 +67,12 @@ pub enum SessionError {
     /// The connection was lost, or could not be made: try again.
     #[error("connection lost: {0}")]
     Lost(String),
-    /// The broker refused something on a live connection (for example a declaration that
-    /// does not match the existing queue): trying again will not help.
+    /// The broker refused something on a live connection: trying again will not help.
     #[error("the broker refused the consumer's setup: {0}")]
     Fatal(#[from] lapin::Error),
+    /// The topology cannot be declared (a queue of another type, for example).
+    #[error(transparent)]
+    Topology(DeclareError),
 }
 
 /// Ends a session from inside (the confirm task, when the publish channel is gone): fires the
@@ -134,16 +137,17 @@ pub async fn run(
     };
 
     let topology = settings.topology();
-    let setup = connection.create_channel().await.map_err(classify)?;
-    topology.declare(&setup).await.map_err(classify)?;
-    topology
-        .declare_retry_queues(&setup, &settings.retry_delays())
-        .await
-        .map_err(classify)?;
-    setup
-        .close(200, "topology declared".into())
-        .await
-        .map_err(classify)?;
+    let declared = async {
+        topology.declare(&connection).await?;
+        topology
+            .declare_retry_queues(&connection, &settings.retry_delays())
+            .await
+    };
+    match declared.await {
+        Ok(_) => {}
+        Err(DeclareError::Amqp(error)) => return Err(classify(error)),
+        Err(refused) => return Err(SessionError::Topology(refused)),
+    }
 
     let publish = amqp::confirm_channel(&connection).await.map_err(classify)?;
     let consume = connection.create_channel().await.map_err(classify)?;
@@ -167,12 +171,14 @@ pub async fn run(
         topology.names.clone(),
         shared.metrics.clone(),
         copy::header_budget(connection.configuration().frame_max()),
+        settings.results_ttl(),
     ));
     let worker = Arc::new(Worker {
         registry: shared.registry.clone(),
         settler: Arc::clone(&settler),
         max_body_bytes: settings.max_body_bytes,
         max_attempts: settings.max_attempts,
+        delivery_limit: settings.common.delivery_limit,
         retry_delays: settings.retry_delays(),
         stage_timeout: settings.stage_timeout(),
         recent: Arc::clone(&shared.recent),

@@ -34,6 +34,8 @@ pub const DEFAULT_RETRY_MAX_DELAY_SECS: f64 = 60.0;
 pub const DEFAULT_STAGE_TIMEOUT_SECS: f64 = 30.0;
 /// How long shutdown waits for in-flight jobs, in seconds.
 pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 30.0;
+/// How long an unread result stays in `jobs.results`, in seconds (7 days).
+pub const DEFAULT_RESULTS_TTL_SECS: f64 = 7.0 * 24.0 * 3600.0;
 
 /// Consumer settings.
 #[derive(Debug, Clone, Parser)]
@@ -103,6 +105,13 @@ pub struct Settings {
           value_parser = parse_seconds)]
     pub stage_timeout: f64,
 
+    /// How long an unread result stays in `jobs.results`, in seconds (its `expiration`);
+    /// then the broker drops it. 0 keeps results until they are read. Applies to results
+    /// published from now on, without touching the queue.
+    #[arg(long, env = "CONSUMER_RESULTS_TTL", default_value_t = DEFAULT_RESULTS_TTL_SECS,
+          value_parser = parse_ttl)]
+    pub results_ttl: f64,
+
     /// How long shutdown waits for in-flight jobs, in seconds; what is unfinished then is
     /// left unacked for the broker to redeliver.
     #[arg(long, env = "CONSUMER_SHUTDOWN_TIMEOUT", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
@@ -128,7 +137,14 @@ impl Settings {
             recent_results: crate::DEFAULT_RECENT_RESULTS,
             stage_timeout: DEFAULT_STAGE_TIMEOUT_SECS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            results_ttl: DEFAULT_RESULTS_TTL_SECS,
         }
+    }
+
+    /// [`Settings::results_ttl`] as a duration; `None` keeps results until read.
+    #[must_use]
+    pub fn results_ttl(&self) -> Option<Duration> {
+        (self.results_ttl > 0.0).then(|| Duration::from_secs_f64(self.results_ttl))
     }
 
     /// The topology this consumer declares and consumes from: the default work queue, or its
@@ -157,6 +173,16 @@ impl Settings {
     #[must_use]
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_timeout)
+    }
+}
+
+/// Seconds from 0 (forever) up to about 31 years.
+fn parse_ttl(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..1e9).contains(&s) => Ok(s),
+        _ => Err(format!(
+            "expected a number of seconds (0 keeps results until read), got {value:?}"
+        )),
     }
 }
 

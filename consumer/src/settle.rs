@@ -110,20 +110,29 @@ pub struct Settler {
     metrics: Metrics,
     /// Largest header table a copy of a delivery may carry (see [`copy::header_budget`]).
     header_budget: usize,
+    /// How long results stay in `jobs.results` unread (their `expiration`); `None` = forever.
+    results_ttl: Option<Duration>,
 }
 
 impl Settler {
     /// A settler publishing on `channel`, which must have publisher confirms enabled, and
     /// counting what it settles in `metrics`; copies of deliveries carry at most
     /// `header_budget` bytes of headers ([`copy::header_budget`] of the connection's
-    /// `frame_max`).
+    /// `frame_max`); results expire after `results_ttl` unread.
     #[must_use]
-    pub fn new(channel: Channel, names: Names, metrics: Metrics, header_budget: usize) -> Self {
+    pub fn new(
+        channel: Channel,
+        names: Names,
+        metrics: Metrics,
+        header_budget: usize,
+        results_ttl: Option<Duration>,
+    ) -> Self {
         Self {
             channel,
             names,
             metrics,
             header_budget,
+            results_ttl,
         }
     }
 
@@ -204,11 +213,15 @@ impl Settler {
     }
 
     fn publish_result(self: &Arc<Self>, result: &ResultMessage) -> Confirming {
+        let mut properties = result_properties(result.job_id);
+        if let Some(ttl) = self.results_ttl {
+            properties = properties.with_expiration(ttl.as_millis().to_string().as_str().into());
+        }
         self.send(
             &self.names.results_exchange,
             routing_key(&result.kind),
             Arc::clone(&result.body),
-            result_properties(result.job_id),
+            properties,
         )
     }
 

@@ -40,6 +40,9 @@ pub struct Worker {
     pub max_body_bytes: usize,
     /// Attempts a job gets before a retryable failure becomes final.
     pub max_attempts: u32,
+    /// Deliveries of one message (by the broker's `x-delivery-count`) before it is
+    /// dead-lettered unrun: the consumers that took it died or lost their connection with it.
+    pub delivery_limit: u32,
     /// How long retries wait.
     pub retry_delays: RetryDelays,
     /// Timeout of a stage that names none itself.
@@ -110,6 +113,20 @@ impl Worker {
     /// every problem becomes an [`Outcome`].
     pub async fn process<'a>(&'a self, delivery: &Delivery) -> (Outcome, &'a str) {
         let attempt = envelope::attempt(&delivery.properties);
+        let deliveries = envelope::delivery_count(&delivery.properties);
+        if deliveries >= u64::from(self.delivery_limit) {
+            let rejection = Rejection {
+                reason: Reason::new(format_args!(
+                    "delivered {} times without being settled (--delivery-limit {}): the consumers that took it stopped or lost their connection before finishing it",
+                    deliveries.saturating_add(1),
+                    self.delivery_limit
+                )),
+                job_id: envelope::message_id(&delivery.properties),
+                kind: None,
+            };
+            tracing::warn!(reason = %rejection.reason, "dead-lettering a message over the delivery limit");
+            return (self.rejected(rejection, attempt), UNKNOWN_KIND);
+        }
         let job = match envelope::open(delivery, self.max_body_bytes) {
             Ok(job) => job,
             Err(rejection) => {

@@ -48,6 +48,9 @@ pub enum ProducerError {
     /// The broker refused the topology, the channel or the results queue.
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
+    /// The topology could not be declared.
+    #[error(transparent)]
+    Declare(#[from] shared::declare::DeclareError),
     /// The input could not be opened.
     #[error(transparent)]
     Input(#[from] InputError),

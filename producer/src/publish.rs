@@ -365,9 +365,7 @@ async fn open_link(
         }
     };
     if declare {
-        let setup = connection.create_channel().await?;
-        topology.declare(&setup).await?;
-        setup.close(200, "topology declared".into()).await?;
+        topology.declare(&connection).await?;
     }
     let channel = amqp::confirm_channel(&connection).await?;
     Ok(Link {

@@ -15,6 +15,10 @@ pub const X_FAILED_STAGE: &str = "x-failed-stage";
 /// Attempt number of a job delivery, starting at 1. Absent means 1.
 pub const X_ATTEMPT: &str = "x-attempt";
 
+/// Set by quorum queues on a redelivery: how many times the message was delivered before
+/// without being settled. The consumer dead-letters a job once it reaches `--delivery-limit`.
+pub const X_DELIVERY_COUNT: &str = "x-delivery-count";
+
 /// Number of attempts a dead-lettered job used up.
 pub const X_ATTEMPTS: &str = "x-attempts";
 

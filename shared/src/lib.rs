@@ -1,7 +1,8 @@
 //! The one owner of everything producer and consumer must agree on.
 //!
 //! - [`schema`]: the JSON bodies on the wire (jobs and results), wire contract v1.
-//! - [`topology`]: exchange and queue names, their arguments, and how they are declared.
+//! - [`topology`]: exchange and queue names and their arguments.
+//! - [`declare`]: declaring them on a broker, adopting what an earlier build declared.
 //! - [`headers`]: AMQP header names and content types used on the wire.
 //! - [`amqp`]: connection pooling and the publish properties every message carries.
 //! - [`config`]: the settings both binaries share (broker URL, namespace, queue type, logs).
@@ -13,6 +14,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod declare;
 pub mod headers;
 pub mod reason;
 pub mod recent;

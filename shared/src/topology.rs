@@ -15,16 +15,15 @@
 //! delay (`x-message-ttl`), then the broker dead-letters them straight back to the work queue
 //! they came from. Nothing sleeps in a consumer while it holds a delivery.
 //!
-//! Queue arguments are fixed at declaration: changing the queue type, the delivery limit or the
-//! retry delays of an existing deployment needs the affected queues deleted (or a policy).
+//! Queue arguments are fixed at declaration, so they hold only what no setting changes: the
+//! queue type and where dead letters go. Settings live elsewhere: the delivery limit is
+//! enforced by the consumer (from the broker's `x-delivery-count`), retry delays and result
+//! retention are per-message `expiration`s. [`crate::declare`] declares all this on a broker,
+//! adopting the arguments an earlier build gave a queue instead of failing on them.
 
 use std::{fmt, time::Duration};
 
-use deadpool_lapin::lapin::{
-    self, Channel, ExchangeKind,
-    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
-    types::{AMQPValue, FieldTable, ShortString},
-};
+use deadpool_lapin::lapin::types::{AMQPValue, FieldTable, ShortString};
 
 /// Binding key that matches every routing key on a topic exchange.
 pub const MATCH_ALL: &str = "#";
@@ -254,7 +253,8 @@ impl Topology {
     }
 
     /// Arguments of the work queue: its type, where the broker itself dead-letters, and, for
-    /// a quorum queue, the delivery limit and at-least-once dead-lettering.
+    /// a quorum queue, at-least-once dead-lettering. Nothing a setting changes is an argument
+    /// (see [`crate::declare`]): the delivery limit is enforced by the consumer.
     #[must_use]
     pub fn work_queue_arguments(&self) -> FieldTable {
         let mut args = self.queue_arguments();
@@ -264,24 +264,17 @@ impl Topology {
             &self.names.dead_exchange,
         );
         if self.queue_type == QueueType::Quorum {
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
-            );
             self.at_least_once_dead_lettering(&mut args);
         }
         args
     }
 
-    /// Arguments of the retry queue for `delay`: hold for `delay`, then dead-letter back to the
-    /// work queue through the default exchange.
+    /// Arguments of a retry queue: dead-letter back to the work queue through the default
+    /// exchange. How long a message waits is its own `expiration`, not an argument, so the
+    /// retry delays can change without touching a queue.
     #[must_use]
-    pub fn retry_queue_arguments(&self, delay: Duration) -> FieldTable {
+    pub fn retry_queue_arguments(&self) -> FieldTable {
         let mut args = self.queue_arguments();
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
-        );
         insert_str(&mut args, "x-dead-letter-exchange", "");
         insert_str(
             &mut args,
@@ -301,120 +294,22 @@ impl Topology {
         insert_str(args, "x-overflow", "reject-publish");
     }
 
-    fn queue_arguments(&self) -> FieldTable {
+    /// Arguments every queue of the namespace has: its type.
+    #[must_use]
+    pub fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         insert_str(&mut args, "x-queue-type", self.queue_type.as_str());
         args
     }
-
-    /// Declares the retry queues for `delays`. Idempotent.
-    ///
-    /// # Errors
-    /// As [`Topology::declare`].
-    pub async fn declare_retry_queues(
-        &self,
-        channel: &Channel,
-        delays: &RetryDelays,
-    ) -> Result<(), lapin::Error> {
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        for delay in delays.buckets() {
-            let name = self.names.retry_queue(delay);
-            channel
-                .queue_declare(short(&name), durable, self.retry_queue_arguments(delay))
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Declares every exchange, queue and binding. Idempotent: running it again with the same
-    /// settings changes nothing.
-    ///
-    /// # Errors
-    /// Fails when the broker refuses a declaration, for example because a queue of the same
-    /// name already exists with another type (`PRECONDITION_FAILED`), which closes `channel`.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let n = &self.names;
-        let mut jobs_args = FieldTable::default();
-        insert_str(&mut jobs_args, "alternate-exchange", &n.unrouted_exchange);
-        let exchanges = [
-            (&n.unrouted_exchange, FieldTable::default()),
-            (&n.jobs_exchange, jobs_args),
-            (&n.results_exchange, FieldTable::default()),
-            (&n.dead_exchange, FieldTable::default()),
-        ];
-        for (exchange, args) in exchanges {
-            channel
-                .exchange_declare(
-                    short(exchange),
-                    ExchangeKind::Topic,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    args,
-                )
-                .await?;
-        }
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        let work_bindings: Vec<(&String, &str)> = if self.kinds.is_empty() {
-            vec![(&n.unrouted_exchange, MATCH_ALL)]
-        } else {
-            self.kinds
-                .iter()
-                .map(|kind| (&n.jobs_exchange, kind.as_str()))
-                .collect()
-        };
-        channel
-            .queue_declare(short(&n.work_queue), durable, self.work_queue_arguments())
-            .await?;
-        for (exchange, key) in work_bindings {
-            channel
-                .queue_bind(
-                    short(&n.work_queue),
-                    short(exchange),
-                    short(key),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
-        let queues = [
-            (
-                &n.results_queue,
-                &n.results_exchange,
-                self.queue_arguments(),
-            ),
-            (&n.dead_queue, &n.dead_exchange, self.queue_arguments()),
-        ];
-        for (queue, exchange, args) in queues {
-            channel.queue_declare(short(queue), durable, args).await?;
-            channel
-                .queue_bind(
-                    short(queue),
-                    short(exchange),
-                    MATCH_ALL.into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
-        Ok(())
-    }
 }
 
-fn insert_str(args: &mut FieldTable, key: &str, value: &str) {
+pub(crate) fn insert_str(args: &mut FieldTable, key: &str, value: &str) {
     args.insert(key.into(), AMQPValue::LongString(value.into()));
 }
 
 /// A name as an AMQP short string. Names come from configuration, not from the network;
 /// [`crate::config::CommonSettings`] rejects namespaces that would make them too long.
-fn short(name: &str) -> ShortString {
+pub(crate) fn short(name: &str) -> ShortString {
     name.into()
 }
 

@@ -457,15 +457,10 @@ impl Ingest {
         *link = None;
         let connect = async {
             let connection = self.pool.get().await.map_err(|e| e.to_string())?;
-            let setup = connection
-                .create_channel()
-                .await
-                .map_err(|e| e.to_string())?;
             self.topology
-                .declare(&setup)
+                .declare(&connection)
                 .await
                 .map_err(|e| e.to_string())?;
-            let _ = setup.close(200, "topology declared".into()).await;
             let channel = amqp::confirm_channel(&connection)
                 .await
                 .map_err(|e| e.to_string())?;

@@ -28,8 +28,8 @@ async fn a_message_that_kills_every_consumer_ends_in_the_dead_letter_queue() {
         .await[0];
     let mut collector = Collector::start(&app).await;
 
-    // Act: start consumers one after the other; each dies on the poison, until the broker
-    // dead-letters it and a consumer survives
+    // Act: start consumers one after the other; each dies on the poison, until one sees it
+    // over the delivery limit, dead-letters it and survives
     let dead_queue = app.topology.names.dead_queue.clone();
     let mut crashes = 0;
     let survivor = within("the poison to be dead-lettered", async {
@@ -65,9 +65,13 @@ async fn a_message_that_kills_every_consumer_ends_in_the_dead_letter_queue() {
     let dead = app.dead_letters(1).await;
     assert_eq!(dead[0].json()["id"], poison.to_string());
     assert_eq!(dead[0].json()["payload"], json!({ "abort": true }));
+    // The consumer that took it after the limit dead-lettered it unrun (the broker's own
+    // delivery limit is not a queue argument: settings must change without new queues).
+    let error = dead[0].header("x-error").unwrap();
+    assert!(error.contains("--delivery-limit 2"), "{error}");
     assert_eq!(
-        dead[0].header("x-first-death-reason").as_deref(),
-        Some("delivery_limit")
+        dead[0].header("x-failed-stage").as_deref(),
+        Some("envelope")
     );
     collector.wait_for_all(&good).await;
     assert_eq!(survivor.terminate().await, Some(0));

@@ -272,6 +272,13 @@ impl TestApp {
 
     /// A fresh namespace on the broker at `url` (not the shared one), topology declared.
     pub async fn on_broker(url: String, tweak: impl FnOnce(&mut CommonSettings)) -> Self {
+        let app = Self::undeclared(url, tweak).await;
+        app.topology.declare(&app.connection).await.unwrap();
+        app
+    }
+
+    /// A fresh namespace with nothing declared yet (to declare an older topology by hand).
+    pub async fn undeclared(url: String, tweak: impl FnOnce(&mut CommonSettings)) -> Self {
         if std::env::var_os("TEST_LOG").is_some() {
             shared::telemetry::init(shared::telemetry::LogFormat::Pretty);
         }
@@ -286,7 +293,6 @@ impl TestApp {
         .await
         .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", shared::amqp::redact(&url)));
         let channel = confirm_channel(&connection).await.unwrap();
-        topology.declare(&channel).await.unwrap();
         Self {
             common,
             topology,

@@ -30,3 +30,4 @@ mod repeats;
 mod retries;
 mod routing;
 mod shutdown;
+mod upgrades;
