@@ -166,12 +166,16 @@ impl Confirmer {
                     self.metrics.in_flight.sub(i64::try_from(dropped).unwrap_or(i64::MAX));
                     return;
                 }
-                Some(confirmed) = waiting.next(), if !waiting.is_empty() => {
-                    if let Some(again) = self.confirmed(confirmed, &mut marks).await {
-                        waiting.push(confirm(again));
-                    }
-                    // Take every confirm that has arrived too, so that one ack covers them all.
+                Some(first) = waiting.next(), if !waiting.is_empty() => {
+                    // Take every confirm that has arrived too, so that one ack covers them all,
+                    // and so that a returned message is seen beside the publishes it may
+                    // belong to.
+                    let mut batch = vec![first];
                     while let Some(Some(confirmed)) = waiting.next().now_or_never() {
+                        batch.push(confirmed);
+                    }
+                    self.disambiguate(&mut batch);
+                    for confirmed in batch {
                         if let Some(again) = self.confirmed(confirmed, &mut marks).await {
                             waiting.push(confirm(again));
                         }
@@ -187,6 +191,42 @@ impl Confirmer {
         // Every delivery handed over is confirmed; one read but never queued (at shutdown)
         // leaves a gap no run can cross, so ack the rest one by one.
         self.ack(&mut marks, true).await;
+    }
+
+    /// A returned message may belong to any publish to its exchange confirmed in the same
+    /// batch (see [`shared::amqp::returned_in_batch`]): those count as not stored, and go round
+    /// again through the retry queue instead of being acked with their result lost.
+    fn disambiguate(&self, batch: &mut [Confirmed]) {
+        let returned = shared::amqp::returned_in_batch(batch.iter().map(|c| &c.confirmed));
+        if returned.is_empty() {
+            return;
+        }
+        // A return handed to a publish to another exchange is not its own: the broker acked
+        // that publish, and the return belongs to another one of the batch.
+        for c in batch.iter_mut() {
+            if let Err(PublishError::Returned {
+                exchange,
+                acked: true,
+                ..
+            }) = &c.confirmed
+            {
+                if !self
+                    .settler
+                    .exchanges(&c.outcome)
+                    .contains(&exchange.as_str())
+                {
+                    c.confirmed = Ok(());
+                }
+            }
+        }
+        for c in batch.iter_mut().filter(|c| c.confirmed.is_ok()) {
+            let exchanges = self.settler.exchanges(&c.outcome);
+            if let Some(exchange) = exchanges.into_iter().find(|e| returned.contains(*e)) {
+                c.confirmed = Err(PublishError::Ambiguous {
+                    exchange: exchange.to_owned(),
+                });
+            }
+        }
     }
 
     /// Records a resolved delivery; returns what must be published instead when its

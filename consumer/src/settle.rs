@@ -198,6 +198,22 @@ impl Settler {
         }
     }
 
+    /// The exchanges publishing `outcome` sends to.
+    #[must_use]
+    pub fn exchanges(&self, outcome: &Outcome) -> Vec<&str> {
+        match outcome {
+            Outcome::Completed(_) => vec![self.names.results_exchange.as_str()],
+            Outcome::Retry { .. } | Outcome::Deferred { .. } => vec![""],
+            Outcome::Dead { result, .. } => {
+                let mut exchanges = vec![self.names.dead_exchange.as_str()];
+                if result.is_some() {
+                    exchanges.push(self.names.results_exchange.as_str());
+                }
+                exchanges
+            }
+        }
+    }
+
     /// Returns `delivery` to the queue after its publishes and the retry copy that replaced
     /// them failed: it is never acked without its result or dead letter stored.
     pub async fn requeue(&self, delivery: &Delivery, error: &PublishError) {

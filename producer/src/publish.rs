@@ -165,7 +165,7 @@ impl Publisher {
         loop {
             self.pump(settled).await?;
             match self.next_confirm().await? {
-                Some(done) => self.settle(done, settled),
+                Some(done) => self.settle_with_ready(done, settled),
                 None if self.resend.is_empty() => return Ok(()),
                 None => {}
             }
@@ -175,9 +175,11 @@ impl Publisher {
     /// After [`Stopped`]: settles the confirms that have arrived, then drops every job not
     /// yet confirmed and returns how many there were; they are failures.
     pub fn abandon(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> u64 {
+        let mut batch = Vec::new();
         while let Some(Some(done)) = self.inflight.next().now_or_never() {
-            self.settle(done, settled);
+            batch.push(done);
         }
+        self.settle_batch(batch, settled);
         let lost = self.resend.len() + self.inflight.len();
         self.resend.clear();
         self.inflight = FuturesUnordered::new();
@@ -216,12 +218,14 @@ impl Publisher {
             }
             while self.inflight.len() >= self.window {
                 if let Some(done) = self.next_confirm().await? {
-                    self.settle(done, settled);
+                    self.settle_with_ready(done, settled);
                 }
             }
+            let mut batch = Vec::new();
             while let Some(Some(done)) = self.inflight.next().now_or_never() {
-                self.settle(done, settled);
+                batch.push(done);
             }
+            self.settle_batch(batch, settled);
             let channel = self.channel().await?;
             let publish = channel.basic_publish(
                 self.exchange.clone(),
@@ -254,7 +258,41 @@ impl Publisher {
         Ok(())
     }
 
-    fn settle(&mut self, (job, outcome): Confirmed, settled: &mut impl FnMut(Uuid, Settled)) {
+    /// Settles `first` with every other confirm that has arrived already.
+    fn settle_with_ready(&mut self, first: Confirmed, settled: &mut impl FnMut(Uuid, Settled)) {
+        let mut batch = vec![first];
+        while let Some(Some(done)) = self.inflight.next().now_or_never() {
+            batch.push(done);
+        }
+        self.settle_batch(batch, settled);
+    }
+
+    /// Settles confirms that arrived together. lapin may hand a returned job's return to
+    /// another job of the same `multiple` confirm ([`amqp::returned_in_batch`]): when any job of
+    /// the batch was returned, the ones that look confirmed are sent again rather than counted
+    /// (a duplicate at worst, never a job counted as sent that no queue took).
+    fn settle_batch(&mut self, batch: Vec<Confirmed>, settled: &mut impl FnMut(Uuid, Settled)) {
+        let returned = batch.iter().any(|(_, outcome)| {
+            matches!(
+                outcome,
+                Some(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))))
+            )
+        });
+        for (job, outcome) in batch {
+            if returned && matches!(outcome, Some(Ok(Confirmation::Ack(None)))) {
+                self.resend.push_back(job);
+                continue;
+            }
+            self.settle(job, outcome, settled);
+        }
+    }
+
+    fn settle(
+        &mut self,
+        job: Outgoing,
+        outcome: Option<lapin::Result<Confirmation>>,
+        settled: &mut impl FnMut(Uuid, Settled),
+    ) {
         let Some(outcome) = outcome else {
             settled(
                 job.id,

@@ -25,6 +25,22 @@ pub enum PublishError {
         code: u16,
         /// AMQP reply text.
         text: String,
+        /// The exchange it was published to.
+        exchange: String,
+        /// Whether the confirm it came with was an ack (a message that is returned and then
+        /// acked was not stored; see [`returned_in_batch`] for why the exchange matters).
+        acked: bool,
+    },
+    /// A message published to the same exchange at about the same time was returned as
+    /// unroutable, and the broker's confirm does not say which one (see
+    /// [`returned_in_batch`]): this one may have been returned too.
+    #[error(
+        "a message published to {exchange:?} beside this one was returned as unroutable, and the \
+         confirms do not say which: this one counts as not stored"
+    )]
+    Ambiguous {
+        /// The exchange.
+        exchange: String,
     },
     /// The channel or connection failed before the confirm arrived.
     #[error("AMQP error: {0}")]
@@ -44,15 +60,41 @@ pub enum PublishError {
 pub fn check_confirmation(confirmation: Confirmation) -> Result<(), PublishError> {
     match confirmation {
         Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)) => {
-            Err(PublishError::Returned {
-                code: returned.reply_code,
-                text: returned.reply_text.to_string(),
-            })
-        }
+        Confirmation::Ack(Some(returned)) => Err(PublishError::Returned {
+            code: returned.reply_code,
+            text: returned.reply_text.to_string(),
+            exchange: returned.delivery.exchange.to_string(),
+            acked: true,
+        }),
+        Confirmation::Nack(Some(returned)) => Err(PublishError::Returned {
+            code: returned.reply_code,
+            text: returned.reply_text.to_string(),
+            exchange: returned.delivery.exchange.to_string(),
+            acked: false,
+        }),
         Confirmation::Nack(None) => Err(PublishError::Nacked),
         Confirmation::NotRequested => Err(PublishError::NotConfirmed),
     }
+}
+
+/// The exchanges that returned a message among confirmations that arrived together.
+///
+/// lapin hands a returned message to *one* of the publishes a `multiple` confirm covers, in no
+/// particular order, so the publish it names is not always the one that was returned, and the
+/// one that was can look confirmed. A publisher that must not count a returned message as
+/// stored treats every publish to these exchanges confirmed in the same batch as
+/// [`PublishError::Ambiguous`]: sent again rather than lost.
+#[must_use]
+pub fn returned_in_batch<'a>(
+    confirmed: impl IntoIterator<Item = &'a Result<(), PublishError>>,
+) -> std::collections::HashSet<String> {
+    confirmed
+        .into_iter()
+        .filter_map(|c| match c {
+            Err(PublishError::Returned { exchange, .. }) => Some(exchange.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Options for every publish in this system: `mandatory`, so an unroutable message is

@@ -49,6 +49,11 @@ async fn no_job_is_lost_through_kills_disconnects_and_shutdowns() {
 
     // Assert
     collector.wait_for_all(&ids).await;
+    assert!(
+        collector.failed().is_empty(),
+        "failed results: {:?}",
+        collector.failed()
+    );
     let (results, distinct, duplicates) = collector.counts();
     println!(
         "chaos test: sent {n}, results {results}, lost {}, duplicates {duplicates}; {}",

@@ -81,6 +81,7 @@ impl ChildConsumer {
 /// Counts every result of the namespace as it arrives.
 pub struct Collector {
     seen: Arc<Mutex<HashMap<Uuid, u32>>>,
+    failed: Arc<Mutex<Vec<Uuid>>>,
     total: watch::Receiver<usize>,
     task: JoinHandle<()>,
 }
@@ -92,20 +93,31 @@ impl Collector {
         let seen: Arc<Mutex<HashMap<Uuid, u32>>> = Arc::default();
         let (tx, total) = watch::channel(0);
         let counts = Arc::clone(&seen);
+        let failed: Arc<Mutex<Vec<Uuid>>> = Arc::default();
+        let failures = Arc::clone(&failed);
         let task = tokio::spawn(async move {
             let _channel = channel;
             let mut n = 0;
             while let Some(Ok(delivery)) = consumer.next().await {
                 let _ = delivery.acker.ack(BasicAckOptions::default()).await;
                 let result: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
-                assert_eq!(result["status"], "ok", "{result}");
                 let id: Uuid = result["job_id"].as_str().unwrap().parse().unwrap();
+                if result["status"] != "ok" {
+                    // A poison job dead-lettered over the delivery limit; tests check which.
+                    failures.lock().unwrap().push(id);
+                    continue;
+                }
                 *counts.lock().unwrap().entry(id).or_default() += 1;
                 n += 1;
                 tx.send_replace(n);
             }
         });
-        Self { seen, total, task }
+        Self {
+            seen,
+            failed,
+            total,
+            task,
+        }
     }
 
     /// Waits until at least `n` results (duplicates included) have arrived.
@@ -131,6 +143,11 @@ impl Collector {
     }
 
     /// (results received, distinct jobs, results beyond the first per job)
+    /// Jobs whose result said `failed`.
+    pub fn failed(&self) -> Vec<Uuid> {
+        self.failed.lock().unwrap().clone()
+    }
+
     pub fn counts(&self) -> (usize, usize, usize) {
         let seen = self.seen.lock().unwrap();
         let total: usize = seen.values().map(|n| *n as usize).sum();

@@ -74,6 +74,7 @@ async fn a_message_that_kills_every_consumer_ends_in_the_dead_letter_queue() {
         Some("envelope")
     );
     collector.wait_for_all(&good).await;
+    assert_eq!(collector.failed(), [poison], "only the poison failed");
     assert_eq!(survivor.terminate().await, Some(0));
     println!("poison test: {crashes} consumer crashes before the poison was dead-lettered");
     assert!(

@@ -453,6 +453,7 @@ impl TestApp {
                 out.push(Message {
                     body: delivery.data,
                     properties: delivery.properties,
+                    redelivered: delivery.redelivered,
                 });
             }
         })
@@ -478,6 +479,7 @@ impl TestApp {
             out.push(Message {
                 body: got.delivery.data,
                 properties: got.delivery.properties,
+                redelivered: got.delivery.redelivered,
             });
         }
         out
@@ -562,6 +564,8 @@ async fn next_acked(consumer: &mut lapin::Consumer) -> lapin::message::Delivery 
 pub struct Message {
     pub body: Vec<u8>,
     pub properties: BasicProperties,
+    /// Whether the broker delivered it before.
+    pub redelivered: bool,
 }
 
 impl Message {

@@ -262,6 +262,7 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
     let queue = app.topology.names.results_queue.clone();
     let (channel, mut results) = app.consume(&queue, 500).await;
     let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    let mut first_finished: HashMap<Uuid, String> = HashMap::new();
     within("a result for every job", async {
         while !(good.iter().chain(&expected_failed)).all(|id| seen.contains_key(id)) {
             let delivery = results.next().await.unwrap().unwrap();
@@ -269,6 +270,16 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
             let result: Value = serde_json::from_slice(&delivery.data).unwrap();
             let id: Uuid = result["job_id"].as_str().unwrap().parse().unwrap();
             *seen.entry(id).or_default() += 1;
+            if seen[&id] > 1 {
+                println!(
+                    "DEBUG dup in loop {id} redelivered={} {}",
+                    delivery.redelivered,
+                    &result.to_string()[..200]
+                );
+            }
+            first_finished
+                .entry(id)
+                .or_insert_with(|| result["finished_at"].to_string());
             if good.contains(&id) {
                 assert_eq!(result["status"], "ok", "{result}");
                 if let Some(expected) = attempts_of.get(&id) {
@@ -309,6 +320,12 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
         let result = extra.json();
         let id: Uuid = result["job_id"].as_str().unwrap().parse().unwrap();
         *seen.entry(id).or_default() += 1;
+        println!(
+            "DEBUG extra after stop {id} redelivered={} same_result={} {}",
+            extra.redelivered,
+            first_finished.get(&id) == Some(&result["finished_at"].to_string()),
+            &result.to_string()[..120]
+        );
     }
     let duplicates: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(

@@ -74,8 +74,10 @@ async fn a_deleted_results_exchange_ends_the_session_and_loses_nothing() {
 
     // Assert: the session ended and came back (declaring the exchange again), every job has
     // its result, nothing was dead-lettered, and it did not spin.
-    let read_after = app.results_covering(&after, HashSet::new()).await;
+    // Jobs of the first batch may be answered again (their acks were lost with the session).
+    let before = ids.clone();
     ids.extend(after);
+    let read_after = app.results_covering(&ids, before).await;
     consumer.stop().await.unwrap();
     drop(readiness);
     let states = within("the state log", states).await.unwrap();
@@ -276,5 +278,83 @@ async fn five_forced_closes_in_a_row_lose_no_job() {
     .await;
     consumer.stop().await.unwrap();
     assert_eq!(app.depth(&app.topology.names.dead_queue).await, 0);
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_nobody_can_route_comes_back_at_the_retry_pace_not_in_a_loop() {
+    use deadpool_lapin::lapin::{options::QueueBindOptions, types::FieldTable};
+    // Arrange: a running consumer (which declared its topology), then the results queue
+    // unbound, so that every result is returned as unroutable.
+    let app = TestApp::new().await;
+    let names = app.topology.names.clone();
+    let readiness = Readiness::default();
+    let consumer = app.spawn_consumer_with(
+        app.consumer_settings(),
+        Registry::builtin(),
+        readiness.clone(),
+    );
+    ready(&readiness).await;
+    app.channel
+        .queue_unbind(
+            names.results_queue.as_str().into(),
+            names.results_exchange.as_str().into(),
+            "#".into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // Act: five jobs while nothing can take their results, for three seconds.
+    let ids: HashSet<_> = app
+        .publish_many(
+            "text.analyze",
+            (0..5).map(|i| json!({ "text": format!("r{i}") })),
+        )
+        .await
+        .into_iter()
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let url = format!("http://{}/metrics", readiness.http_addr().unwrap());
+    let page = tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let sent_back: f64 = page
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("consumer_jobs_requeued_total ")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0);
+    app.channel
+        .queue_bind(
+            names.results_queue.as_str().into(),
+            names.results_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // Assert: each job went around at the retry delay (50 ms here), not at full speed; once
+    // the queue is bound again, every job completes and none was dead-lettered.
+    println!("unroutable results: {sent_back} jobs sent back in 3 s");
+    assert!(sent_back >= 5.0, "the jobs were sent back: {sent_back}");
+    assert!(
+        sent_back <= 5.0 * 3000.0 / 40.0,
+        "{sent_back} in 3 s: faster than the retry delay (50 ms) allows"
+    );
+    app.results_covering(&ids, HashSet::new()).await;
+    consumer.stop().await.unwrap();
+    assert_eq!(app.depth(&names.dead_queue).await, 0);
     app.teardown().await;
 }
