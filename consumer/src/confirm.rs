@@ -1,6 +1,10 @@
 //! The last steps of the data flow: sends what each job produced, waits for the broker's
 //! confirms, then acks the deliveries (or nacks them back onto the queue).
 //!
+//! Returned messages are paired with their own publish by exchange and message id
+//! ([`shared::amqp::Returns`]): lapin may hand a return to another publish of the same
+//! `multiple` confirm, and a returned result must never be acked as stored.
+//!
 //! Publishes and confirms are pipelined: a worker hands the delivery and its [`Confirming`]
 //! future (the publishes of its outcome, not sent yet) here, and takes its next job at once;
 //! this task sends them, waits for the broker's confirms and acks. So `concurrency` bounds how many jobs run
@@ -31,7 +35,7 @@ use std::{
 use deadpool_lapin::lapin::{Acker, message::Delivery, options::BasicAckOptions};
 use futures::{FutureExt, StreamExt, stream::FuturesUnordered};
 use shared::{
-    amqp::PublishError,
+    amqp::{PublishError, Returns},
     reason::Reason,
     recent::{Body, Recent},
     topology::RetryDelays,
@@ -151,11 +155,18 @@ impl Confirmer {
         // `lost` and `self.ending` are the same session token; `lost` is what workers see.
         let mut waiting = FuturesUnordered::new();
         let mut marks = Watermark::default();
+        let mut returns = Returns::default();
         let mut open = true;
         while open || !waiting.is_empty() {
             tokio::select! {
                 biased;
                 () = lost.cancelled() => {
+                    if self.ending.reason().is_some() {
+                        // Ended from inside (the publish channel died): the consume channel may
+                        // still be up, so ack what is confirmed rather than have it run again.
+                        let acked = self.ack(&mut marks, true);
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), acked).await;
+                    }
                     // Handed over but not received yet: dropped too, and no longer in flight.
                     queue.close();
                     let mut unreceived = 0;
@@ -171,10 +182,15 @@ impl Confirmer {
                     // and so that a returned message is seen beside the publishes it may
                     // belong to.
                     let mut batch = vec![first];
+                    // One `multiple` confirm resolves its publishes one by one on lapin's
+                    // thread: let it finish, so that a return and its publish meet here.
+                    tokio::task::yield_now().await;
                     while let Some(Some(confirmed)) = waiting.next().now_or_never() {
                         batch.push(confirmed);
                     }
-                    self.disambiguate(&mut batch);
+                    returns.pair(batch.iter_mut().map(|c: &mut Confirmed| {
+                        (self.settler.return_keys(&c.delivery, &c.outcome), &mut c.confirmed)
+                    }));
                     for confirmed in batch {
                         if let Some(again) = self.confirmed(confirmed, &mut marks).await {
                             waiting.push(confirm(again));
@@ -193,42 +209,6 @@ impl Confirmer {
         self.ack(&mut marks, true).await;
     }
 
-    /// A returned message may belong to any publish to its exchange confirmed in the same
-    /// batch (see [`shared::amqp::returned_in_batch`]): those count as not stored, and go round
-    /// again through the retry queue instead of being acked with their result lost.
-    fn disambiguate(&self, batch: &mut [Confirmed]) {
-        let returned = shared::amqp::returned_in_batch(batch.iter().map(|c| &c.confirmed));
-        if returned.is_empty() {
-            return;
-        }
-        // A return handed to a publish to another exchange is not its own: the broker acked
-        // that publish, and the return belongs to another one of the batch.
-        for c in batch.iter_mut() {
-            if let Err(PublishError::Returned {
-                exchange,
-                acked: true,
-                ..
-            }) = &c.confirmed
-            {
-                if !self
-                    .settler
-                    .exchanges(&c.outcome)
-                    .contains(&exchange.as_str())
-                {
-                    c.confirmed = Ok(());
-                }
-            }
-        }
-        for c in batch.iter_mut().filter(|c| c.confirmed.is_ok()) {
-            let exchanges = self.settler.exchanges(&c.outcome);
-            if let Some(exchange) = exchanges.into_iter().find(|e| returned.contains(*e)) {
-                c.confirmed = Err(PublishError::Ambiguous {
-                    exchange: exchange.to_owned(),
-                });
-            }
-        }
-    }
-
     /// Records a resolved delivery; returns what must be published instead when its
     /// publishes failed on a live channel.
     async fn confirmed(&self, confirmed: Confirmed, marks: &mut Watermark) -> Option<Settling> {
@@ -242,6 +222,14 @@ impl Confirmer {
         let tag = delivery.delivery_tag;
         let error = match confirmed {
             Ok(()) => {
+                // Remembered once stored, not once acked: a redelivery whose ack was lost is
+                // answered with the stored result instead of running again.
+                if let Outcome::Completed(result) = &outcome {
+                    if !result.replayed {
+                        self.recent
+                            .insert(result.repeat_key, std::sync::Arc::clone(&result.body));
+                    }
+                }
                 let ready = Ready {
                     acker: delivery.acker,
                     outcome,
@@ -325,17 +313,22 @@ impl Confirmer {
     fn done(&self, settled: Vec<Ready>, acked: Result<bool, deadpool_lapin::lapin::Error>) {
         let n = i64::try_from(settled.len()).unwrap_or(i64::MAX);
         self.metrics.in_flight.sub(n);
-        if let Err(error) = acked {
-            tracing::warn!(%error, jobs = n, "ack failed; the broker will redeliver the jobs");
-            return;
+        match acked {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    jobs = n,
+                    "ack not sent (the channel is gone); the broker will redeliver the jobs"
+                );
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, jobs = n, "ack failed; the broker will redeliver the jobs");
+                return;
+            }
         }
         for Ready { outcome, kind, .. } in settled {
             self.settler.count(&outcome, &kind);
-            if let Outcome::Completed(result) = outcome {
-                if !result.replayed {
-                    self.recent.insert(result.repeat_key, result.body);
-                }
-            }
         }
     }
 }

@@ -128,6 +128,9 @@ pub async fn run(
             }
         },
     };
+    // Listen for the broker's blocked/unblocked notices from the start: lapin drops events
+    // while nobody listens.
+    let events = connection.events_listener();
     let classify = |error: lapin::Error| {
         if amqp::is_connection_loss(&error, &connection) {
             SessionError::Lost(error.to_string())
@@ -212,9 +215,14 @@ pub async fn run(
         .spawn(confirmer.run(confirms_rx, lost.clone()));
     shared.readiness.set(State::Consuming);
     let (blocked_tx, blocked) = watch::channel(false);
+    if connection.status().blocked() {
+        blocked_tx.send_replace(true);
+        shared.metrics.blocked.set(1);
+        shared.readiness.switch(State::Consuming, State::Blocked);
+    }
     let watching = CancellationToken::new();
     tokio::spawn(watch_blocked(
-        connection.events_listener(),
+        events,
         blocked_tx,
         shared.readiness.clone(),
         shared.metrics.clone(),

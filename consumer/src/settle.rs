@@ -18,7 +18,7 @@ use deadpool_lapin::lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 use shared::{
-    amqp::{PublishError, check_confirmation, mandatory, result_properties},
+    amqp::{PublishError, ReturnKey, check_confirmation, mandatory, result_properties},
     headers::{X_ATTEMPT, X_ATTEMPTS, X_ERROR, X_FAILED_STAGE},
     reason::{REASON_MAX_LEN, Reason},
     topology::Names,
@@ -30,8 +30,8 @@ use crate::{copy, metrics::Metrics};
 /// Resolves once the broker has confirmed every publish of one outcome.
 pub type Confirming = BoxFuture<'static, Result<(), PublishError>>;
 
-/// Longest wait for the broker's confirm of one publish; past it, the delivery is returned to
-/// the queue rather than held forever.
+/// Longest wait for one publish to be sent and confirmed; past it, the delivery goes round
+/// through a retry queue rather than being held forever.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A result body ready to publish.
@@ -198,18 +198,21 @@ impl Settler {
         }
     }
 
-    /// The exchanges publishing `outcome` sends to.
+    /// What identifies each message publishing `outcome` sends, should it come back returned.
     #[must_use]
-    pub fn exchanges(&self, outcome: &Outcome) -> Vec<&str> {
+    pub fn return_keys(&self, delivery: &Delivery, outcome: &Outcome) -> Vec<ReturnKey> {
+        let original = delivery.properties.message_id().as_ref();
+        let result = |r: &ResultMessage| {
+            let id = ShortString::from(r.job_id.to_string());
+            ReturnKey::new(&self.names.results_exchange, Some(&id))
+        };
         match outcome {
-            Outcome::Completed(_) => vec![self.names.results_exchange.as_str()],
-            Outcome::Retry { .. } | Outcome::Deferred { .. } => vec![""],
-            Outcome::Dead { result, .. } => {
-                let mut exchanges = vec![self.names.dead_exchange.as_str()];
-                if result.is_some() {
-                    exchanges.push(self.names.results_exchange.as_str());
-                }
-                exchanges
+            Outcome::Completed(r) => vec![result(r)],
+            Outcome::Retry { .. } | Outcome::Deferred { .. } => vec![ReturnKey::new("", original)],
+            Outcome::Dead { result: r, .. } => {
+                let mut keys = vec![ReturnKey::new(&self.names.dead_exchange, original)];
+                keys.extend(r.as_ref().map(result));
+                keys
             }
         }
     }
@@ -323,18 +326,22 @@ impl Settler {
         let this = Arc::clone(self);
         let exchange = ShortString::from(exchange);
         Box::pin(async move {
-            let confirm = this
-                .channel
-                .basic_publish(
-                    exchange,
-                    routing_key,
-                    mandatory(),
-                    body.as_ref(),
-                    properties,
-                )
-                .await?;
-            match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-                Ok(confirmation) => check_confirmation(confirmation?),
+            // The deadline covers the send too: a broker that blocks publishers stops reading.
+            let published = async {
+                let confirm = this
+                    .channel
+                    .basic_publish(
+                        exchange,
+                        routing_key,
+                        mandatory(),
+                        body.as_ref(),
+                        properties,
+                    )
+                    .await?;
+                check_confirmation(confirm.await?)
+            };
+            match tokio::time::timeout(CONFIRM_TIMEOUT, published).await {
+                Ok(outcome) => outcome,
                 Err(_) => Err(PublishError::TimedOut(CONFIRM_TIMEOUT)),
             }
         })

@@ -93,10 +93,13 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
+    // The ids of this run's jobs, so that the listener keeps only their results.
+    let wanted: std::sync::Arc<std::sync::Mutex<HashSet<Uuid>>> = std::sync::Arc::default();
     let mut listener = match settings.wait {
         true => {
             let expires = settings.wait_timeout() + Duration::from_secs(300);
-            Some(results::Listener::start(pool.clone(), &topology.names, expires).await?)
+            let keep = Some(std::sync::Arc::clone(&wanted));
+            Some(results::Listener::start(pool.clone(), &topology.names, expires, keep).await?)
         }
         false => None,
     };
@@ -151,6 +154,12 @@ pub async fn run(
             }
         }
         let job = Job::new(settings.kind.as_str(), payload);
+        if settings.wait {
+            wanted
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(job.id);
+        }
         let body = match serde_json::to_vec(&job) {
             Ok(body) => body,
             Err(error) => {

@@ -15,7 +15,7 @@ use deadpool_lapin::{
 };
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use shared::{
-    amqp::{self, Backoff, check_confirmation, job_properties, mandatory},
+    amqp::{self, Backoff, PublishError, check_confirmation, job_properties, mandatory},
     topology::Topology,
 };
 use tokio::time::Instant;
@@ -66,6 +66,10 @@ struct Link {
     channel: Channel,
 }
 
+/// A confirmation checked: the job, its fate (`None`: no confirm in time), and whether the
+/// connection was lost before it came.
+type Checked = (Outgoing, Option<Result<(), PublishError>>, bool);
+
 /// What became of one publish: its confirmation, or `None` when none came in time.
 type Confirmed = (Outgoing, Option<lapin::Result<Confirmation>>);
 type Inflight = FuturesUnordered<BoxFuture<'static, Confirmed>>;
@@ -89,6 +93,8 @@ pub struct Publisher {
     refused: Option<String>,
     /// Connections lost and made again.
     pub reconnects: u64,
+    /// Returned jobs waiting to be paired with their publish.
+    returns: amqp::Returns,
     /// Stops every wait for the broker.
     shutdown: CancellationToken,
 }
@@ -137,6 +143,7 @@ impl Publisher {
             resend: VecDeque::new(),
             refused: None,
             reconnects: 0,
+            returns: amqp::Returns::default(),
             shutdown,
         })
     }
@@ -267,55 +274,45 @@ impl Publisher {
         self.settle_batch(batch, settled);
     }
 
-    /// Settles confirms that arrived together. lapin may hand a returned job's return to
-    /// another job of the same `multiple` confirm ([`amqp::returned_in_batch`]): when any job of
-    /// the batch was returned, the ones that look confirmed are sent again rather than counted
-    /// (a duplicate at worst, never a job counted as sent that no queue took).
+    /// Settles confirms that arrived together, pairing returned jobs with their own publish by
+    /// job id ([`amqp::Returns`]): lapin may hand a return to another job of the same `multiple`
+    /// confirm, and a returned job must never count as sent.
     fn settle_batch(&mut self, batch: Vec<Confirmed>, settled: &mut impl FnMut(Uuid, Settled)) {
-        let returned = batch.iter().any(|(_, outcome)| {
-            matches!(
-                outcome,
-                Some(Ok(Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_))))
-            )
-        });
-        for (job, outcome) in batch {
-            if returned && matches!(outcome, Some(Ok(Confirmation::Ack(None)))) {
-                self.resend.push_back(job);
-                continue;
-            }
-            self.settle(job, outcome, settled);
-        }
-    }
-
-    fn settle(
-        &mut self,
-        job: Outgoing,
-        outcome: Option<lapin::Result<Confirmation>>,
-        settled: &mut impl FnMut(Uuid, Settled),
-    ) {
-        let Some(outcome) = outcome else {
-            settled(
-                job.id,
-                Err(format!(
-                    "no confirm from the broker within {CONFIRM_TIMEOUT:?}; the job may or may not be stored"
-                )),
-            );
-            return;
-        };
-        match outcome {
-            Ok(confirmation) => {
-                settled(
+        let mut checked: Vec<Checked> = batch
+            .into_iter()
+            .map(|(job, outcome)| match outcome {
+                None => (job, None, false),
+                Some(Ok(confirmation)) => (job, Some(check_confirmation(confirmation)), false),
+                Some(Err(error)) if self.lost(&error) => (job, None, true),
+                Some(Err(error)) => (job, Some(Err(PublishError::Amqp(error))), false),
+            })
+            .collect();
+        let exchange = self.exchange.to_string();
+        self.returns
+            .pair(checked.iter_mut().filter_map(|(job, outcome, _)| {
+                let id = ShortString::from(job.id.to_string());
+                let key = amqp::ReturnKey::new(&exchange, Some(&id));
+                outcome.as_mut().map(|o| (vec![key], o))
+            }));
+        for (job, outcome, lost) in checked {
+            match outcome {
+                _ if lost => {
+                    // The confirm was lost with the connection: the job may or may not be
+                    // stored. Sending it again keeps at-least-once; the consumer answers a
+                    // repeat.
+                    self.resend.push_back(job);
+                    self.link = None;
+                }
+                None => settled(
                     job.id,
-                    check_confirmation(confirmation).map_err(|e| e.to_string()),
-                );
+                    Err(format!(
+                        "no confirm from the broker within {CONFIRM_TIMEOUT:?}; the job may or may not be stored"
+                    )),
+                ),
+                Some(Ok(())) => settled(job.id, Ok(())),
+                Some(Err(PublishError::Amqp(error))) => self.refuse(job, &error, settled),
+                Some(Err(error)) => settled(job.id, Err(error.to_string())),
             }
-            Err(error) if self.lost(&error) => {
-                // The confirm was lost with the connection: the job may or may not be stored.
-                // Sending it again keeps at-least-once; the consumer answers a repeat.
-                self.resend.push_back(job);
-                self.link = None;
-            }
-            Err(error) => self.refuse(job, &error, settled),
         }
     }
 

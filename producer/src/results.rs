@@ -6,7 +6,11 @@
 //! the meantime wait in it. It must exist before the first publish, or a fast consumer's result
 //! could be missed; [`Listener::start`] returns once it does.
 
-use std::time::Duration;
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use deadpool_lapin::{
     Pool,
@@ -25,15 +29,21 @@ use shared::{
     amqp::Backoff,
     topology::{MATCH_ALL, Names},
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// Results the broker may send ahead of the listener (AMQP prefetch).
 pub const PREFETCH: u16 = 500;
-/// Results buffered in the process for the reader; beyond it, the listener stops acking and the
-/// broker stops sending.
+/// Results buffered in the process for the reader; beyond it (or beyond [`BUFFER_BYTES`]), the
+/// listener stops acking and the broker stops sending.
 pub const BUFFER: usize = 1024;
+/// Bytes of results buffered in the process for the reader, at most (64 MiB).
+pub const BUFFER_BYTES: usize = 64 * 1024 * 1024;
+
+/// The job ids a listener keeps results for; the others (another run's jobs) are dropped at
+/// once. `None` keeps every result.
+pub type Wanted = Option<Arc<Mutex<HashSet<Uuid>>>>;
 
 /// One result as it arrived: its job id and the untouched body.
 #[derive(Debug)]
@@ -44,6 +54,8 @@ pub struct Arrived {
     pub ok: bool,
     /// The result body, JSON.
     pub body: Vec<u8>,
+    /// Its share of [`BUFFER_BYTES`], given back when the result is dropped.
+    _bytes: Option<OwnedSemaphorePermit>,
 }
 
 /// Receives every result published while it runs.
@@ -62,7 +74,12 @@ impl Listener {
     /// # Errors
     /// Fails when the first connection or declaration fails (for example, when the results
     /// exchange does not exist).
-    pub async fn start(pool: Pool, names: &Names, expires: Duration) -> Result<Self, lapin::Error> {
+    pub async fn start(
+        pool: Pool,
+        names: &Names,
+        expires: Duration,
+        wanted: Wanted,
+    ) -> Result<Self, lapin::Error> {
         let queue = format!("{}.wait.{}", names.results_queue, Uuid::new_v4().simple());
         let exchange = names.results_exchange.clone();
         let (tx, results) = mpsc::channel(BUFFER);
@@ -75,6 +92,10 @@ impl Listener {
 
         let task_queue = queue.clone();
         let task_stop = stop.clone();
+        let filter = Filter {
+            wanted,
+            bytes: Arc::new(Semaphore::new(BUFFER_BYTES / 1024)),
+        };
         tokio::spawn(async move {
             let mut current = Some((connection, channel));
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -82,7 +103,7 @@ impl Listener {
                 if let Some((_connection, channel)) = current.take() {
                     tokio::select! {
                         () = task_stop.cancelled() => return,
-                        more = forward(&channel, &task_queue, &tx) => if !more { return },
+                        more = forward(&channel, &task_queue, &tx, &filter) => if !more { return },
                     }
                     backoff.reset();
                 }
@@ -148,7 +169,30 @@ async fn subscribe(
 }
 
 /// Forwards results until the channel fails (`true`: reconnect) or nobody listens (`false`).
-async fn forward(channel: &Channel, queue: &str, tx: &mpsc::Sender<Arrived>) -> bool {
+/// Which results to keep, and the byte budget of those kept.
+struct Filter {
+    wanted: Wanted,
+    bytes: Arc<Semaphore>,
+}
+
+impl Filter {
+    fn keeps(&self, job_id: &Uuid) -> bool {
+        match &self.wanted {
+            None => true,
+            Some(ids) => ids
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(job_id),
+        }
+    }
+}
+
+async fn forward(
+    channel: &Channel,
+    queue: &str,
+    tx: &mpsc::Sender<Arrived>,
+    filter: &Filter,
+) -> bool {
     let consumer = channel
         .basic_consume(
             queue.into(),
@@ -169,16 +213,24 @@ async fn forward(channel: &Channel, queue: &str, tx: &mpsc::Sender<Arrived>) -> 
         // and the prefetch stops the broker): a result lost with the connection comes again.
         let acker = delivery.acker.clone();
         match parse(&delivery.data) {
-            Some((job_id, ok)) => {
+            Some((job_id, ok)) if filter.keeps(&job_id) => {
+                let kib = u32::try_from(delivery.data.len() / 1024 + 1)
+                    .unwrap_or(u32::MAX)
+                    .min(u32::try_from(BUFFER_BYTES / 1024).unwrap_or(u32::MAX));
+                let Ok(bytes) = Arc::clone(&filter.bytes).acquire_many_owned(kib).await else {
+                    return false;
+                };
                 let arrived = Arrived {
                     job_id,
                     ok,
                     body: delivery.data,
+                    _bytes: Some(bytes),
                 };
                 if tx.send(arrived).await.is_err() {
                     return false;
                 }
             }
+            Some(_) => {} // another run's job
             None => tracing::warn!("ignoring a result that is not valid v1 JSON"),
         }
         let _ = acker.ack(BasicAckOptions::default()).await;

@@ -25,22 +25,11 @@ pub enum PublishError {
         code: u16,
         /// AMQP reply text.
         text: String,
-        /// The exchange it was published to.
-        exchange: String,
-        /// Whether the confirm it came with was an ack (a message that is returned and then
-        /// acked was not stored; see [`returned_in_batch`] for why the exchange matters).
+        /// Which message came back: lapin may hand it to another publish (see [`Returns`]).
+        returned: ReturnKey,
+        /// Whether the confirm it came with was an ack (the publish it came with was then
+        /// stored, if the returned message is not its own).
         acked: bool,
-    },
-    /// A message published to the same exchange at about the same time was returned as
-    /// unroutable, and the broker's confirm does not say which one (see
-    /// [`returned_in_batch`]): this one may have been returned too.
-    #[error(
-        "a message published to {exchange:?} beside this one was returned as unroutable, and the \
-         confirms do not say which: this one counts as not stored"
-    )]
-    Ambiguous {
-        /// The exchange.
-        exchange: String,
     },
     /// The channel or connection failed before the confirm arrived.
     #[error("AMQP error: {0}")]
@@ -58,43 +47,113 @@ pub enum PublishError {
 /// # Errors
 /// See [`PublishError`].
 pub fn check_confirmation(confirmation: Confirmation) -> Result<(), PublishError> {
+    let returned =
+        |returned: lapin::message::BasicReturnMessage, acked: bool| PublishError::Returned {
+            code: returned.reply_code,
+            text: returned.reply_text.to_string(),
+            returned: ReturnKey::of(&returned),
+            acked,
+        };
     match confirmation {
         Confirmation::Ack(None) => Ok(()),
-        Confirmation::Ack(Some(returned)) => Err(PublishError::Returned {
-            code: returned.reply_code,
-            text: returned.reply_text.to_string(),
-            exchange: returned.delivery.exchange.to_string(),
-            acked: true,
-        }),
-        Confirmation::Nack(Some(returned)) => Err(PublishError::Returned {
-            code: returned.reply_code,
-            text: returned.reply_text.to_string(),
-            exchange: returned.delivery.exchange.to_string(),
-            acked: false,
-        }),
+        Confirmation::Ack(Some(r)) => Err(returned(r, true)),
+        Confirmation::Nack(Some(r)) => Err(returned(r, false)),
         Confirmation::Nack(None) => Err(PublishError::Nacked),
         Confirmation::NotRequested => Err(PublishError::NotConfirmed),
     }
 }
 
-/// The exchanges that returned a message among confirmations that arrived together.
+/// What identifies a published message when it comes back: the exchange it was published to
+/// and its `message_id` (the job id on everything this system publishes, when it has one).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReturnKey {
+    /// The exchange.
+    pub exchange: String,
+    /// The `message_id` property.
+    pub message_id: Option<String>,
+}
+
+impl ReturnKey {
+    /// The key of a message about to be published.
+    #[must_use]
+    pub fn new(exchange: &str, message_id: Option<&ShortString>) -> Self {
+        Self {
+            exchange: exchange.to_owned(),
+            message_id: message_id.map(|id| id.as_str().to_owned()),
+        }
+    }
+
+    fn of(returned: &lapin::message::BasicReturnMessage) -> Self {
+        Self::new(
+            returned.delivery.exchange.as_str(),
+            returned.delivery.properties.message_id().as_ref(),
+        )
+    }
+}
+
+/// Most returned messages remembered while their publish has not been seen.
+const MAX_UNCLAIMED: usize = 4096;
+
+/// Pairs returned messages with the publishes they belong to.
 ///
 /// lapin hands a returned message to *one* of the publishes a `multiple` confirm covers, in no
-/// particular order, so the publish it names is not always the one that was returned, and the
-/// one that was can look confirmed. A publisher that must not count a returned message as
-/// stored treats every publish to these exchanges confirmed in the same batch as
-/// [`PublishError::Ambiguous`]: sent again rather than lost.
-#[must_use]
-pub fn returned_in_batch<'a>(
-    confirmed: impl IntoIterator<Item = &'a Result<(), PublishError>>,
-) -> std::collections::HashSet<String> {
-    confirmed
-        .into_iter()
-        .filter_map(|c| match c {
-            Err(PublishError::Returned { exchange, .. }) => Some(exchange.clone()),
-            _ => None,
-        })
-        .collect()
+/// particular order: the publish that carries it may not be the one that was returned, and
+/// the one that was can arrive as a plain ack, in the same batch of confirms or a later one.
+/// A publisher feeds every batch of confirmations through [`Returns::pair`], which moves each
+/// return to the publish whose [`ReturnKey`] it names. A return whose publish is not seen is
+/// kept for later batches (bounded), so no returned message is ever counted as stored when its
+/// publish comes after its carrier.
+#[derive(Debug, Default)]
+pub struct Returns {
+    unclaimed: std::collections::VecDeque<ReturnKey>,
+}
+
+impl Returns {
+    /// Re-pairs one batch of confirmations: `keys(i)` are the keys of what publish `i` sent,
+    /// `outcome(i)` its confirmation, rewritten in place.
+    pub fn pair<'a>(
+        &mut self,
+        batch: impl IntoIterator<Item = (Vec<ReturnKey>, &'a mut Result<(), PublishError>)>,
+    ) {
+        let mut batch: Vec<_> = batch.into_iter().collect();
+        // Returns carried by a publish they do not name: that publish was acked; the return
+        // waits for its own publish.
+        for (keys, outcome) in &mut batch {
+            if let Err(PublishError::Returned {
+                returned, acked, ..
+            }) = &**outcome
+            {
+                if !keys.contains(returned) {
+                    self.unclaimed.push_back(returned.clone());
+                    if *acked {
+                        **outcome = Ok(());
+                    } else {
+                        **outcome = Err(PublishError::Nacked);
+                    }
+                }
+            }
+        }
+        // Publishes that look stored but are named by a waiting return.
+        for (keys, outcome) in &mut batch {
+            if outcome.is_ok() {
+                let claimed = self.unclaimed.iter().position(|r| keys.contains(r));
+                if let Some(at) = claimed.and_then(|at| self.unclaimed.remove(at)) {
+                    **outcome = Err(PublishError::Returned {
+                        code: 312,
+                        text: "NO_ROUTE (paired by message id)".to_owned(),
+                        returned: at,
+                        acked: true,
+                    });
+                }
+            }
+        }
+        while self.unclaimed.len() > MAX_UNCLAIMED {
+            if let Some(lost) = self.unclaimed.pop_front() {
+                tracing::error!(exchange = %lost.exchange, message_id = ?lost.message_id,
+                    "a returned message was never paired with its publish; it may have been counted as stored");
+            }
+        }
+    }
 }
 
 /// Options for every publish in this system: `mandatory`, so an unroutable message is
@@ -319,6 +378,55 @@ mod tests {
         assert_eq!(ms, [100, 200, 350, 350]);
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    fn returned(exchange: &str, id: &str) -> Result<(), PublishError> {
+        Err(PublishError::Returned {
+            code: 312,
+            text: "NO_ROUTE".into(),
+            returned: key(exchange, id),
+            acked: true,
+        })
+    }
+
+    fn key(exchange: &str, id: &str) -> ReturnKey {
+        ReturnKey::new(exchange, Some(&ShortString::from(id)))
+    }
+
+    #[test]
+    fn a_return_goes_to_the_publish_it_names() {
+        let mut returns = Returns::default();
+        // lapin handed job b's return to job a; b arrived as a plain ack.
+        let mut a = returned("x", "b");
+        let mut b: Result<(), PublishError> = Ok(());
+        let mut c: Result<(), PublishError> = Ok(());
+        returns.pair([
+            (vec![key("x", "a")], &mut a),
+            (vec![key("x", "b")], &mut b),
+            (vec![key("x", "c")], &mut c),
+        ]);
+        assert!(a.is_ok(), "a was acked and routed");
+        assert!(
+            matches!(b, Err(PublishError::Returned { .. })),
+            "b was returned"
+        );
+        assert!(c.is_ok());
+
+        // The return arrives first; its publish in a later batch.
+        let mut d = returned("x", "e");
+        returns.pair([(vec![key("x", "d")], &mut d)]);
+        assert!(d.is_ok());
+        let mut e: Result<(), PublishError> = Ok(());
+        returns.pair([(vec![key("x", "e")], &mut e)]);
+        assert!(e.is_err(), "e is named by the waiting return");
+
+        // A return carried by its own publish stays with it.
+        let mut f = returned("x", "f");
+        returns.pair([(vec![key("x", "f")], &mut f)]);
+        assert!(f.is_err());
+        let mut g: Result<(), PublishError> = Ok(());
+        returns.pair([(vec![key("x", "f")], &mut g)]);
+        assert!(g.is_ok(), "nothing is left waiting");
     }
 
     #[test]

@@ -32,8 +32,11 @@ pub struct CommonSettings {
     #[arg(long, env = "JOBS_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
     pub queue_type: QueueType,
 
-    /// Quorum work queue only: deliveries of one message before the broker dead-letters it
-    /// to `jobs.dead` (a poison message that kills every consumer that takes it).
+    /// Quorum queues: how many times one message may run without being settled (its
+    /// consumers died or lost their connection with it); the consumer that receives it next
+    /// dead-letters it unrun to `jobs.dead` (a poison message that kills every consumer that
+    /// takes it). Takes effect at once; a queue an earlier build declared with
+    /// `x-delivery-limit` keeps the broker's own limit too.
     #[arg(long, env = "JOBS_DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub delivery_limit: u32,

@@ -28,12 +28,14 @@ use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
 use axum::{
     Json, Router,
     body::Bytes,
-    extract::{DefaultBodyLimit, Path, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    extract::{DefaultBodyLimit, Path, Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use deadpool_lapin::{Pool, lapin::Channel};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
 use shared::{
@@ -49,6 +51,11 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{results, settings::ServeSettings};
+
+/// Most jobs in one `POST /jobs/batch`.
+pub const MAX_BATCH: usize = 1000;
+/// Jobs of one batch awaiting their confirms at once.
+const BATCH_CONCURRENCY: usize = 64;
 
 /// Seconds a client should wait before retrying after a 503.
 const RETRY_AFTER_SECS: &str = "1";
@@ -203,6 +210,7 @@ pub async fn start(
         .route("/jobs/batch", post(post_batch))
         .route("/jobs/{id}", get(get_job))
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(middleware::from_fn_with_state(Arc::clone(&ingest), admit))
         .with_state(ingest);
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -216,40 +224,49 @@ pub async fn start(
     Ok((bound, task))
 }
 
-async fn post_job(
-    State(ingest): State<Arc<Ingest>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, Failure> {
-    let _permit = ingest.admit(&headers, true)?;
-    ingest
-        .in_time(async {
-            let job: NewJob = parse(&body)?;
-            ingest.check_kind(&job.kind)?;
-            let id = ingest.publish(job).await?;
-            Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
-        })
-        .await
+/// Lets a request in before its body is read: its token (401), its content type for a POST
+/// (415), a place among the requests in flight (429), and a deadline for all of it, body
+/// included (503).
+async fn admit(State(ingest): State<Arc<Ingest>>, request: Request, next: Next) -> Response {
+    let post = request.method() == Method::POST;
+    let _permit = match ingest.admit(request.headers(), post) {
+        Ok(permit) => permit,
+        Err(failure) => return failure.into_response(),
+    };
+    match tokio::time::timeout(ingest.request_timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Failure::unavailable(format_args!(
+            "no answer within {:?} (--request-timeout): a job may or may not be stored; retry with the same id",
+            ingest.request_timeout
+        ))
+        .into_response(),
+    }
 }
 
-async fn post_batch(
-    State(ingest): State<Arc<Ingest>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, Failure> {
-    let _permit = ingest.admit(&headers, true)?;
-    ingest.in_time(batch(&ingest, &body)).await
+async fn post_job(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
+    let job: NewJob = parse(&body)?;
+    ingest.check_kind(&job.kind)?;
+    let id = ingest.publish(job).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
 }
 
-async fn batch(ingest: &Ingest, body: &[u8]) -> Result<Response, Failure> {
-    let jobs: Vec<NewJob> = parse(body)?;
+async fn post_batch(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
+    let jobs: Vec<NewJob> = parse(&body)?;
+    if jobs.len() > MAX_BATCH {
+        return Err(Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format_args!("a batch holds at most {MAX_BATCH} jobs, not {}", jobs.len()),
+        ));
+    }
     for (i, job) in jobs.iter().enumerate() {
         ingest
             .check_kind(&job.kind)
             .map_err(|f| Failure::new(f.status, format_args!("job {i}: {}", f.message)))?;
     }
-    let published =
-        futures::future::join_all(jobs.into_iter().map(|job| ingest.publish(job))).await;
+    let published: Vec<_> = futures::stream::iter(jobs.into_iter().map(|job| ingest.publish(job)))
+        .buffered(BATCH_CONCURRENCY)
+        .collect()
+        .await;
     let mut ids = Vec::with_capacity(published.len());
     let mut failed = Vec::new();
     for (i, outcome) in published.into_iter().enumerate() {
@@ -275,10 +292,8 @@ async fn batch(ingest: &Ingest, body: &[u8]) -> Result<Response, Failure> {
 
 async fn get_job(
     State(ingest): State<Arc<Ingest>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Failure> {
-    let _permit = ingest.admit(&headers, false)?;
     let id: Uuid = id
         .parse()
         .map_err(|e| Failure::new(StatusCode::BAD_REQUEST, format_args!("not a job id: {e}")))?;
@@ -342,20 +357,6 @@ impl Ingest {
                 "too many requests in flight; try again shortly",
             )
         })
-    }
-
-    /// Runs a request's work under the request deadline; past it, 503.
-    async fn in_time(
-        &self,
-        work: impl Future<Output = Result<Response, Failure>>,
-    ) -> Result<Response, Failure> {
-        match tokio::time::timeout(self.request_timeout, work).await {
-            Ok(answer) => answer,
-            Err(_) => Err(Failure::unavailable(format_args!(
-                "no confirm from the broker within {:?}; the job may or may not be stored, retry with the same id",
-                self.request_timeout
-            ))),
-        }
     }
 
     fn check_kind(&self, kind: &str) -> Result<(), Failure> {
@@ -503,7 +504,9 @@ async fn collect_results(
     let mut backoff = amqp::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let expires = Duration::from_secs(300);
     let mut listener = loop {
-        match results::Listener::start(ingest.pool.clone(), &ingest.topology.names, expires).await {
+        match results::Listener::start(ingest.pool.clone(), &ingest.topology.names, expires, None)
+            .await
+        {
             Ok(listener) => {
                 listening.send_replace(true);
                 break listener;
