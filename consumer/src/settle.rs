@@ -327,7 +327,7 @@ impl Settler {
         let exchange = ShortString::from(exchange);
         Box::pin(async move {
             // The deadline covers the send too: a broker that blocks publishers stops reading.
-            let published = async {
+            let published = async move {
                 let confirm = this
                     .channel
                     .basic_publish(
