@@ -147,6 +147,12 @@ async fn serve_needs_a_token_json_and_an_unused_id() {
     )
     .await;
     assert_eq!(huge.status, 422);
+    let sleep = json!({"kind": "bench.sleep", "payload": {"ms": 1}});
+    let refused = call(url.clone(), Some(TOKEN), json, Some(sleep)).await;
+    assert_eq!(
+        refused.status, 422,
+        "bench.sleep is not accepted by default"
+    );
     assert!(
         huge.body.to_string().len() < 2048,
         "the answer is bounded: {}",
