@@ -188,9 +188,11 @@ impl Confirmer {
                     while let Some(Some(confirmed)) = waiting.next().now_or_never() {
                         batch.push(confirmed);
                     }
-                    returns.pair(batch.iter_mut().map(|c: &mut Confirmed| {
-                        (self.settler.return_keys(&c.delivery, &c.outcome), &mut c.confirmed)
-                    }));
+                    if returns.needed(batch.iter().map(|c: &Confirmed| &c.confirmed)) {
+                        returns.pair(batch.iter_mut().map(|c: &mut Confirmed| {
+                            (self.settler.return_keys(&c.delivery, &c.outcome), &mut c.confirmed)
+                        }));
+                    }
                     for confirmed in batch {
                         if let Some(again) = self.confirmed(confirmed, &mut marks).await {
                             waiting.push(confirm(again));

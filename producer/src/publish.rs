@@ -287,13 +287,18 @@ impl Publisher {
                 Some(Err(error)) => (job, Some(Err(PublishError::Amqp(error))), false),
             })
             .collect();
-        let exchange = self.exchange.to_string();
-        self.returns
-            .pair(checked.iter_mut().filter_map(|(job, outcome, _)| {
-                let id = ShortString::from(job.id.to_string());
-                let key = amqp::ReturnKey::new(&exchange, Some(&id));
-                outcome.as_mut().map(|o| (vec![key], o))
-            }));
+        let outcomes = checked
+            .iter()
+            .filter_map(|(_, outcome, _)| outcome.as_ref());
+        if self.returns.needed(outcomes) {
+            let exchange = self.exchange.to_string();
+            self.returns
+                .pair(checked.iter_mut().filter_map(|(job, outcome, _)| {
+                    let id = ShortString::from(job.id.to_string());
+                    let key = amqp::ReturnKey::new(&exchange, Some(&id));
+                    outcome.as_mut().map(|o| (vec![key], o))
+                }));
+        }
         for (job, outcome, lost) in checked {
             match outcome {
                 _ if lost => {

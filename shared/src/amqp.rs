@@ -109,6 +109,20 @@ pub struct Returns {
 }
 
 impl Returns {
+    /// Whether pairing is needed for a batch: some confirmation in it carries a return, or a
+    /// return from an earlier batch still waits for its publish. When not, the batch is right
+    /// as it is (the common case, which costs nothing).
+    #[must_use]
+    pub fn needed<'a>(
+        &self,
+        batch: impl IntoIterator<Item = &'a Result<(), PublishError>>,
+    ) -> bool {
+        !self.unclaimed.is_empty()
+            || batch
+                .into_iter()
+                .any(|c| matches!(c, Err(PublishError::Returned { .. })))
+    }
+
     /// Re-pairs one batch of confirmations: `keys(i)` are the keys of what publish `i` sent,
     /// `outcome(i)` its confirmation, rewritten in place.
     pub fn pair<'a>(
