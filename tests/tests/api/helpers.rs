@@ -593,6 +593,40 @@ impl Message {
     }
 }
 
+/// The `/metrics` page of an in-process consumer.
+pub async fn metrics(readiness: &consumer::Readiness) -> String {
+    let url = format!(
+        "http://{}/metrics",
+        readiness.http_addr().expect("the consumer serves HTTP")
+    );
+    tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// The value of the sample `series` (name and labels, as printed) on a metrics page; the sum
+/// over every label set when `series` is a bare name followed by `{`.
+pub fn sample(page: &str, series: &str) -> f64 {
+    page.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(series)?;
+            let value = if series.ends_with('{') {
+                rest.rsplit(' ').next()?
+            } else {
+                rest.strip_prefix(' ')?
+            };
+            value.trim().parse::<f64>().ok()
+        })
+        .sum()
+}
+
 /// Path of a workspace binary, built on first use if `cargo test` did not build it.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();

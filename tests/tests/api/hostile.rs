@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use shared::{amqp::job_properties, headers::X_ATTEMPT, reason::REASON_MAX_LEN};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, within};
+use crate::helpers::{TestApp, metrics, within};
 
 const HUGE: usize = 300_000;
 const GOOD: usize = 3_000;
@@ -372,18 +372,4 @@ async fn hostile_input_at_size_never_takes_a_consumer_off_the_queue() {
         "every hostile message dead-lettered once"
     );
     app.teardown().await;
-}
-
-async fn metrics(readiness: &Readiness) -> String {
-    let url = format!("http://{}/metrics", readiness.http_addr().unwrap());
-    tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    })
-    .await
-    .unwrap()
 }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use crate::helpers::{TestApp, close_connections, within};
+use crate::helpers::{TestApp, close_connections, metrics, sample, within};
 
 /// Records every state a consumer goes through, until its readiness is dropped.
 fn record_states(readiness: &Readiness) -> JoinHandle<Vec<State>> {
@@ -255,20 +255,9 @@ async fn five_forced_closes_in_a_row_lose_no_job() {
     // Assert: every job completes; none reached the delivery limit; the in-flight gauge
     // returns to 0 (nothing a lost session held stays counted).
     app.results_covering(&ids, HashSet::new()).await;
-    let url = format!("http://{}/metrics", readiness.http_addr().unwrap());
     within("the in-flight gauge to return to 0", async {
         loop {
-            let url = url.clone();
-            let page = tokio::task::spawn_blocking(move || {
-                ureq::get(&url)
-                    .call()
-                    .unwrap()
-                    .body_mut()
-                    .read_to_string()
-                    .unwrap()
-            })
-            .await
-            .unwrap();
+            let page = metrics(&readiness).await;
             if page.lines().any(|l| l == "consumer_jobs_in_flight 0") {
                 break;
             }
@@ -315,25 +304,7 @@ async fn a_result_nobody_can_route_comes_back_at_the_retry_pace_not_in_a_loop() 
         .into_iter()
         .collect();
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    let url = format!("http://{}/metrics", readiness.http_addr().unwrap());
-    let page = tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let sent_back: f64 = page
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("consumer_jobs_requeued_total ")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0);
+    let sent_back = sample(&metrics(&readiness).await, "consumer_jobs_requeued_total");
     app.channel
         .queue_bind(
             names.results_queue.as_str().into(),

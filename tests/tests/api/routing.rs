@@ -4,21 +4,7 @@
 use consumer::{ConsumerError, Readiness, Registry, State};
 use serde_json::json;
 
-use crate::helpers::{TestApp, within};
-
-async fn metrics(readiness: &Readiness) -> String {
-    let url = format!("http://{}/metrics", readiness.http_addr().unwrap());
-    tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
+use crate::helpers::{TestApp, metrics, within};
 
 fn processed(page: &str, kind: &str) -> u64 {
     let series = format!(r#"consumer_jobs_processed_total{{kind="{kind}"}} "#);

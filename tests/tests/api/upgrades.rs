@@ -18,7 +18,9 @@ use shared::{
     topology::{QueueType, RetryDelays},
 };
 
-use crate::helpers::{TEST_RETRY_BASE, TEST_RETRY_MAX, TestApp, broker_url, within};
+use crate::helpers::{
+    TEST_RETRY_BASE, TEST_RETRY_MAX, TestApp, broker_url, metrics, sample, within,
+};
 
 fn long(n: i64) -> AMQPValue {
     AMQPValue::LongLongInt(n)
@@ -83,21 +85,7 @@ async fn declare_the_old_topology(app: &TestApp) {
 }
 
 async fn processed(readiness: &Readiness) -> f64 {
-    let url = format!("http://{}/metrics", readiness.http_addr().unwrap());
-    let page = tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    page.lines()
-        .filter(|l| l.starts_with("consumer_jobs_processed_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    sample(&metrics(readiness).await, "consumer_jobs_processed_total{")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
