@@ -89,20 +89,7 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
 /// `x-delivery-count` header quorum queues set on a redelivery (absent, or not an integer: 0).
 #[must_use]
 pub fn delivery_count(properties: &BasicProperties) -> u64 {
-    let value = properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(X_DELIVERY_COUNT));
-    let n = match value {
-        Some(AMQPValue::ShortShortUInt(n)) => i64::from(*n),
-        Some(AMQPValue::ShortUInt(n)) => i64::from(*n),
-        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
-        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
-        Some(AMQPValue::LongInt(n)) => i64::from(*n),
-        Some(AMQPValue::LongLongInt(n)) => *n,
-        _ => 0,
-    };
-    u64::try_from(n).unwrap_or(0)
+    integer_header(properties, X_DELIVERY_COUNT).map_or(0, |n| u64::try_from(n).unwrap_or(0))
 }
 
 /// The attempt number carried by `x-attempt`, as the README defines it for any value a client
@@ -111,21 +98,22 @@ pub fn delivery_count(properties: &BasicProperties) -> u64 {
 /// failure is final at once). The copies this consumer publishes always carry an integer.
 #[must_use]
 pub fn attempt(properties: &BasicProperties) -> u32 {
-    let value = properties
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get(X_ATTEMPT));
-    let n = match value {
-        Some(AMQPValue::ShortShortUInt(n)) => i64::from(*n),
-        Some(AMQPValue::ShortShortInt(n)) => i64::from(*n),
-        Some(AMQPValue::ShortUInt(n)) => i64::from(*n),
-        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
-        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
-        Some(AMQPValue::LongInt(n)) => i64::from(*n),
-        Some(AMQPValue::LongLongInt(n)) => *n,
-        _ => 1,
-    };
+    let n = integer_header(properties, X_ATTEMPT).unwrap_or(1);
     u32::try_from(n.max(1)).unwrap_or(u32::MAX)
+}
+
+/// A header's value when it is an AMQP integer of any width; `None` otherwise.
+fn integer_header(properties: &BasicProperties, name: &str) -> Option<i64> {
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        _ => None,
+    }
 }
 
 /// The job id in the `message_id` property, when it is one.
