@@ -8,7 +8,10 @@
 use std::{
     collections::{HashMap, VecDeque},
     hash::BuildHasher,
-    sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use uuid::Uuid;
@@ -23,6 +26,9 @@ pub struct Recent<V> {
     max_bytes: usize,
     weigh: fn(&V) -> usize,
     inner: Mutex<Window<V>>,
+    /// How many values are stored, read without the lock: an empty window (the usual state of
+    /// some, like the consumer's refused results) costs a lookup nothing.
+    stored: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -63,13 +69,14 @@ impl<V: Clone> Recent<V> {
                 order: VecDeque::new(),
                 bytes: 0,
             }),
+            stored: AtomicUsize::new(0),
         }
     }
 
     /// The value stored for `job_id`, if it is in the window.
     #[must_use]
     pub fn get(&self, job_id: &Uuid) -> Option<V> {
-        if self.capacity == 0 {
+        if self.capacity == 0 || self.stored.load(Ordering::Acquire) == 0 {
             return None;
         }
         self.lock().by_id.get(job_id).cloned()
@@ -78,7 +85,9 @@ impl<V: Clone> Recent<V> {
     /// Whether `job_id` is in the window.
     #[must_use]
     pub fn contains(&self, job_id: &Uuid) -> bool {
-        self.capacity > 0 && self.lock().by_id.contains_key(job_id)
+        self.capacity > 0
+            && self.stored.load(Ordering::Acquire) > 0
+            && self.lock().by_id.contains_key(job_id)
     }
 
     /// Remembers `value` for `job_id`, forgetting the oldest beyond capacity.
@@ -104,6 +113,7 @@ impl<V: Clone> Recent<V> {
                 window.bytes -= (self.weigh)(&old);
             }
         }
+        self.stored.store(window.by_id.len(), Ordering::Release);
     }
 
     fn lock(&self) -> MutexGuard<'_, Window<V>> {
