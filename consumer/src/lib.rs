@@ -43,7 +43,8 @@ pub use settings::Settings;
 /// Why the consumer stopped other than by a requested shutdown.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
-    /// The connection pool could not be built.
+    /// The connection pool could not be built, or the broker refused the login at start
+    /// (see `--retry-refused-login`).
     #[error(transparent)]
     Connect(#[from] amqp::ConnectError),
     /// The broker refused the consumer's setup on a live connection.
@@ -72,6 +73,11 @@ pub const DEFAULT_RECENT_RESULTS: usize = 10_000;
 pub const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
 /// Longest delay between reconnect attempts.
 pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(10);
+/// First delay before trying again when the consumer has never connected (a wrong host, a
+/// broker not up yet): a mistake in the settings should not fill the log.
+pub const FIRST_CONNECT_FIRST_DELAY: Duration = Duration::from_secs(1);
+/// Longest delay between attempts while the consumer has never connected.
+pub const FIRST_CONNECT_MAX_DELAY: Duration = Duration::from_secs(30);
 /// How long a session must have been consuming before a loss starts the backoff over: a
 /// message that kills the connection each time must not make a 100 ms crash loop.
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
@@ -138,11 +144,28 @@ pub async fn run_with(
         workers: TaskTracker::new(),
         readiness,
     };
-    let mut backoff = amqp::Backoff::new(RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY);
+    let mut backoff = amqp::Backoff::new(FIRST_CONNECT_FIRST_DELAY, FIRST_CONNECT_MAX_DELAY);
+    let mut connected = false;
     let outcome = loop {
         let ended = session::run(&shared, &pool, &shutdown).await;
+        if !connected && matches!(ended, Ok(()) | Err(session::SessionError::Lost(_))) {
+            connected = true;
+            backoff = amqp::Backoff::new(RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY);
+        }
         match ended {
             Ok(()) => break Ok(()),
+            Err(session::SessionError::Connect(error)) => {
+                if error.is_refused_login() && !connected && !shared.settings.retry_refused_login {
+                    break Err(ConsumerError::Connect(error));
+                }
+                shared.readiness.set(State::Reconnecting);
+                let delay = backoff.next_delay();
+                tracing::warn!("{error}; trying again in {delay:?}");
+                tokio::select! {
+                    () = shutdown.cancelled() => break Ok(()),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
             Err(session::SessionError::Lost(reason)) => {
                 let healthy = shared.readiness.consuming_for();
                 if healthy.is_some_and(|d| d >= HEALTHY_AFTER) {
@@ -151,7 +174,7 @@ pub async fn run_with(
                 shared.readiness.set(State::Reconnecting);
                 shared.metrics.reconnects.inc();
                 let delay = backoff.next_delay();
-                tracing::warn!(%reason, ?delay, "connection lost; reconnecting");
+                tracing::warn!("connection lost ({reason}); reconnecting in {delay:?}");
                 tokio::select! {
                     () = shutdown.cancelled() => break Ok(()),
                     () = tokio::time::sleep(delay) => {}

@@ -64,7 +64,10 @@ pub struct Shared {
 /// How a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    /// The connection was lost, or could not be made: try again.
+    /// No connection could be made: try again, unless the broker refused the login.
+    #[error(transparent)]
+    Connect(amqp::ConnectError),
+    /// The connection was lost: try again.
     #[error("connection lost: {0}")]
     Lost(String),
     /// The broker refused something on a live connection: trying again will not help.
@@ -104,7 +107,7 @@ impl Ending {
 }
 
 /// Longest wait for a connection (TCP, TLS and the AMQP handshake) before trying again.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const CONNECT_TIMEOUT: Duration = amqp::DEFAULT_CONNECT_TIMEOUT;
 
 /// Runs one session. `Ok` means shutdown was requested and in-flight work has drained.
 ///
@@ -118,15 +121,9 @@ pub async fn run(
     let settings = &shared.settings;
     let connection = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
-        got = tokio::time::timeout(CONNECT_TIMEOUT, pool.get()) => match got {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(e)) => return Err(SessionError::Lost(format!("cannot connect: {e}"))),
-            Err(_) => {
-                return Err(SessionError::Lost(format!(
-                    "cannot connect: no answer within {CONNECT_TIMEOUT:?}"
-                )));
-            }
-        },
+        got = amqp::get_connection(pool, &settings.common.amqp_url, CONNECT_TIMEOUT) => {
+            got.map_err(SessionError::Connect)?
+        }
     };
     // Listen for the broker's blocked/unblocked notices from the start: lapin drops events
     // while nobody listens.

@@ -117,7 +117,32 @@ pub struct Settings {
     #[arg(long, env = "CONSUMER_SHUTDOWN_TIMEOUT", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
           value_parser = parse_seconds)]
     pub shutdown_timeout: f64,
+
+    /// Keep trying when the broker refuses the login (`ACCESS_REFUSED`) or the virtual host
+    /// before the first connection; by default the consumer then exits with code 1, since
+    /// trying again with the same password does not help. (After a first connection, a
+    /// refusal is always retried: the password may be rotating.)
+    #[arg(long, env = "CONSUMER_RETRY_REFUSED_LOGIN")]
+    pub retry_refused_login: bool,
+
+    /// How often a job of a kind no running consumer serves is looked at again, in seconds:
+    /// it waits in a retry queue that long, then goes back through the jobs exchange, into
+    /// its kind's queue if one has appeared meanwhile.
+    #[arg(long, env = "CONSUMER_UNSERVED_RECHECK", default_value_t = DEFAULT_UNSERVED_RECHECK_SECS,
+          value_parser = parse_seconds)]
+    pub unserved_recheck: f64,
+
+    /// How long a job of a kind nobody serves waits before it is dead-lettered to `jobs.dead`
+    /// (reason: no consumer serves its kind), in seconds. Default 7 days.
+    #[arg(long, env = "CONSUMER_UNSERVED_TTL", default_value_t = DEFAULT_UNSERVED_TTL_SECS,
+          value_parser = parse_seconds)]
+    pub unserved_ttl: f64,
 }
+
+/// Seconds between looks at a job whose kind no consumer serves.
+pub const DEFAULT_UNSERVED_RECHECK_SECS: f64 = 60.0;
+/// Seconds a job whose kind no consumer serves waits before it is dead-lettered (7 days).
+pub const DEFAULT_UNSERVED_TTL_SECS: f64 = 7.0 * 24.0 * 3600.0;
 
 impl Settings {
     /// Settings for a broker URL with every other field at its default.
@@ -138,7 +163,22 @@ impl Settings {
             stage_timeout: DEFAULT_STAGE_TIMEOUT_SECS,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
             results_ttl: DEFAULT_RESULTS_TTL_SECS,
+            retry_refused_login: false,
+            unserved_recheck: DEFAULT_UNSERVED_RECHECK_SECS,
+            unserved_ttl: DEFAULT_UNSERVED_TTL_SECS,
         }
+    }
+
+    /// [`Settings::unserved_recheck`] as a duration.
+    #[must_use]
+    pub fn unserved_recheck(&self) -> Duration {
+        Duration::from_secs_f64(self.unserved_recheck)
+    }
+
+    /// [`Settings::unserved_ttl`] as a duration.
+    #[must_use]
+    pub fn unserved_ttl(&self) -> Duration {
+        Duration::from_secs_f64(self.unserved_ttl)
     }
 
     /// [`Settings::results_ttl`] as a duration; `None` keeps results until read.

@@ -6,27 +6,31 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
 use producer::{Command, Settings};
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
-    let settings = Settings::parse();
+async fn main() -> ExitCode {
+    let settings = Settings::from_args();
     shared::telemetry::init(settings.common.log_format);
     let shutdown = CancellationToken::new();
     tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
+    match run(settings, shutdown).await {
+        Ok(code) => code,
+        Err(error) => shared::telemetry::exit_with("producer", error.as_ref()),
+    }
+}
+
+async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     if let Some(Command::Serve(serve)) = &settings.command {
         let (_, server) = producer::serve::start(&settings.common, serve, shutdown)
             .await
-            .context("producer serve failed to start")?;
-        server.await.context("producer serve failed")?;
+            .context("producer serve cannot start")?;
+        server.await?;
         return Ok(ExitCode::SUCCESS);
     }
     let stdout = std::io::BufWriter::new(std::io::stdout());
-    let summary = producer::run(settings, stdout, shutdown)
-        .await
-        .context("producer failed")?;
+    let summary = producer::run(settings, stdout, shutdown).await?;
     eprintln!("{summary}");
     Ok(if summary.success() {
         ExitCode::SUCCESS

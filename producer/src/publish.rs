@@ -29,9 +29,9 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 /// stored: a broker that blocks publishers, for example, confirms nothing).
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a connection (TCP and the AMQP handshake) before trying again.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest wait for the broker to confirm the connection's close.
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CONNECT_TIMEOUT: Duration = amqp::DEFAULT_CONNECT_TIMEOUT;
+/// Longest wait for the broker to confirm a channel's or the connection's close.
+pub const CLOSE_TIMEOUT: Duration = amqp::CLOSE_TIMEOUT;
 
 /// A job ready to publish: its id and its encoded body.
 #[derive(Debug, Clone)]
@@ -197,8 +197,8 @@ impl Publisher {
     /// answer while it blocks the connection).
     pub async fn close(self) {
         if let Some(link) = self.link {
-            let close = link.connection.close(200, "producer done".into());
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+            amqp::close_channel(&link.channel).await;
+            amqp::close_connection(&link.connection, "producer done").await;
         }
     }
 
@@ -391,19 +391,7 @@ async fn open_link(
     topology: &Topology,
     declare: bool,
 ) -> Result<Link, crate::ProducerError> {
-    let connection = match tokio::time::timeout(CONNECT_TIMEOUT, pool.get()).await {
-        Ok(got) => got.map_err(|reason| amqp::ConnectError::Connect {
-            url: broker.to_owned(),
-            reason,
-        })?,
-        Err(_) => {
-            return Err(amqp::ConnectError::Timeout {
-                url: broker.to_owned(),
-                after: CONNECT_TIMEOUT,
-            }
-            .into());
-        }
-    };
+    let connection = amqp::get_connection(pool, broker, CONNECT_TIMEOUT).await?;
     if declare {
         topology.declare(&connection).await?;
     }

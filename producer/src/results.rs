@@ -26,7 +26,7 @@ use deadpool_lapin::{
 use futures::StreamExt;
 use serde::Deserialize;
 use shared::{
-    amqp::Backoff,
+    amqp::{self, Backoff},
     topology::{MATCH_ALL, Names},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -65,6 +65,7 @@ pub struct Listener {
     pub results: mpsc::Receiver<Arrived>,
     queue: String,
     stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Listener {
@@ -96,14 +97,18 @@ impl Listener {
             wanted,
             bytes: Arc::new(Semaphore::new(BUFFER_BYTES / 1024)),
         };
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut current = Some((connection, channel));
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
             loop {
                 if let Some((_connection, channel)) = current.take() {
-                    tokio::select! {
-                        () = task_stop.cancelled() => return,
-                        more = forward(&channel, &task_queue, &tx, &filter) => if !more { return },
+                    let more = tokio::select! {
+                        () = task_stop.cancelled() => false,
+                        more = forward(&channel, &task_queue, &tx, &filter) => more,
+                    };
+                    if !more {
+                        amqp::close_channel(&channel).await;
+                        return;
                     }
                     backoff.reset();
                 }
@@ -124,16 +129,20 @@ impl Listener {
             results,
             queue,
             stop,
+            task,
         })
     }
 
     /// Stops listening and deletes the private queue (it would expire by itself anyway).
+    /// Its channels are closed before it returns, so that the connection can close cleanly.
     pub async fn close(self, channel: Option<&Channel>) {
         self.stop.cancel();
+        let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT, self.task).await;
         if let Some(channel) = channel {
             let _ = channel
                 .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
+            amqp::close_channel(channel).await;
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::{ArgGroup, Parser};
+use clap::{ArgGroup, CommandFactory, FromArgMatches, Parser, parser::ValueSource};
 use shared::{
     config::{CommonSettings, parse_positive, parse_seconds},
     schema::TEXT_ANALYZE,
@@ -39,7 +39,7 @@ pub enum Source {
     about = "Publishes jobs to RabbitMQ with publisher confirms."
 )]
 #[command(group(ArgGroup::new("source").required(true).args(["input", "count"])))]
-#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
+#[command(subcommand_negates_reqs = true)]
 pub struct Settings {
     /// Settings shared with the consumer.
     #[command(flatten)]
@@ -199,7 +199,55 @@ impl ServeSettings {
     }
 }
 
+/// Flags that only sending a batch reads; `producer serve` refuses them rather than ignore them.
+const BATCH_ONLY: [&str; 10] = [
+    "input",
+    "count",
+    "size",
+    "kind",
+    "window",
+    "rate",
+    "wait",
+    "wait_timeout",
+    "reconnect_timeout",
+    "no_declare",
+];
+
 impl Settings {
+    /// Parses the command line (and environment), exiting with clap's message on an error.
+    /// The shared settings (`--amqp-url`, `--namespace`, ...) are accepted before or after
+    /// `serve`; a batch-only flag given to `serve` is an error, not silently ignored.
+    #[must_use]
+    pub fn from_args() -> Self {
+        Self::try_from_args(std::env::args_os()).unwrap_or_else(|error| error.exit())
+    }
+
+    /// [`Settings::from_args`] on `args` (the program name first), returning clap's error.
+    ///
+    /// # Errors
+    /// An unknown or invalid flag, a missing source, or a batch-only flag given to `serve`.
+    pub fn try_from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let mut command = Self::command();
+        let matches = command.try_get_matches_from_mut(args)?;
+        if matches.subcommand_name().is_some() {
+            let given = BATCH_ONLY
+                .iter()
+                .find(|id| matches.value_source(id) == Some(ValueSource::CommandLine));
+            if let Some(id) = given {
+                let flag = format!("--{}", id.replace('_', "-"));
+                return Err(command.error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!("{flag} applies to sending a batch, not to `producer serve`"),
+                ));
+            }
+        }
+        Self::from_arg_matches(&matches).map_err(|error| error.format(&mut command))
+    }
+
     /// Settings sending `source`, with every other field at its default.
     #[must_use]
     pub fn new(common: CommonSettings, source: Source) -> Self {
@@ -270,8 +318,6 @@ fn parse_kind(value: &str) -> Result<String, String> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use clap::CommandFactory;
-
     use super::*;
 
     #[test]
@@ -286,6 +332,40 @@ mod tests {
         let serve =
             Settings::try_parse_from(["producer", "serve", "--listen", "127.0.0.1:1"]).unwrap();
         assert!(matches!(serve.command, Some(Command::Serve(_))));
+    }
+
+    #[test]
+    fn shared_flags_work_before_and_after_serve() {
+        let url = "amqp://u:p@h:5672/%2f";
+        for args in [
+            vec!["producer", "--amqp-url", url, "--namespace", "ns", "serve"],
+            vec!["producer", "serve", "--amqp-url", url, "--namespace", "ns"],
+            vec!["producer", "--amqp-url", url, "serve", "--namespace", "ns"],
+        ] {
+            let parsed = Settings::try_from_args(args.clone()).unwrap();
+            assert_eq!(parsed.common.amqp_url, url, "{args:?}");
+            assert_eq!(parsed.common.namespace, "ns", "{args:?}");
+            assert!(matches!(parsed.command, Some(Command::Serve(_))));
+        }
+        let batch = Settings::try_from_args(["producer", "-n", "1", "--namespace", "ns"]).unwrap();
+        assert_eq!(batch.common.namespace, "ns");
+        let error = Settings::try_from_args(["producer", "--count", "3", "serve"]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("--count applies to sending a batch"),
+            "{error}"
+        );
+        let mut command = Settings::command();
+        command.build();
+        let help = command
+            .find_subcommand_mut("serve")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for flag in ["--amqp-url", "--namespace", "--queue-type", "--log-format"] {
+            assert!(help.contains(flag), "serve --help lacks {flag}");
+        }
     }
 
     #[test]

@@ -212,8 +212,10 @@ pub enum ConnectError {
     Connect {
         /// The broker URL, password redacted.
         url: String,
-        /// What went wrong (kept out of the error chain: the message already says it).
-        reason: deadpool_lapin::PoolError,
+        /// What went wrong, in words (see [`describe_failure`]).
+        reason: String,
+        /// Whether trying again can help.
+        refusal: Refusal,
     },
     /// The broker did not complete the connection in time.
     #[error("cannot connect to the broker at {url}: no answer within {after:?}")]
@@ -223,6 +225,126 @@ pub enum ConnectError {
         /// How long it waited.
         after: std::time::Duration,
     },
+}
+
+impl ConnectError {
+    /// A failed `pool.get()` for `url`, described and classified.
+    #[must_use]
+    pub fn from_pool(url: &str, error: &deadpool_lapin::PoolError) -> Self {
+        let (refusal, reason) = describe_failure(url, error);
+        Self::Connect {
+            url: redact(url),
+            reason,
+            refusal,
+        }
+    }
+
+    /// The broker refused the credentials or the virtual host: trying again with the same
+    /// settings will not help.
+    #[must_use]
+    pub fn is_refused_login(&self) -> bool {
+        matches!(
+            self,
+            Self::Connect {
+                refusal: Refusal::Login | Refusal::Vhost,
+                ..
+            }
+        )
+    }
+}
+
+/// What kind of failure kept a connection from being made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The broker refused the user name or password (`ACCESS_REFUSED`).
+    Login,
+    /// The user may not use the virtual host (`NOT_ALLOWED`), or it does not exist.
+    Vhost,
+    /// Anything else: no route, nothing listening, a broker starting or stopping.
+    Other,
+}
+
+/// A connection failure in a person's words, and its kind: `cannot log in as guest:
+/// ACCESS_REFUSED ...` rather than the pool's and lapin's wrappers around it.
+#[must_use]
+pub fn describe_failure(url: &str, error: &deadpool_lapin::PoolError) -> (Refusal, String) {
+    use deadpool_lapin::PoolError;
+    let parsed = url::Url::parse(url).ok();
+    let user = parsed
+        .as_ref()
+        .map(|u| {
+            if u.username().is_empty() {
+                "guest".to_owned()
+            } else {
+                u.username().to_owned()
+            }
+        })
+        .unwrap_or_else(|| "guest".to_owned());
+    let lapin_error = match error {
+        PoolError::Backend(e) => e,
+        PoolError::Timeout(_) => return (Refusal::Other, "no answer in time".to_owned()),
+        other => return (Refusal::Other, other.to_string()),
+    };
+    match lapin_error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            let text = amqp.get_message().to_string();
+            let text = crate::reason::Reason::new(text).into_string();
+            if text.starts_with("ACCESS_REFUSED") {
+                let reason = format!(
+                    "cannot log in as {user}: ACCESS_REFUSED (the broker refused this user name \
+                     and password)"
+                );
+                (Refusal::Login, reason)
+            } else if text.starts_with("NOT_ALLOWED") {
+                (
+                    Refusal::Vhost,
+                    format!("the broker refused the virtual host: {text}"),
+                )
+            } else {
+                (
+                    Refusal::Other,
+                    format!("the broker closed the connection: {text}"),
+                )
+            }
+        }
+        lapin::ErrorKind::IOError(io) => {
+            let host = parsed
+                .as_ref()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_default();
+            let port = parsed.as_ref().and_then(url::Url::port).unwrap_or(5672);
+            let reason = match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    format!("nothing accepts connections at {host}:{port} (connection refused)")
+                }
+                _ if io.to_string().contains("lookup address") => {
+                    format!("cannot resolve the host name {host:?}: {io}")
+                }
+                _ => format!("network error: {io}"),
+            };
+            (Refusal::Other, reason)
+        }
+        _ => (Refusal::Other, lapin_error.to_string()),
+    }
+}
+
+/// One connection from `pool` (to `url`), within `timeout`.
+///
+/// # Errors
+/// See [`ConnectError`]; its message names the broker with the password redacted.
+pub async fn get_connection(
+    pool: &Pool,
+    url: &str,
+    timeout: std::time::Duration,
+) -> Result<deadpool_lapin::Connection, ConnectError> {
+    match tokio::time::timeout(timeout, pool.get()).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(ConnectError::from_pool(url, &error)),
+        Err(_) => Err(ConnectError::Timeout {
+            url: redact(url),
+            after: timeout,
+        }),
+    }
 }
 
 /// A pool for `url` and one live connection from it, named `connection_name` in the
@@ -235,12 +357,35 @@ pub async fn connect(
     connection_name: &str,
 ) -> Result<(Pool, deadpool_lapin::Connection), ConnectError> {
     let pool = pool(url, connection_name)?;
-    let connection = pool.get().await.map_err(|reason| ConnectError::Connect {
-        url: redact(url),
-        reason,
-    })?;
+    let connection = get_connection(&pool, url, DEFAULT_CONNECT_TIMEOUT).await?;
     Ok((pool, connection))
 }
+
+/// Longest wait for a connection (TCP, TLS and the AMQP handshake).
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Closes `channel` and waits (at most [`CLOSE_TIMEOUT`]) for the broker's answer. Close
+/// channels this way before their connection: a channel merely dropped is closed by lapin in
+/// the background, and when the connection's own close overtakes that, lapin logs a spurious
+/// `ERROR ... invalid channel state: Closing`.
+pub async fn close_channel(channel: &Channel) {
+    if channel.status().connected() {
+        let close = channel.close(200, "done".into());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+    }
+}
+
+/// Closes `connection`, waiting at most [`CLOSE_TIMEOUT`] (a broker that blocks the
+/// connection does not answer).
+pub async fn close_connection(connection: &lapin::Connection, reason: &str) {
+    if connection.status().connected() {
+        let close = connection.close(200, reason.into());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+    }
+}
+
+/// Longest wait for the broker's answer to a channel or connection close.
+pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A connection pool for `url`. Connections are made lazily and checked for liveness before
 /// they are handed out, so a dead connection is replaced instead of reused.

@@ -20,16 +20,19 @@ pub const MAX_NAMESPACE_LEN: usize = 200;
 #[derive(Debug, Clone, Args)]
 pub struct CommonSettings {
     /// AMQP URL of the broker (the password is redacted in logs).
-    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true,
+          global = true)]
     pub amqp_url: String,
 
     /// Prefix of every exchange and queue name (`<ns>.jobs`, ...); empty means the
     /// documented defaults.
-    #[arg(long, env = "JOBS_NAMESPACE", default_value = "", value_parser = parse_namespace)]
+    #[arg(long, env = "JOBS_NAMESPACE", default_value = "", value_parser = parse_namespace,
+          global = true)]
     pub namespace: String,
 
     /// Type of the durable queues.
-    #[arg(long, env = "JOBS_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
+    #[arg(long, env = "JOBS_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum,
+          global = true)]
     pub queue_type: QueueType,
 
     /// Quorum queues: how many times one message may run without being settled (its
@@ -38,11 +41,12 @@ pub struct CommonSettings {
     /// takes it). Takes effect at once; a queue an earlier build declared with
     /// `x-delivery-limit` keeps the broker's own limit too.
     #[arg(long, env = "JOBS_DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub delivery_limit: u32,
 
     /// Log output format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty,
+          global = true)]
     pub log_format: LogFormat,
 }
 

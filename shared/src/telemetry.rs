@@ -3,30 +3,38 @@
 //!
 //! The filter comes from `RUST_LOG` and defaults to `info`.
 
+use std::{error::Error, io::IsTerminal};
+
 use tracing_subscriber::{EnvFilter, fmt};
 
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
-    /// Human-readable, colored when stderr is a terminal.
+    /// Human-readable, coloured when stderr is a terminal and `NO_COLOR` is not set.
     #[default]
     Pretty,
     /// One JSON object per line, with span fields (job id, kind, attempt, stage).
     Json,
 }
 
-/// lapin logs every message the broker returns with its whole body at `warn`; we report
-/// returned messages ourselves (code and reason, never the payload), so its line is off.
-const QUIET_RETURNS: &str = "lapin::returned_messages=error";
+/// lapin logs its own view of every failure (a forced close, a refused login, a returned
+/// message with its whole body) at `error` or `warn`, and each of those also reaches us as an
+/// error value, which we log once with what it means for the job or the session. So lapin's
+/// lines are off unless `RUST_LOG` names lapin.
+const QUIET_LAPIN: &str = "lapin=off";
 
 /// Installs the global subscriber. Calling it again (as tests do) keeps the first one.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let filter = match QUIET_RETURNS.parse() {
-        Ok(directive) => filter.add_directive(directive),
-        Err(_) => filter,
+    let names_lapin = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("lapin"));
+    let filter = match QUIET_LAPIN.parse() {
+        Ok(directive) if !names_lapin => filter.add_directive(directive),
+        _ => filter,
     };
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour());
     // `try_init` fails only when a subscriber is already installed, which is fine.
     let _ = match format {
         LogFormat::Pretty => builder.compact().try_init(),
@@ -36,6 +44,38 @@ pub fn init(format: LogFormat) {
             .with_span_list(false)
             .try_init(),
     };
+}
+
+/// Colour only on a terminal, and never with `NO_COLOR` set (<https://no-color.org>): log
+/// files and `docker logs` get plain text.
+fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// An error and its causes on one line, each cause said once: a message that already ends
+/// with its cause's text (`"...: os error 2"` then `"os error 2"`) is not followed by it again.
+/// Binaries print this instead of the `Debug` form, which repeats causes and, with
+/// `RUST_BACKTRACE` set, adds a backtrace to an expected error such as a bad URL.
+#[must_use]
+pub fn describe(error: &(dyn Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn Error + 'static)> = Some(error);
+    while let Some(current) = next {
+        let text = current.to_string();
+        let said = parts.iter().any(|p| p.contains(text.as_str()));
+        if !said && !text.is_empty() {
+            parts.push(text);
+        }
+        next = current.source();
+    }
+    parts.join(": ")
+}
+
+/// Prints `error` for a person (`error: ...`, causes once, no backtrace) and gives the exit
+/// code of a failed run.
+pub fn exit_with(program: &str, error: &(dyn Error + 'static)) -> std::process::ExitCode {
+    eprintln!("{program}: error: {}", describe(error));
+    std::process::ExitCode::FAILURE
 }
 
 /// Cancels `token` on SIGTERM (what `docker stop` and compose send) or Ctrl-C; a second
@@ -73,5 +113,28 @@ async fn first_signal() {
     tokio::select! {
         () = ctrl_c => tracing::info!("Ctrl-C received; shutting down"),
         () = term => tracing::info!("SIGTERM received; shutting down"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read settings.toml: {0}")]
+    struct Outer(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("consumer failed")]
+    struct Top(#[source] Outer);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let error = Top(Outer(io));
+        assert_eq!(
+            describe(&error),
+            "consumer failed: cannot read settings.toml: No such file or directory"
+        );
     }
 }
