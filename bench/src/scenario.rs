@@ -395,9 +395,12 @@ async fn wait_for_consumers(channel: &Channel, queue: &str, count: usize) -> any
 /// Deletes every queue and exchange of the run's namespace, retry queues included.
 async fn teardown(channel: &Channel, topology: &Topology) {
     let n = &topology.names;
-    let delays = consumer::Settings::new(CommonSettings::new("")).retry_delays();
+    let settings = consumer::Settings::new(CommonSettings::new(""));
+    let delays = settings.retry_buckets();
+    let registry = consumer::Registry::builtin();
+    let kinds: Vec<String> = registry.kinds().into_iter().map(str::to_owned).collect();
     let queues = n
-        .queues(&delays)
+        .queues(&kinds, &delays)
         .into_iter()
         .chain([collect::queue_name(n)]);
     for queue in queues {
@@ -405,7 +408,7 @@ async fn teardown(channel: &Channel, topology: &Topology) {
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
-    for exchange in n.exchanges() {
+    for exchange in n.exchanges(&delays) {
         let _ = channel
             .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
             .await;

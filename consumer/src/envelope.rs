@@ -103,7 +103,7 @@ pub fn attempt(properties: &BasicProperties) -> u32 {
 }
 
 /// A header's value when it is an AMQP integer of any width; `None` otherwise.
-fn integer_header(properties: &BasicProperties, name: &str) -> Option<i64> {
+pub(crate) fn integer_header(properties: &BasicProperties, name: &str) -> Option<i64> {
     match properties.headers().as_ref()?.inner().get(name)? {
         AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
         AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),

@@ -5,7 +5,7 @@
 //! consumer, and the broker's prefetch bounds what is buffered before it.
 
 use deadpool_lapin::lapin::{self, Consumer, message::Delivery};
-use futures::StreamExt;
+use futures::{StreamExt, stream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -23,8 +23,8 @@ pub enum IntakeError {
     Ended,
 }
 
-/// Moves deliveries into `queue` until `shutdown` fires, the workers are gone, the session
-/// ends (`ended`), or the broker stops the consumer. While `blocked` is true (the broker blocks
+/// Moves deliveries of every one of `consumers` (one per queue) into `queue` until `shutdown` fires, the workers are gone, the session
+/// ends (`ended`), or the broker stops one of the consumers. While `blocked` is true (the broker blocks
 /// publishes, so no result could be stored) it takes nothing new; the prefetched deliveries
 /// wait, unacked, in the broker's client buffer. A delivery that was read but not queued when shutdown fires is left
 /// unacked, and the broker redelivers it once the channel closes.
@@ -32,12 +32,18 @@ pub enum IntakeError {
 /// # Errors
 /// See [`IntakeError`]. A requested shutdown is `Ok`.
 pub async fn run(
-    mut consumer: Consumer,
+    consumers: Vec<Consumer>,
     queue: async_channel::Sender<Delivery>,
     shutdown: CancellationToken,
     ended: CancellationToken,
     mut blocked: watch::Receiver<bool>,
 ) -> Result<(), IntakeError> {
+    // Each consumer's stream, then `None` when it ends: one cancelled consumer ends intake.
+    let mut deliveries = stream::select_all(
+        consumers
+            .into_iter()
+            .map(|c| c.map(Some).chain(stream::iter([None]))),
+    );
     loop {
         tokio::select! {
             biased;
@@ -51,12 +57,12 @@ pub async fn run(
             biased;
             () = shutdown.cancelled() => return Ok(()),
             () = ended.cancelled() => return Err(IntakeError::Ended),
-            next = consumer.next() => next,
+            next = deliveries.next() => next,
         };
         let delivery = match next {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(error)) => return Err(error.into()),
-            None => return Err(IntakeError::Cancelled),
+            Some(Some(Ok(delivery))) => delivery,
+            Some(Some(Err(error))) => return Err(error.into()),
+            Some(None) | None => return Err(IntakeError::Cancelled),
         };
         tokio::select! {
             biased;

@@ -29,6 +29,7 @@ pub mod session;
 pub mod settings;
 pub mod settle;
 pub mod stage;
+pub mod unserved;
 pub mod worker;
 
 use std::{sync::Arc, time::Duration};
@@ -54,8 +55,20 @@ pub enum ConsumerError {
     #[error(transparent)]
     Names(#[from] shared::topology::NameTooLong),
     /// `--kinds` names kinds this consumer has no chain for.
-    #[error("--kinds names kinds this consumer does not have: {}", .0.join(", "))]
-    UnknownKinds(Vec<String>),
+    #[error(
+        "--kinds names kinds this consumer does not have: {}; it has: {}",
+        missing.join(", "),
+        available.join(", ")
+    )]
+    UnknownKinds {
+        /// The kinds asked for that it does not have.
+        missing: Vec<String>,
+        /// The kinds it has.
+        available: Vec<String>,
+    },
+    /// A registered kind contains a topic wildcard, so it cannot be a binding key.
+    #[error("the kind {0:?} contains '*' or '#', which cannot be bound by kind")]
+    WildcardKind(String),
     /// The HTTP address could not be bound.
     #[error("cannot serve HTTP on {addr}: {source}")]
     Http {
@@ -113,15 +126,28 @@ pub async fn run_with(
     shutdown: CancellationToken,
     readiness: Readiness,
 ) -> Result<(), ConsumerError> {
-    let registry = registry
-        .only(&settings.kinds)
-        .map_err(ConsumerError::UnknownKinds)?;
-    settings.topology().check_names(&settings.retry_delays())?;
+    let registry_kinds: Vec<String> = registry.kinds().into_iter().map(str::to_owned).collect();
+    let registry =
+        registry
+            .only(&settings.kinds)
+            .map_err(|missing| ConsumerError::UnknownKinds {
+                missing,
+                available: registry_kinds.clone(),
+            })?;
+    if let Some(kind) = registry
+        .kinds()
+        .into_iter()
+        .find(|k| k.contains(['*', '#']))
+    {
+        return Err(ConsumerError::WildcardKind(kind.to_owned()));
+    }
+    settings
+        .topology(&registry)
+        .check_names(&settings.retry_buckets())?;
     let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))
         .map_err(amqp::ConnectError::from)?;
     tracing::info!(
         broker = %amqp::redact(&settings.common.amqp_url),
-        queue = %settings.topology().names.work_queue,
         kinds = ?registry.kinds(),
         concurrency = settings.concurrency,
         prefetch = settings.prefetch,

@@ -9,6 +9,7 @@
 //! | `consumer_jobs_dead_lettered_total` | counter | `kind`: messages published to `jobs.dead` |
 //! | `consumer_jobs_replayed_total` | counter | `kind`: repeats answered from the recent-results window |
 //! | `consumer_jobs_requeued_total` | counter | deliveries sent back because their outcome's publish was not confirmed (through a retry queue, or nacked) |
+//! | `consumer_jobs_unserved_total` | counter | jobs of a kind no running consumer serves, sent to wait (counted each time one comes round) |
 //! | `consumer_stage_duration_seconds` | histogram | `kind`, `stage` |
 //! | `consumer_jobs_in_flight` | gauge | jobs taken and not yet acked: in a chain or awaiting the broker's confirm |
 //! | `consumer_queue_depth` | gauge | deliveries waiting in the in-process queue |
@@ -48,6 +49,8 @@ pub struct Metrics {
     pub replayed: IntCounterVec,
     /// Deliveries nacked back to the queue because a publish was not confirmed.
     pub requeued: IntCounter,
+    /// Jobs of a kind nobody serves, sent to wait in a retry queue.
+    pub unserved: IntCounter,
     /// Wall time of each stage, by kind and stage.
     pub stage_seconds: HistogramVec,
     /// Jobs taken and not yet acked: in a chain, or awaiting the broker's confirm.
@@ -107,6 +110,11 @@ impl Metrics {
             "Deliveries sent back because their outcome's publish was not confirmed (through a retry queue, or nacked).",
         )
         .expect("valid counter");
+        let unserved = IntCounter::new(
+            "consumer_jobs_unserved_total",
+            "Jobs of a kind no running consumer serves, sent to wait in a retry queue (each time one comes round).",
+        )
+        .expect("valid counter");
         let stage_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "consumer_stage_duration_seconds",
@@ -138,6 +146,7 @@ impl Metrics {
         .expect("valid gauge");
         for metric in [
             Box::new(requeued.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(unserved.clone()),
             Box::new(stage_seconds.clone()),
             Box::new(in_flight.clone()),
             Box::new(queue_depth.clone()),
@@ -154,6 +163,7 @@ impl Metrics {
             dead_lettered,
             replayed,
             requeued,
+            unserved,
             stage_seconds,
             in_flight,
             queue_depth,

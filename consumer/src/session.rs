@@ -36,6 +36,7 @@ use crate::{
     readiness::{Readiness, State},
     registry::Registry,
     settle::Settler,
+    unserved::Unserved,
     worker::Worker,
 };
 
@@ -136,11 +137,11 @@ pub async fn run(
         }
     };
 
-    let topology = settings.topology();
+    let topology = settings.topology(&shared.registry);
     let declared = async {
         topology.declare(&connection).await?;
         topology
-            .declare_retry_queues(&connection, &settings.retry_delays())
+            .declare_retry_queues(&connection, &settings.retry_buckets())
             .await
     };
     match declared.await {
@@ -148,6 +149,10 @@ pub async fn run(
         Err(DeclareError::Amqp(error)) => return Err(classify(error)),
         Err(refused) => return Err(SessionError::Topology(refused)),
     }
+    let legacy = topology
+        .take_over_legacy_group(&connection, &settings.kinds)
+        .await
+        .map_err(classify)?;
 
     let publish = amqp::confirm_channel(&connection).await.map_err(classify)?;
     let consume = connection.create_channel().await.map_err(classify)?;
@@ -155,16 +160,31 @@ pub async fn run(
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await
         .map_err(classify)?;
+    // Every kind queue, `jobs.work` (jobs no kind queue took) and a v1 group queue to drain.
+    let queues: Vec<String> = topology
+        .kinds
+        .iter()
+        .map(|kind| topology.names.kind_queue(kind))
+        .chain(std::iter::once(topology.names.work_queue.clone()))
+        .chain(legacy)
+        .collect();
     let tag = format!("consumer-{}", uuid::Uuid::new_v4());
-    let consumer = consume
-        .basic_consume(
-            topology.names.work_queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(classify)?;
+    let mut consumers = Vec::with_capacity(queues.len());
+    let mut tags = Vec::with_capacity(queues.len());
+    for (i, queue) in queues.iter().enumerate() {
+        let tag = format!("{tag}-{i}");
+        let consumer = consume
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(classify)?;
+        consumers.push(consumer);
+        tags.push(tag);
+    }
 
     let settler = Arc::new(Settler::new(
         publish,
@@ -185,6 +205,11 @@ pub async fn run(
         metrics: shared.metrics.clone(),
         max_result_bytes: settings.max_result_bytes,
         refused: Arc::clone(&shared.refused),
+        unserved: Unserved::new(
+            settings.retry_delays().after_attempt(1),
+            settings.unserved_recheck(),
+            settings.unserved_ttl(),
+        ),
     });
     let (queue_tx, queue_rx) = async_channel::bounded(settings.concurrency);
     let (confirms_tx, confirms_rx) = mpsc::channel(usize::from(settings.prefetch.max(1)));
@@ -227,7 +252,7 @@ pub async fn run(
     ));
     let _stop_watching = watching.drop_guard();
 
-    let taken = intake::run(consumer, queue_tx, shutdown.clone(), lost.clone(), blocked).await;
+    let taken = intake::run(consumers, queue_tx, shutdown.clone(), lost.clone(), blocked).await;
     if let Err(error) = taken {
         lost.cancel();
         let reason = ending
@@ -245,11 +270,13 @@ pub async fn run(
 
     shared.readiness.set(State::Draining);
     tracing::info!("shutdown requested: no new deliveries; draining in-flight jobs");
-    let cancel = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-    match tokio::time::timeout(BROKER_REPLY_TIMEOUT, cancel).await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => tracing::warn!(%error, "could not cancel the consumer"),
-        Err(_) => tracing::warn!("the broker did not confirm the consumer's cancellation"),
+    for tag in &tags {
+        let cancel = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+        match tokio::time::timeout(BROKER_REPLY_TIMEOUT, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "could not cancel the consumer"),
+            Err(_) => tracing::warn!("the broker did not confirm the consumer's cancellation"),
+        }
     }
     shared.workers.close();
     if tokio::time::timeout(settings.shutdown_timeout(), shared.workers.wait())

@@ -53,8 +53,9 @@ pub struct Settings {
     #[arg(long, env = "CONSUMER_HTTP_ADDR", default_value_t = default_http_addr())]
     pub http_addr: std::net::SocketAddr,
 
-    /// Serve only these kinds, from their own work queue `jobs.work.<kinds>` (comma-separated);
-    /// empty serves every registered kind from the default `jobs.work`.
+    /// Serve only these kinds (comma-separated); empty serves every kind this binary has.
+    /// Each kind served has its queue `jobs.kind.<kind>`, so consumers of different kinds can
+    /// share a broker without this setting; it narrows one deployment to some of its kinds.
     #[arg(long, env = "CONSUMER_KINDS", value_delimiter = ',', value_parser = parse_group_kind)]
     pub kinds: Vec<String>,
 
@@ -187,11 +188,22 @@ impl Settings {
         (self.results_ttl > 0.0).then(|| Duration::from_secs_f64(self.results_ttl))
     }
 
-    /// The topology this consumer declares and consumes from: the default work queue, or its
-    /// kind group's.
+    /// The topology this consumer declares and consumes from: `jobs.work` and a queue for
+    /// each kind `registry` serves.
     #[must_use]
-    pub fn topology(&self) -> shared::topology::Topology {
-        self.common.topology().with_kinds(&self.kinds)
+    pub fn topology(&self, registry: &crate::Registry) -> shared::topology::Topology {
+        self.common.topology().with_kinds(&registry.kinds())
+    }
+
+    /// Every retry queue delay this consumer publishes to: the retry buckets, and the wait of
+    /// a job whose kind nobody serves.
+    #[must_use]
+    pub fn retry_buckets(&self) -> Vec<Duration> {
+        let mut buckets = self.retry_delays().buckets();
+        buckets.push(self.unserved_recheck());
+        buckets.sort_unstable();
+        buckets.dedup();
+        buckets
     }
 
     /// The retry queue delays these settings ask for.

@@ -19,7 +19,7 @@ use deadpool_lapin::lapin::{
 };
 use shared::{
     amqp::{PublishError, ReturnKey, check_confirmation, mandatory, result_properties},
-    headers::{X_ATTEMPT, X_ATTEMPTS, X_ERROR, X_FAILED_STAGE},
+    headers::{X_ATTEMPT, X_ATTEMPTS, X_ERROR, X_FAILED_STAGE, X_UNSERVED_SINCE},
     reason::{REASON_MAX_LEN, Reason},
     topology::Names,
 };
@@ -56,8 +56,11 @@ pub enum Outcome {
     /// The chain succeeded: publish the `ok` result.
     Completed(ResultMessage),
     /// A retryable failure with attempts left: publish the job to the retry queue for
-    /// `delay`, with `x-attempt` set; the broker returns it to the work queue after the delay.
+    /// `delay`, with `x-attempt` set and its kind as routing key; after the delay the broker
+    /// routes it through the jobs exchange to its kind's queue.
     Retry {
+        /// The job's kind: the copy's routing key.
+        kind: String,
         /// The attempt number the copy will carry.
         next_attempt: u32,
         /// The retry queue's delay (its bucket).
@@ -85,6 +88,16 @@ pub enum Outcome {
         /// The retry queue's delay.
         delay: Duration,
     },
+    /// A kind this consumer does not serve: the job waits in the retry queue of `delay`, then
+    /// goes through the jobs exchange again (see [`crate::unserved`]).
+    Unserved {
+        /// The job's kind: the copy's routing key.
+        kind: String,
+        /// How long it waits.
+        delay: Duration,
+        /// When it first waited (`x-unserved-since`, ms since the epoch).
+        since: i64,
+    },
 }
 
 impl Outcome {
@@ -93,7 +106,9 @@ impl Outcome {
     pub fn largest_publish(&self, delivery: &Delivery) -> usize {
         match self {
             Self::Completed(result) => result.body.len(),
-            Self::Retry { .. } | Self::Deferred { .. } => delivery.data.len(),
+            Self::Retry { .. } | Self::Deferred { .. } | Self::Unserved { .. } => {
+                delivery.data.len()
+            }
             Self::Dead { result, .. } => result
                 .as_ref()
                 .map_or(0, |r| r.body.len())
@@ -155,6 +170,7 @@ impl Settler {
             Outcome::Completed(_) => m.processed.with_label_values(&[kind]).inc(),
             Outcome::Retry { .. } => m.retried.with_label_values(&[kind]).inc(),
             Outcome::Deferred { .. } => m.requeued.inc(),
+            Outcome::Unserved { .. } => m.unserved.inc(),
             Outcome::Dead { result, .. } => {
                 m.dead_lettered.with_label_values(&[kind]).inc();
                 if result.is_some() {
@@ -172,11 +188,19 @@ impl Settler {
         match outcome {
             Outcome::Completed(result) => self.publish_result(result),
             Outcome::Retry {
+                kind,
                 next_attempt,
                 delay,
                 wait,
-            } => self.publish_retry(delivery, *next_attempt, *delay, *wait),
+            } => {
+                let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(*next_attempt)))];
+                self.publish_retry(delivery, kind, ours, *delay, *wait)
+            }
             Outcome::Deferred { delay } => self.retry_later(delivery, *delay),
+            Outcome::Unserved { kind, delay, since } => {
+                let ours = vec![(X_UNSERVED_SINCE, AMQPValue::LongLongInt(*since))];
+                self.publish_retry(delivery, kind, ours, *delay, *delay)
+            }
             Outcome::Dead {
                 reason,
                 stage,
@@ -208,7 +232,11 @@ impl Settler {
         };
         match outcome {
             Outcome::Completed(r) => vec![result(r)],
-            Outcome::Retry { .. } | Outcome::Deferred { .. } => vec![ReturnKey::new("", original)],
+            Outcome::Retry { delay, .. }
+            | Outcome::Deferred { delay }
+            | Outcome::Unserved { delay, .. } => {
+                vec![ReturnKey::new(&self.names.retry_queue(*delay), original)]
+            }
             Outcome::Dead { result: r, .. } => {
                 let mut keys = vec![ReturnKey::new(&self.names.dead_exchange, original)];
                 keys.extend(r.as_ref().map(result));
@@ -244,16 +272,17 @@ impl Settler {
         )
     }
 
-    /// Parks the job in the retry queue for `delay`, with `x-attempt` = `next_attempt` and a
-    /// per-message expiration of `wait`; the broker then dead-letters it back to the work queue.
+    /// Sends a copy of the job to the retry exchange of `delay` with routing key `kind`, our
+    /// headers `ours` set and a per-message expiration of `wait`; the broker then
+    /// dead-letters it to the jobs exchange, which routes it by kind.
     fn publish_retry(
         self: &Arc<Self>,
         delivery: &Delivery,
-        next_attempt: u32,
+        kind: &str,
+        ours: Vec<(&'static str, AMQPValue)>,
         delay: Duration,
         wait: Duration,
     ) -> Confirming {
-        let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(next_attempt)))];
         let (headers, dropped) = copy::bounded_headers(
             delivery.properties.headers().as_ref(),
             ours,
@@ -267,17 +296,24 @@ impl Settler {
             .clone()
             .with_headers(headers)
             .with_expiration(wait.as_millis().to_string().as_str().into());
-        let queue = self.names.retry_queue(delay);
-        self.send("", routing_key(&queue), delivery.data.clone(), properties)
+        let exchange = self.names.retry_queue(delay);
+        self.send(
+            &exchange,
+            routing_key(kind),
+            delivery.data.clone(),
+            properties,
+        )
     }
 
-    /// Sends `delivery` unchanged (same `x-attempt`) to the retry queue of `delay`, after the
-    /// publishes of its outcome were not confirmed on a live channel (returned, nacked, timed
-    /// out): the job comes back after the delay instead of at once, so a failure that repeats
-    /// does not spin, and it does not use up an attempt.
+    /// Sends `delivery` unchanged (same `x-attempt`, same routing key) to the retry queue of
+    /// `delay`, after the publishes of its outcome were not confirmed on a live channel
+    /// (returned, nacked, timed out): the job comes back after the delay instead of at once,
+    /// so a failure that repeats does not spin, and it does not use up an attempt.
     pub fn retry_later(self: &Arc<Self>, delivery: &Delivery, delay: Duration) -> Confirming {
         let attempt = crate::envelope::attempt(&delivery.properties);
-        self.publish_retry(delivery, attempt, delay, delay)
+        let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt)))];
+        let kind = delivery.routing_key.as_str();
+        self.publish_retry(delivery, kind, ours, delay, delay)
     }
 
     /// Publishes the original body byte for byte, with the original properties and the

@@ -27,6 +27,7 @@ use crate::{
     registry::{ENCODE_STAGE, Registry},
     settle::{Outcome, ResultMessage, Settler},
     stage::{Payload, Trace},
+    unserved::{Decision, Unserved},
 };
 
 /// What every worker shares: the chains, the settler and the limits.
@@ -56,6 +57,8 @@ pub struct Worker {
     /// Jobs whose outcome the broker refused for good (a result over its `max_message_size`),
     /// by id: a redelivery of one is dead-lettered with the reason instead of run again.
     pub refused: Arc<Recent<Reason>>,
+    /// What happens to a job of a kind not served here.
+    pub unserved: Unserved,
 }
 
 impl Worker {
@@ -135,18 +138,7 @@ impl Worker {
             }
         };
         let Some((label, chain)) = self.registry.get_with_kind(&job.kind) else {
-            let reason = Reason::new(format_args!(
-                "unknown kind {:?} (this consumer serves: {})",
-                job.kind,
-                self.registry.kinds().join(", ")
-            ));
-            tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "rejected a job");
-            let rejection = Rejection {
-                reason,
-                job_id: Some(job.id),
-                kind: Some(job.kind),
-            };
-            return (self.rejected(rejection, attempt), UNKNOWN_KIND);
+            return (self.unserved_job(delivery, job, attempt), UNKNOWN_KIND);
         };
 
         if let Some(reason) = self.refused.get(&job.id) {
@@ -238,6 +230,7 @@ impl Worker {
                 tracing::warn!(stage = %failure.stage, %error, "attempt failed; retrying");
                 let delay = self.retry_delays.after_attempt(attempt);
                 Outcome::Retry {
+                    kind: job.kind,
                     next_attempt: attempt + 1,
                     delay,
                     wait: jittered(delay, job.id, attempt),
@@ -269,6 +262,52 @@ impl Worker {
             }
         };
         (outcome, label)
+    }
+
+    /// A job of a kind not served here waits for a consumer that serves it, until it has
+    /// waited `--unserved-ttl` (see [`crate::unserved`]).
+    fn unserved_job(
+        &self,
+        delivery: &Delivery,
+        job: envelope::OpenedJob<'_>,
+        attempt: u32,
+    ) -> Outcome {
+        match self
+            .unserved
+            .decide(&delivery.properties, crate::unserved::now_ms())
+        {
+            Decision::Wait { delay, since } => {
+                self.unserved.notice(&job.kind, &self.registry.kinds());
+                tracing::debug!(job_id = %job.id, kind = %job.kind, ?delay, "kind not served here; the job waits");
+                Outcome::Unserved {
+                    kind: job.kind,
+                    delay,
+                    since,
+                }
+            }
+            Decision::Expired { waited } => {
+                let reason = Reason::new(format_args!(
+                    "no consumer served kind {:?} in {} s of waiting (--unserved-ttl)",
+                    job.kind,
+                    waited.as_secs()
+                ));
+                tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "dead-lettering a job nobody serves");
+                let failed = result(
+                    job.id,
+                    job.kind,
+                    Some(job.created_at),
+                    Err(&reason),
+                    attempt,
+                    Vec::new(),
+                );
+                Outcome::Dead {
+                    reason,
+                    stage: ENVELOPE_STAGE.to_owned(),
+                    attempts: attempt,
+                    result: Some(failed),
+                }
+            }
+        }
     }
 
     fn rejected(&self, rejection: Rejection, attempt: u32) -> Outcome {

@@ -9,6 +9,8 @@
 //! value wanted), and tries again. Only a different queue type cannot be adopted: that is an
 //! error that names the queue, both types and what to do.
 
+use std::time::Duration;
+
 use deadpool_lapin::lapin::{
     self, Channel, Connection, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
@@ -17,7 +19,7 @@ use deadpool_lapin::lapin::{
 
 use crate::{
     reason::Reason,
-    topology::{MATCH_ALL, RetryDelays, Topology, insert_str, short},
+    topology::{MATCH_ALL, Topology, insert_str, short},
 };
 
 /// Arguments adopted for one queue before the declaration is given up.
@@ -109,31 +111,35 @@ impl Topology {
                 )
                 .await?;
         }
-        let work_bindings: Vec<(&String, &str)> = if self.kinds.is_empty() {
-            vec![(&n.unrouted_exchange, MATCH_ALL)]
-        } else {
-            self.kinds
-                .iter()
-                .map(|kind| (&n.jobs_exchange, kind.as_str()))
-                .collect()
-        };
         let mut adopted = Vec::new();
-        let mut bindings = Vec::new();
-        let queues = [
+        let kind_queues: Vec<(String, &str)> = self
+            .kinds
+            .iter()
+            .map(|kind| (n.kind_queue(kind), kind.as_str()))
+            .collect();
+        let mut queues = vec![
             (&n.work_queue, self.work_queue_arguments()),
             (&n.results_queue, self.queue_arguments()),
             (&n.dead_queue, self.queue_arguments()),
         ];
+        queues.extend(
+            kind_queues
+                .iter()
+                .map(|(queue, _)| (queue, self.work_queue_arguments())),
+        );
         for (queue, args) in queues {
             channel = declare_queue(connection, channel, queue, args, &mut adopted).await?;
         }
+        let mut bindings = vec![
+            (&n.work_queue, &n.unrouted_exchange, MATCH_ALL),
+            (&n.results_queue, &n.results_exchange, MATCH_ALL),
+            (&n.dead_queue, &n.dead_exchange, MATCH_ALL),
+        ];
         bindings.extend(
-            work_bindings
-                .into_iter()
-                .map(|(e, k)| (&n.work_queue, e, k)),
+            kind_queues
+                .iter()
+                .map(|(queue, kind)| (queue, &n.jobs_exchange, *kind)),
         );
-        bindings.push((&n.results_queue, &n.results_exchange, MATCH_ALL));
-        bindings.push((&n.dead_queue, &n.dead_exchange, MATCH_ALL));
         for (queue, exchange, key) in bindings {
             channel
                 .queue_bind(
@@ -149,24 +155,92 @@ impl Topology {
         Ok(adopted)
     }
 
-    /// Declares the retry queues for `delays`, adopting arguments as [`Topology::declare`] does.
+    /// Declares the retry queue of each of `delays` with the fanout exchange that feeds it,
+    /// adopting arguments as [`Topology::declare`] does.
     ///
     /// # Errors
     /// See [`DeclareError`].
     pub async fn declare_retry_queues(
         &self,
         connection: &Connection,
-        delays: &RetryDelays,
+        delays: &[Duration],
     ) -> Result<Vec<Adopted>, DeclareError> {
         let mut channel = connection.create_channel().await?;
         let mut adopted = Vec::new();
-        for delay in delays.buckets() {
-            let name = self.names.retry_queue(delay);
+        for delay in delays {
+            let name = self.names.retry_queue(*delay);
             let args = self.retry_queue_arguments();
             channel = declare_queue(connection, channel, &name, args, &mut adopted).await?;
+            channel
+                .exchange_declare(
+                    short(&name),
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    short(&name),
+                    short(&name),
+                    short(""),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
         }
         let _ = channel.close(200, "retry queues declared".into()).await;
         Ok(adopted)
+    }
+
+    /// Takes over the topology v1 work queue of a `--kinds` group (`jobs.work.<k1>+<k2>`), if
+    /// one exists: unbinds it from the jobs exchange, so that new jobs of its kinds go to
+    /// their kind queues only, and returns its name for the consumer to drain. Delete it
+    /// once it is empty (its old retry queues dead-letter into it until they are empty too).
+    ///
+    /// # Errors
+    /// A lost connection, or a refused unbinding.
+    pub async fn take_over_legacy_group(
+        &self,
+        connection: &Connection,
+        group: &[String],
+    ) -> Result<Option<String>, lapin::Error> {
+        let Some(queue) = self.names.legacy_group_queue(group) else {
+            return Ok(None);
+        };
+        // A passive declaration of a missing queue closes its channel: use one of its own.
+        let probe = connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let exists = probe
+            .queue_declare(short(&queue), passive, FieldTable::default())
+            .await
+            .is_ok();
+        if !exists {
+            return Ok(None);
+        }
+        for kind in group {
+            probe
+                .queue_unbind(
+                    short(&queue),
+                    short(&self.names.jobs_exchange),
+                    short(kind),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let _ = probe.close(200, "legacy group taken over".into()).await;
+        tracing::info!(
+            %queue,
+            "draining the work queue of this kind group from topology v1 (unbound: its kinds now \
+             go to their kind queues); delete it once it and its retry queues are empty"
+        );
+        Ok(Some(queue))
     }
 }
 

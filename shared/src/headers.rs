@@ -26,3 +26,7 @@ pub const X_ATTEMPTS: &str = "x-attempts";
 /// decoded (size, content type, UTF-8, JSON, schema version or unknown kind), before any
 /// stage of a chain ran.
 pub const ENVELOPE_STAGE: &str = "envelope";
+
+/// When a job of a kind nobody served was first sent to wait, in milliseconds since the Unix
+/// epoch; the job is dead-lettered once it has waited `--unserved-ttl`.
+pub const X_UNSERVED_SINCE: &str = "x-unserved-since";

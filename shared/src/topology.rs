@@ -1,25 +1,42 @@
 //! Exchange and queue names of wire contract v1, their arguments, and their declaration.
 //!
 //! ```text
-//! producer ──▶ [jobs] topic ──kind──▶ (jobs.work.<kinds>) ──▶ kind-group consumers
-//!                 │ (no binding matched: alternate exchange)
-//!                 └──▶ [jobs.unrouted] ──#──▶ (jobs.work) ──▶ consumers of all other kinds
-//! consumer ──▶ [jobs.results] topic ──#──▶ (jobs.results)
+//! producer ──▶ [jobs] topic ──kind──▶ (jobs.kind.<kind>) ──▶ every consumer serving <kind>
+//!                 │ no queue for the kind yet (alternate exchange)
+//!                 └──▶ [jobs.unrouted] ──#──▶ (jobs.work) ──▶ every consumer: runs the jobs of
+//!                                                  kinds it serves, sends the others to wait
+//! consumer ──▶ [jobs.retry.<ms>ms] fanout ──▶ (jobs.retry.<ms>ms) ──after <ms>──▶ [jobs], same kind
+//!          ├─▶ [jobs.results] topic ──#──▶ (jobs.results)
 //!          └─▶ [jobs.dlx] topic ──#──▶ (jobs.dead)
 //! ```
 //!
+//! **Routing by kind.** Every consumer declares a queue per kind it serves, bound to the jobs
+//! exchange by that kind, and consumes all of them: deployments with different kinds share a
+//! broker and never see each other's jobs, and a kind scales by starting consumers that serve
+//! it. A job whose kind has no queue (nobody has served it yet) goes to `jobs.work`, which
+//! every consumer reads: one that serves the kind runs it; the others send it to wait in a
+//! retry queue and come back through the jobs exchange, into its kind's queue once one exists.
+//! A job never dies for its kind until it has waited `--unserved-ttl` (7 days by default).
+//!
+//! **Retries** wait in per-delay queues `jobs.retry.<ms>ms`, each fed by a fanout exchange of
+//! the same name: the copy keeps its kind as routing key, and after its `expiration` the
+//! broker dead-letters it to the jobs exchange, which routes it by kind again. Nothing sleeps
+//! in a consumer while it holds a delivery.
+//!
 //! Every name is derived from one optional namespace, so tests and several deployments can
 //! share one broker: namespace `t1` gives `t1.jobs`, `t1.jobs.work`, and so on.
-//!
-//! Retries wait in per-delay queues `jobs.work.retry.<ms>ms`: each holds messages for its
-//! delay (`x-message-ttl`), then the broker dead-letters them straight back to the work queue
-//! they came from. Nothing sleeps in a consumer while it holds a delivery.
 //!
 //! Queue arguments are fixed at declaration, so they hold only what no setting changes: the
 //! queue type and where dead letters go. Settings live elsewhere: the delivery limit is
 //! enforced by the consumer (from the broker's `x-delivery-count`), retry delays and result
 //! retention are per-message `expiration`s. [`crate::declare`] declares all this on a broker,
 //! adopting the arguments an earlier build gave a queue instead of failing on them.
+//!
+//! **Topology v1** (before routing by kind) had one work queue `jobs.work` for every kind,
+//! `--kinds` groups `jobs.work.<k1>+<k2>` and retry queues `jobs.work[.<group>].retry.<ms>ms`.
+//! `jobs.work` keeps its name and binding, so its jobs flow on; the old retry queues still
+//! dead-letter into it; a consumer started with the same `--kinds` as an old group unbinds the
+//! group's queue and drains it ([`Names::legacy_group_queue`]).
 
 use std::{fmt, time::Duration};
 
@@ -35,7 +52,7 @@ pub const MAX_NAME_LEN: usize = 255;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "the queue or exchange name {shown:?} would be {len} bytes long, and AMQP names are at most \
-     {MAX_NAME_LEN}: use a shorter --namespace, or fewer or shorter --kinds"
+     {MAX_NAME_LEN}: use a shorter --namespace or shorter kind names"
 )]
 pub struct NameTooLong {
     /// The start of the name.
@@ -74,12 +91,12 @@ impl fmt::Display for QueueType {
 /// The names of every exchange and queue, derived from one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
-    /// Topic exchange jobs are published to; routing key is the kind.
+    /// Topic exchange jobs are published to; routing key is the kind. Its alternate exchange
+    /// is [`Names::unrouted_exchange`].
     pub jobs_exchange: String,
-    /// Durable work queue. The default one (all kinds) is bound with `#` to
-    /// [`Names::unrouted_exchange`], the jobs exchange's alternate exchange, so it receives
-    /// every job that no kind-group queue takes; a kind-group queue (`jobs.work.<k1>+<k2>`) is
-    /// bound to [`Names::jobs_exchange`] by its kinds.
+    /// Durable queue of the jobs no kind queue took (a kind nobody has served yet, and the
+    /// jobs of topology v1), bound with `#` to [`Names::unrouted_exchange`]. Every consumer
+    /// reads it.
     pub work_queue: String,
     /// Alternate exchange of [`Names::jobs_exchange`]: receives jobs no binding matched.
     pub unrouted_exchange: String,
@@ -91,19 +108,20 @@ pub struct Names {
     pub dead_exchange: String,
     /// Durable queue holding every dead letter, bound to [`Names::dead_exchange`] with `#`.
     pub dead_queue: String,
+    /// The namespace prefix (`<ns>.`, or empty).
+    prefix: String,
 }
 
 impl Names {
     /// Names for a namespace; an empty namespace gives the documented defaults.
     #[must_use]
     pub fn new(namespace: &str) -> Self {
-        let name = |base: &str| {
-            if namespace.is_empty() {
-                base.to_owned()
-            } else {
-                format!("{namespace}.{base}")
-            }
+        let prefix = if namespace.is_empty() {
+            String::new()
+        } else {
+            format!("{namespace}.")
         };
+        let name = |base: &str| format!("{prefix}{base}");
         Self {
             jobs_exchange: name("jobs"),
             work_queue: name("jobs.work"),
@@ -112,43 +130,65 @@ impl Names {
             results_queue: name("jobs.results"),
             dead_exchange: name("jobs.dlx"),
             dead_queue: name("jobs.dead"),
+            prefix,
         }
     }
-}
 
-impl Default for Names {
-    fn default() -> Self {
-        Self::new("")
+    /// The queue of one kind, `jobs.kind.<kind>`, bound to the jobs exchange by the kind.
+    #[must_use]
+    pub fn kind_queue(&self, kind: &str) -> String {
+        format!("{}jobs.kind.{kind}", self.prefix)
     }
-}
 
-impl Names {
-    /// The retry queue holding messages of [`Names::work_queue`] for `delay`.
+    /// The retry queue holding jobs for `delay`, `jobs.retry.<ms>ms`; the fanout exchange
+    /// that feeds it has the same name.
     #[must_use]
     pub fn retry_queue(&self, delay: Duration) -> String {
-        format!("{}.retry.{}ms", self.work_queue, delay.as_millis())
+        format!("{}jobs.retry.{}ms", self.prefix, delay.as_millis())
     }
 
-    /// Every exchange of the namespace, for tools that delete one.
+    /// The topology v1 work queue of a `--kinds` group, `jobs.work.<k1>+<k2>` (kinds sorted),
+    /// or `None` for no group.
     #[must_use]
-    pub fn exchanges(&self) -> [&str; 4] {
+    pub fn legacy_group_queue(&self, kinds: &[String]) -> Option<String> {
+        let mut kinds = kinds.to_vec();
+        kinds.sort_unstable();
+        kinds.dedup();
+        (!kinds.is_empty()).then(|| format!("{}.{}", self.work_queue, kinds.join("+")))
+    }
+
+    /// Every exchange of the namespace, the retry exchanges of `delays` included, for tools
+    /// that delete one.
+    #[must_use]
+    pub fn exchanges(&self, delays: &[Duration]) -> Vec<String> {
         [
             &self.jobs_exchange,
             &self.unrouted_exchange,
             &self.results_exchange,
             &self.dead_exchange,
         ]
+        .into_iter()
+        .cloned()
+        .chain(delays.iter().map(|d| self.retry_queue(*d)))
+        .collect()
     }
 
-    /// Every queue of the namespace's default work queue, with the retry queues of `delays`,
-    /// for tools that delete one.
+    /// Every queue of the namespace: `jobs.work`, the results and dead letters, the queues of
+    /// `kinds` and the retry queues of `delays`, for tools that delete one.
     #[must_use]
-    pub fn queues(&self, delays: &RetryDelays) -> Vec<String> {
+    pub fn queues(&self, kinds: &[String], delays: &[Duration]) -> Vec<String> {
         [&self.work_queue, &self.results_queue, &self.dead_queue]
             .into_iter()
             .cloned()
-            .chain(delays.buckets().into_iter().map(|d| self.retry_queue(d)))
+            .chain(kinds.iter().map(|k| self.kind_queue(k)))
+            .chain(delays.iter().map(|d| self.retry_queue(*d)))
             .collect()
+    }
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new("")
     }
 }
 
@@ -185,7 +225,7 @@ impl RetryDelays {
     }
 }
 
-/// Everything [`Topology::declare`] needs: names, queue type and the work queue's limits.
+/// Everything [`Topology::declare`] needs: names, queue type and the kinds served.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     /// Exchange and queue names.
@@ -195,8 +235,7 @@ pub struct Topology {
     /// Quorum work queue only: deliveries of one message before the broker dead-letters it
     /// (a poison message that kills every consumer that takes it).
     pub delivery_limit: u32,
-    /// The kinds of this consumer's kind group; empty for the default work queue (all kinds
-    /// that no group takes).
+    /// The kinds whose queues are declared (a consumer's kinds; none for a producer).
     pub kinds: Vec<String>,
 }
 
@@ -206,16 +245,12 @@ impl Topology {
     ///
     /// # Errors
     /// The first name that is too long.
-    pub fn check_names(&self, delays: &RetryDelays) -> Result<(), NameTooLong> {
+    pub fn check_names(&self, delays: &[Duration]) -> Result<(), NameTooLong> {
         let n = &self.names;
-        let queues = n.queues(delays);
-        let retry = delays.buckets().into_iter().map(|d| n.retry_queue(d));
         let too_long = n
-            .exchanges()
+            .exchanges(delays)
             .into_iter()
-            .map(str::to_owned)
-            .chain(queues)
-            .chain(retry)
+            .chain(n.queues(&self.kinds, delays))
             .find(|name| name.len() > MAX_NAME_LEN);
         match too_long {
             None => Ok(()),
@@ -237,24 +272,20 @@ impl Topology {
         }
     }
 
-    /// The same topology, consuming from the work queue of a kind group: `jobs.work.<kinds>`,
-    /// bound to the jobs exchange by each kind, so those kinds scale on their own. An empty
-    /// list keeps the default work queue.
+    /// The same topology with a queue for each of `kinds` (sorted, without repeats).
     #[must_use]
-    pub fn with_kinds(mut self, kinds: &[String]) -> Self {
-        let mut kinds = kinds.to_vec();
+    pub fn with_kinds<S: AsRef<str>>(mut self, kinds: &[S]) -> Self {
+        let mut kinds: Vec<String> = kinds.iter().map(|k| k.as_ref().to_owned()).collect();
         kinds.sort_unstable();
         kinds.dedup();
-        if !kinds.is_empty() {
-            self.names.work_queue = format!("{}.{}", self.names.work_queue, kinds.join("+"));
-        }
         self.kinds = kinds;
         self
     }
 
-    /// Arguments of the work queue: its type, where the broker itself dead-letters, and, for
-    /// a quorum queue, at-least-once dead-lettering. Nothing a setting changes is an argument
-    /// (see [`crate::declare`]): the delivery limit is enforced by the consumer.
+    /// Arguments of `jobs.work` and of the kind queues: their type, where the broker itself
+    /// dead-letters, and, for a quorum queue, at-least-once dead-lettering. Nothing a setting
+    /// changes is an argument (see [`crate::declare`]): the delivery limit is enforced by the
+    /// consumer.
     #[must_use]
     pub fn work_queue_arguments(&self) -> FieldTable {
         let mut args = self.queue_arguments();
@@ -269,17 +300,16 @@ impl Topology {
         args
     }
 
-    /// Arguments of a retry queue: dead-letter back to the work queue through the default
-    /// exchange. How long a message waits is its own `expiration`, not an argument, so the
-    /// retry delays can change without touching a queue.
+    /// Arguments of a retry queue: dead-letter to the jobs exchange with the message's own
+    /// routing key (its kind). How long a message waits is its own `expiration`, not an
+    /// argument, so the retry delays can change without touching a queue.
     #[must_use]
     pub fn retry_queue_arguments(&self) -> FieldTable {
         let mut args = self.queue_arguments();
-        insert_str(&mut args, "x-dead-letter-exchange", "");
         insert_str(
             &mut args,
-            "x-dead-letter-routing-key",
-            &self.names.work_queue,
+            "x-dead-letter-exchange",
+            &self.names.jobs_exchange,
         );
         if self.queue_type == QueueType::Quorum {
             self.at_least_once_dead_lettering(&mut args);
@@ -342,8 +372,15 @@ mod tests {
         assert_eq!(delays.after_attempt(99), Duration::from_secs(10));
         assert_eq!(
             Names::default().retry_queue(Duration::from_secs(2)),
-            "jobs.work.retry.2000ms"
+            "jobs.retry.2000ms"
         );
+        assert_eq!(Names::new("t").kind_queue("a.b"), "t.jobs.kind.a.b");
+        let group = ["b".to_owned(), "a".to_owned()];
+        assert_eq!(
+            Names::default().legacy_group_queue(&group).as_deref(),
+            Some("jobs.work.a+b")
+        );
+        assert_eq!(Names::default().legacy_group_queue(&[]), None);
     }
 
     #[test]
@@ -351,15 +388,17 @@ mod tests {
         let delays = RetryDelays {
             base: Duration::from_secs(1),
             max: Duration::from_secs(60),
-        };
+        }
+        .buckets();
         let ns = "n".repeat(200);
         let ok = Topology::new(&ns, QueueType::Quorum, 10);
         assert!(ok.check_names(&delays).is_ok());
-        let kinds = vec!["k".repeat(100)];
+        let kinds = vec!["k".repeat(60)];
         let long = Topology::new(&ns, QueueType::Quorum, 10).with_kinds(&kinds);
         let error = long.check_names(&delays).unwrap_err();
         assert!(error.len > MAX_NAME_LEN);
         assert!(error.to_string().contains("use a shorter --namespace"));
+        assert!(ok.with_kinds(&["k"]).check_names(&delays).is_ok());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use tokio::{process::Child, sync::watch, task::JoinHandle};
 use uuid::Uuid;
 
-use crate::helpers::{TEST_RETRY_BASE, TEST_RETRY_MAX, TestApp, within};
+use crate::helpers::{TEST_RETRY_BASE, TEST_RETRY_MAX, TEST_UNSERVED_RECHECK, TestApp, within};
 
 /// A `test-consumer` process serving this test's namespace.
 pub struct ChildConsumer {
@@ -24,7 +24,13 @@ pub struct ChildConsumer {
 impl ChildConsumer {
     /// Starts a consumer process with `args` added to the namespace's settings.
     pub fn spawn(app: &TestApp, args: &[&str]) -> Self {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_test-consumer"))
+        Self::spawn_program(app, env!("CARGO_BIN_EXE_test-consumer").as_ref(), args)
+    }
+
+    /// Starts `program` (a consumer binary: `test-consumer`, or the real `consumer`) with
+    /// `args` added to the namespace's settings.
+    pub fn spawn_program(app: &TestApp, program: &std::path::Path, args: &[&str]) -> Self {
+        let child = tokio::process::Command::new(program)
             .env("AMQP_URL", &app.common.amqp_url)
             .env("JOBS_NAMESPACE", &app.common.namespace)
             .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
@@ -38,6 +44,10 @@ impl ChildConsumer {
                 TEST_RETRY_MAX.as_secs_f64().to_string(),
             )
             .env("CONSUMER_HTTP_ADDR", "127.0.0.1:0")
+            .env(
+                "CONSUMER_UNSERVED_RECHECK",
+                TEST_UNSERVED_RECHECK.to_string(),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

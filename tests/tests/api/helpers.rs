@@ -37,6 +37,8 @@ use uuid::Uuid;
 /// Retry delays the tests use: 50, 100, 200 ms.
 pub const TEST_RETRY_BASE: Duration = Duration::from_millis(50);
 pub const TEST_RETRY_MAX: Duration = Duration::from_millis(200);
+/// How often test consumers look again at a job of a kind nobody serves, in seconds.
+pub const TEST_UNSERVED_RECHECK: f64 = 0.5;
 
 /// Default bound for any wait in a test.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -308,6 +310,7 @@ impl TestApp {
         settings.http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         settings.retry_base_delay = TEST_RETRY_BASE.as_secs_f64();
         settings.retry_max_delay = TEST_RETRY_MAX.as_secs_f64();
+        settings.unserved_recheck = TEST_UNSERVED_RECHECK;
         settings
     }
 
@@ -520,25 +523,29 @@ impl TestApp {
             .await;
     }
 
+    /// The queue of `kind` in this namespace.
+    pub fn kind_queue(&self, kind: &str) -> String {
+        self.topology.names.kind_queue(kind)
+    }
+
     /// Deletes this namespace's queues and exchanges.
     pub async fn teardown(self) {
         let n = &self.topology.names;
-        let test_delays = shared::topology::RetryDelays {
-            base: TEST_RETRY_BASE,
-            max: TEST_RETRY_MAX,
-        };
-        let default_delays = consumer::Settings::new(self.common.clone()).retry_delays();
-        let queues = n
-            .queues(&test_delays)
+        let mut delays = self.consumer_settings().retry_buckets();
+        delays.extend(consumer::Settings::new(self.common.clone()).retry_buckets());
+        let kinds: Vec<String> = ["test.abort", "order.quote"]
             .into_iter()
-            .chain(n.queues(&default_delays));
+            .chain(consumer::Registry::builtin().kinds())
+            .map(str::to_owned)
+            .collect();
+        let queues = n.queues(&kinds, &delays);
         for queue in queues {
             let _ = self
                 .channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await;
         }
-        for exchange in n.exchanges() {
+        for exchange in n.exchanges(&delays) {
             let _ = self
                 .channel
                 .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())

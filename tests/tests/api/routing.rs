@@ -1,87 +1,179 @@
-//! Kind groups: a consumer started with `--kinds` serves only those kinds, from its own work
-//! queue; the default consumer gets every other kind and none of the group's.
+//! Routing by kind: deployments with different kinds share a broker, and a job is never
+//! dead-lettered for its kind while some deployment serves it. A job of a kind nobody serves
+//! yet waits (counted in `consumer_jobs_unserved_total`) until a consumer for it appears.
 
 use consumer::{ConsumerError, Readiness, Registry, State};
 use serde_json::json;
 
-use crate::helpers::{TestApp, metrics, within};
+use crate::{
+    children::{ChildConsumer, Collector},
+    helpers::{TestApp, binary, metrics, sample, within},
+};
 
-fn processed(page: &str, kind: &str) -> u64 {
-    let series = format!(r#"consumer_jobs_processed_total{{kind="{kind}"}} "#);
-    page.lines()
-        .find_map(|line| line.strip_prefix(&series)?.trim().parse().ok())
-        .unwrap_or(0)
+const JOBS_PER_KIND: usize = 1000;
+
+async fn ready(readiness: &Readiness) {
+    let mut state = readiness.subscribe();
+    within(
+        "a consumer to be ready",
+        state.wait_for(|s| *s == State::Consuming),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kind_group_gets_its_kinds_and_the_default_queue_gets_the_rest() {
-    // Arrange: a bench.sleep group and a default consumer
+async fn a_mixed_fleet_never_dead_letters_a_kind_one_of_its_deployments_serves() {
+    // Arrange: deployment A is the plain `consumer` binary (built-in kinds); deployment B,
+    // `test-consumer`, serves those and `test.abort` too, and starts later.
     let app = TestApp::new().await;
-    let mut group = app.consumer_settings();
-    group.kinds = vec!["bench.sleep".to_owned()];
-    let group_names = group.topology().names;
-    let group_queue = group_names.work_queue.clone();
-    let (group_ready, default_ready) = (Readiness::default(), Readiness::default());
-    let group_consumer = app.spawn_consumer_with(group, Registry::builtin(), group_ready.clone());
-    let default_consumer = app.spawn_consumer_with(
-        app.consumer_settings(),
-        Registry::builtin(),
-        default_ready.clone(),
-    );
-    for readiness in [&group_ready, &default_ready] {
-        let mut state = readiness.subscribe();
-        within(
-            "a consumer to be ready",
-            state.wait_for(|s| *s == State::Consuming),
-        )
-        .await
-        .unwrap();
-    }
+    let mut collector = Collector::start(&app).await;
+    let a = ChildConsumer::spawn_program(&app, &binary("consumer"), &[]);
 
-    // Act
-    app.publish_many("bench.sleep", (0..20).map(|_| json!({ "ms": 1 })))
+    // Act: B's kind is published before any B runs (into jobs.work, which A reads), then
+    // text.analyze for both, then B starts, then more of B's kind.
+    let mut ids = app
+        .publish_many(
+            "test.abort",
+            (0..JOBS_PER_KIND / 2).map(|_| json!({ "abort": false })),
+        )
         .await;
-    app.publish_many(
-        "text.analyze",
-        (0..20).map(|i| json!({ "text": format!("t{i}") })),
-    )
-    .await;
-    let results = app.results(40).await;
+    ids.extend(
+        app.publish_many(
+            "text.analyze",
+            (0..JOBS_PER_KIND).map(|i| json!({ "text": format!("t{i}") })),
+        )
+        .await,
+    );
+    let b = ChildConsumer::spawn(&app, &[]);
+    ids.extend(
+        app.publish_many(
+            "test.abort",
+            (0..JOBS_PER_KIND / 2).map(|_| json!({ "abort": false })),
+        )
+        .await,
+    );
+    collector.wait_for_all(&ids).await;
 
     // Assert
-    assert!(results.iter().all(|r| r.json()["status"] == "ok"));
-    let (g, d) = (metrics(&group_ready).await, metrics(&default_ready).await);
-    assert_eq!(
-        (processed(&g, "bench.sleep"), processed(&g, "text.analyze")),
-        (20, 0),
-        "{g}"
+    let (results, distinct, _) = collector.counts();
+    println!(
+        "mixed fleet: {} jobs ({JOBS_PER_KIND} text.analyze, {JOBS_PER_KIND} test.abort), \
+         {distinct} with an ok result ({results} results), {} failed, {} dead-lettered",
+        ids.len(),
+        collector.failed().len(),
+        app.depth(&app.topology.names.dead_queue).await
     );
-    assert_eq!(
-        (processed(&d, "bench.sleep"), processed(&d, "text.analyze")),
-        (0, 20),
-        "{d}"
-    );
-    assert_eq!(
-        group_queue,
-        format!("{}.bench.sleep", app.topology.names.work_queue)
-    );
+    assert_eq!(distinct, 2 * JOBS_PER_KIND);
+    assert!(collector.failed().is_empty(), "{:?}", collector.failed());
+    assert_eq!(app.depth(&app.topology.names.dead_queue).await, 0);
+    assert_eq!(app.depth(&app.topology.names.work_queue).await, 0);
 
-    // A group of kinds the consumer does not have is refused at start
+    assert_eq!(a.terminate().await, Some(0));
+    assert_eq!(b.terminate().await, Some(0));
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kind_nobody_serves_waits_visibly_until_a_consumer_for_it_appears() {
+    // Arrange: a consumer of text.analyze only
+    let app = TestApp::new().await;
+    let mut narrow = app.consumer_settings();
+    narrow.kinds = vec!["text.analyze".to_owned()];
+    let narrow_ready = Readiness::default();
+    let narrow_consumer =
+        app.spawn_consumer_with(narrow, Registry::builtin(), narrow_ready.clone());
+    ready(&narrow_ready).await;
+
+    // Act: bench.sleep jobs, which it does not serve
+    let ids = app
+        .publish_many("bench.sleep", (0..20).map(|_| json!({ "ms": 1 })))
+        .await;
+
+    // Assert: they wait, counted, and none is dead
+    let page = within("jobs to be sent to wait", async {
+        loop {
+            let page = metrics(&narrow_ready).await;
+            if sample(&page, "consumer_jobs_unserved_total") >= 20.0 {
+                return page;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        sample(&page, "consumer_jobs_dead_lettered_total{"),
+        0.0,
+        "{page}"
+    );
+    assert_eq!(app.depth(&app.topology.names.dead_queue).await, 0);
+
+    // Act: a consumer that serves bench.sleep appears
+    let wide_ready = Readiness::default();
+    let wide = app.spawn_consumer_with(
+        app.consumer_settings(),
+        Registry::builtin(),
+        wide_ready.clone(),
+    );
+    ready(&wide_ready).await;
+    let results = app.results(ids.len()).await;
+
+    // Assert: every job ran, on the consumer that serves its kind
+    assert!(results.iter().all(|r| r.json()["status"] == "ok"));
+    let served = metrics(&wide_ready).await;
+    assert_eq!(
+        sample(
+            &served,
+            r#"consumer_jobs_processed_total{kind="bench.sleep"}"#
+        ),
+        20.0
+    );
+    assert_eq!(app.depth(&app.topology.names.dead_queue).await, 0);
+
+    // A narrowing to kinds the consumer does not have is refused at start, naming those it has
     let mut bad = app.consumer_settings();
     bad.kinds = vec!["no.such.kind".to_owned()];
     let refused = app.spawn_consumer(bad, Registry::builtin());
     let outcome = within("the refusal", refused.task).await.unwrap();
+    let Err(error @ ConsumerError::UnknownKinds { .. }) = outcome else {
+        panic!("{outcome:?}");
+    };
     assert!(
-        matches!(outcome, Err(ConsumerError::UnknownKinds(ref k)) if k == &["no.such.kind"]),
-        "{outcome:?}"
+        error
+            .to_string()
+            .contains("it has: bench.sleep, http.fetch, text.analyze"),
+        "{error}"
     );
 
-    group_consumer.stop().await.unwrap();
-    default_consumer.stop().await.unwrap();
-    app.delete_queue(&group_queue).await;
-    for delay in app.consumer_settings().retry_delays().buckets() {
-        app.delete_queue(&format!("{group_queue}.retry.{}ms", delay.as_millis()))
-            .await;
-    }
+    narrow_consumer.stop().await.unwrap();
+    wide.stop().await.unwrap();
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_nobody_serves_is_dead_lettered_after_the_unserved_ttl_with_its_creation_time() {
+    // Arrange: a consumer that gives up on unserved kinds after one second
+    let app = TestApp::new().await;
+    let mut settings = app.consumer_settings();
+    settings.kinds = vec!["text.analyze".to_owned()];
+    settings.unserved_ttl = 1.0;
+    let consumer = app.spawn_consumer(settings, Registry::builtin());
+
+    // Act
+    let id = app.publish_job("nobody.serves.this", json!({})).await;
+
+    // Assert
+    let dead = app.dead_letters(1).await;
+    let error = dead[0].header("x-error").unwrap();
+    assert!(
+        error.contains("no consumer served kind \"nobody.serves.this\""),
+        "{error}"
+    );
+    let result = app.results(1).await[0].json();
+    assert_eq!(result["job_id"], id.to_string());
+    assert_eq!(result["status"], "failed");
+    assert!(result["job_created_at"].is_string(), "{result}");
+
+    consumer.stop().await.unwrap();
     app.teardown().await;
 }
