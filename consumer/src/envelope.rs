@@ -75,9 +75,9 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
             kind: Some(job.kind),
         });
     }
-    if job.kind.is_empty() || job.kind.len() > MAX_KIND_LEN {
+    if let Err(reason) = shared::schema::check_kind(&job.kind) {
         return Err(Rejection {
-            reason: Reason::new(format_args!("kind must be 1 to {MAX_KIND_LEN} bytes long")),
+            reason: Reason::new(reason),
             job_id: Some(job.id),
             kind: None,
         });

@@ -240,12 +240,7 @@ fn parse_ttl(value: &str) -> Result<f64, String> {
 
 /// A kind usable as a binding key: 1 to 255 bytes, without the topic wildcards `*` and `#`.
 fn parse_group_kind(value: &str) -> Result<String, String> {
-    if value.is_empty() || value.len() > shared::schema::MAX_KIND_LEN {
-        return Err(format!(
-            "a kind is 1 to {} bytes long",
-            shared::schema::MAX_KIND_LEN
-        ));
-    }
+    shared::schema::check_kind(value)?;
     if value.contains(['*', '#']) {
         return Err(format!("{value:?}: a kind may not contain '*' or '#'"));
     }

@@ -197,8 +197,14 @@ impl Publisher {
     /// answer while it blocks the connection).
     pub async fn close(self) {
         if let Some(link) = self.link {
-            amqp::close_channel(&link.channel).await;
-            amqp::close_connection(&link.connection, "producer done").await;
+            // One deadline for both: a broker that blocks the connection answers neither.
+            let close = async {
+                if !link.connection.status().blocked() {
+                    amqp::close_channel(&link.channel).await;
+                }
+                amqp::close_connection(&link.connection, "producer done").await;
+            };
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
         }
     }
 

@@ -306,12 +306,7 @@ fn parse_rate(value: &str) -> Result<f64, String> {
 }
 
 fn parse_kind(value: &str) -> Result<String, String> {
-    if value.is_empty() || value.len() > shared::schema::MAX_KIND_LEN {
-        return Err(format!(
-            "a kind is 1 to {} bytes long",
-            shared::schema::MAX_KIND_LEN
-        ));
-    }
+    shared::schema::check_kind(value)?;
     Ok(value.to_owned())
 }
 

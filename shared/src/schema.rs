@@ -27,6 +27,21 @@ pub const BENCH_SLEEP: &str = "bench.sleep";
 /// Longest kind accepted: it is used as an AMQP routing key (a short string).
 pub const MAX_KIND_LEN: usize = 255;
 
+/// Checks a kind: 1 to [`MAX_KIND_LEN`] bytes, no control characters (it names a queue, a
+/// routing key and log lines).
+///
+/// # Errors
+/// Says which rule the kind breaks.
+pub fn check_kind(kind: &str) -> Result<(), String> {
+    if kind.is_empty() || kind.len() > MAX_KIND_LEN {
+        return Err(format!("kind must be 1 to {MAX_KIND_LEN} bytes long"));
+    }
+    if kind.chars().any(char::is_control) {
+        return Err("kind may not contain control characters".to_owned());
+    }
+    Ok(())
+}
+
 /// A job as it travels in the AMQP body.
 ///
 /// `P` is the payload type: producers serialize whatever they hold, the consumer borrows the

@@ -43,7 +43,7 @@ use shared::{
     config::CommonSettings,
     reason::Reason,
     recent::{Body, Recent, repeat_key},
-    schema::{Job, MAX_KIND_LEN},
+    schema::Job,
     topology::Topology,
 };
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
@@ -360,7 +360,7 @@ impl Ingest {
     }
 
     fn check_kind(&self, kind: &str) -> Result<(), Failure> {
-        if kind.is_empty() || kind.len() > MAX_KIND_LEN || !self.accept.contains(kind) {
+        if shared::schema::check_kind(kind).is_err() || !self.accept.contains(kind) {
             let mut accepted: Vec<&str> = self.accept.iter().map(String::as_str).collect();
             accepted.sort_unstable();
             return Err(Failure::new(

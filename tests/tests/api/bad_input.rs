@@ -200,9 +200,9 @@ fn cases() -> Vec<(Uuid, Case)> {
             "envelope",
         ),
         case(
-            "kind-unknown",
-            field("kind", json!("no.such.kind")),
-            "unknown kind \"no.such.kind\"",
+            "kind-with-control-characters",
+            field("kind", json!("text.analyze\n")),
+            "kind may not contain control characters",
             "envelope",
         ),
         case(

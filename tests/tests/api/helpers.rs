@@ -515,14 +515,6 @@ impl TestApp {
         q.message_count()
     }
 
-    /// Deletes a queue this test declared beyond the namespace's own.
-    pub async fn delete_queue(&self, queue: &str) {
-        let _ = self
-            .channel
-            .queue_delete(queue.into(), QueueDeleteOptions::default())
-            .await;
-    }
-
     /// The queue of `kind` in this namespace.
     pub fn kind_queue(&self, kind: &str) -> String {
         self.topology.names.kind_queue(kind)

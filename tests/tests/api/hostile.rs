@@ -98,7 +98,7 @@ fn hostiles() -> Vec<Hostile> {
             "kind-of-escapes",
             "text.analyze",
             |id| with(id, "kind", json!("\u{1}".repeat(255))),
-            "unknown kind",
+            "kind may not contain control characters",
         ),
         hostile(
             "huge-unparsable-url",

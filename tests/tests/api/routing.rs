@@ -68,6 +68,7 @@ async fn a_mixed_fleet_never_dead_letters_a_kind_one_of_its_deployments_serves()
     assert!(collector.failed().is_empty(), "{:?}", collector.failed());
     assert_eq!(app.depth(&app.topology.names.dead_queue).await, 0);
     assert_eq!(app.depth(&app.topology.names.work_queue).await, 0);
+    assert_eq!(app.depth(&app.kind_queue("test.abort")).await, 0);
 
     assert_eq!(a.terminate().await, Some(0));
     assert_eq!(b.terminate().await, Some(0));
