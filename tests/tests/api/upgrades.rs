@@ -46,8 +46,8 @@ async fn declare_old(app: &TestApp, queue: &str, args: &[(&str, AMQPValue)]) {
         .unwrap();
 }
 
-/// The build before this one: a delivery limit, at-least-once dead-lettering and per-delay
-/// TTLs as queue arguments.
+/// Topology v1 of two builds ago: a delivery limit, at-least-once dead-lettering and per-delay
+/// TTLs as queue arguments, retry queues named after the work queue.
 async fn declare_the_old_topology(app: &TestApp) {
     let n = &app.topology.names;
     declare_old(
@@ -70,7 +70,7 @@ async fn declare_the_old_topology(app: &TestApp) {
         let ms = i64::try_from(delay.as_millis()).unwrap();
         declare_old(
             app,
-            &n.retry_queue(delay),
+            &format!("{}.retry.{ms}ms", n.work_queue),
             &[
                 ("x-queue-type", text("quorum")),
                 ("x-message-ttl", long(ms)),
@@ -197,5 +197,101 @@ async fn a_queue_of_another_type_is_refused_with_what_to_do() {
     ] {
         assert!(error.contains(needed), "{needed:?} not in: {error}");
     }
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_kind_group_and_v1_retry_queues_drain_into_routing_by_kind() {
+    // Arrange: topology v1 with a `--kinds bench.sleep` group queue bound by its kind, jobs
+    // waiting in it, and jobs waiting in an old retry queue (which dead-letters to jobs.work).
+    let app = TestApp::undeclared(broker_url().await, |_| {}).await;
+    declare_the_old_topology(&app).await;
+    app.topology.declare(&app.connection).await.unwrap();
+    let n = app.topology.names.clone();
+    let group = n.legacy_group_queue(&["bench.sleep".to_owned()]).unwrap();
+    declare_old(&app, &group, &[("x-queue-type", text("quorum"))]).await;
+    app.channel
+        .queue_bind(
+            group.as_str().into(),
+            n.jobs_exchange.as_str().into(),
+            "bench.sleep".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let in_group = app
+        .publish_many("bench.sleep", (0..10).map(|_| json!({ "ms": 1 })))
+        .await;
+    let old_retry = format!("{}.retry.{}ms", n.work_queue, TEST_RETRY_BASE.as_millis());
+    let mut in_old_retry = HashSet::new();
+    for i in 0..5 {
+        let job = Job::new("text.analyze", json!({ "text": format!("retried {i}") }));
+        let confirm = app
+            .channel
+            .basic_publish(
+                "".into(),
+                old_retry.as_str().into(),
+                Default::default(),
+                &serde_json::to_vec(&job).unwrap(),
+                job_properties(job.id),
+            )
+            .await
+            .unwrap();
+        confirm.await.unwrap();
+        in_old_retry.insert(job.id);
+    }
+
+    // Act: the new build, narrowed to the same group, next to a consumer of every kind; then
+    // more jobs of the group's kind.
+    let mut group_settings = app.consumer_settings();
+    group_settings.kinds = vec!["bench.sleep".to_owned()];
+    let (group_ready, all_ready) = (Readiness::default(), Readiness::default());
+    let group_consumer =
+        app.spawn_consumer_with(group_settings, Registry::builtin(), group_ready.clone());
+    let all_consumer = app.spawn_consumer_with(
+        app.consumer_settings(),
+        Registry::builtin(),
+        all_ready.clone(),
+    );
+    for readiness in [&group_ready, &all_ready] {
+        let mut states = readiness.subscribe();
+        within(
+            "a consumer to start",
+            states.wait_for(|s| *s == State::Consuming),
+        )
+        .await
+        .unwrap();
+    }
+    let after = app
+        .publish_many("bench.sleep", (0..10).map(|_| json!({ "ms": 1 })))
+        .await;
+
+    // Assert: every job ran once; the group queue is drained and no longer bound.
+    let all: HashSet<_> = in_group
+        .iter()
+        .chain(&after)
+        .copied()
+        .chain(in_old_retry)
+        .collect();
+    app.results_covering(&all, HashSet::new()).await;
+    let ran = sample(
+        &metrics(&group_ready).await,
+        "consumer_jobs_processed_total{",
+    ) + sample(&metrics(&all_ready).await, "consumer_jobs_processed_total{");
+    assert_eq!(
+        ran, 25.0,
+        "a job ran twice (the v1 group queue still bound?)"
+    );
+    assert_eq!(app.depth(&group).await, 0);
+    assert_eq!(app.depth(&old_retry).await, 0);
+    assert_eq!(app.depth(&n.dead_queue).await, 0);
+
+    group_consumer.stop().await.unwrap();
+    all_consumer.stop().await.unwrap();
+    app.channel
+        .queue_delete(group.as_str().into(), Default::default())
+        .await
+        .unwrap();
     app.teardown().await;
 }
