@@ -21,8 +21,10 @@ pub enum InputError {
         source: std::io::Error,
     },
     /// A line is not valid JSON.
-    #[error("line {line}: {reason}")]
+    #[error("{}, line {line}: {reason}", path.display())]
     Line {
+        /// The input path (`-` for stdin).
+        path: PathBuf,
         /// 1-based line number.
         line: u64,
         /// What is wrong with it.
@@ -126,6 +128,7 @@ impl Payloads {
                     Err(e) => {
                         let reason = format!("not valid UTF-8 (byte {})", e.valid_up_to());
                         return Some(Err(InputError::Line {
+                            path: path.clone(),
                             line: *line,
                             reason,
                         }));
@@ -135,9 +138,16 @@ impl Payloads {
                     continue;
                 }
                 return Some(serde_json::from_str::<Box<RawValue>>(text).map_err(|e| {
+                    // serde_json says "at line 1 column N" of the one line it saw: keep only
+                    // the column, so the file's line number is the only one.
+                    let said = e.to_string();
+                    let what = said
+                        .rsplit_once(" at line ")
+                        .map_or(said.as_str(), |(w, _)| w);
                     InputError::Line {
+                        path: path.clone(),
                         line: *line,
-                        reason: format!("invalid JSON: {e}"),
+                        reason: format!("invalid JSON at column {}: {what}", e.column()),
                     }
                 }));
             },

@@ -504,9 +504,17 @@ async fn collect_results(
     let mut backoff = amqp::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let expires = Duration::from_secs(300);
     let mut listener = loop {
-        match results::Listener::start(ingest.pool.clone(), &ingest.topology.names, expires, None)
-            .await
-        {
+        // Connect and declare the topology first, as the CLI does: the results exchange must
+        // exist before the private results queue is bound to it.
+        let started = match ingest.channel().await {
+            Ok(_) => {
+                results::Listener::start(ingest.pool.clone(), &ingest.topology.names, expires, None)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Err(failure) => Err(failure.message.into_string()),
+        };
+        match started {
             Ok(listener) => {
                 listening.send_replace(true);
                 break listener;

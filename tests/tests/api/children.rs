@@ -54,6 +54,7 @@ impl ChildConsumer {
             )
             .args(args)
             .stdin(Stdio::null())
+            .stderr(log_file(&app.common.namespace))
             .kill_on_drop(true)
             .spawn()
             .expect("cannot start test-consumer");
@@ -85,6 +86,21 @@ impl ChildConsumer {
             .await
             .unwrap()
             .code()
+    }
+}
+
+/// Where a child consumer's log goes: the test's output with `TEST_LOG=1`, else a file under
+/// `target/tmp/child-logs/` (named by namespace and pid), so that the errors and warnings the
+/// tests provoke on purpose (forced closes, aborts) do not fill a passing run's output.
+fn log_file(namespace: &str) -> Stdio {
+    if std::env::var_os("TEST_LOG").is_some() {
+        return Stdio::inherit();
+    }
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("child-logs");
+    let path = dir.join(format!("{namespace}-{}.log", uuid::Uuid::new_v4().simple()));
+    match std::fs::create_dir_all(&dir).and_then(|()| std::fs::File::create(&path)) {
+        Ok(file) => Stdio::from(file),
+        Err(_) => Stdio::inherit(),
     }
 }
 

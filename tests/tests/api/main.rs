@@ -15,6 +15,7 @@ mod children;
 mod concurrency;
 mod crashes;
 mod end_to_end;
+mod first_hour;
 mod helpers;
 mod hostile;
 mod http_fetch;
