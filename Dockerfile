@@ -12,6 +12,7 @@ COPY producer/Cargo.toml producer/
 COPY consumer/Cargo.toml consumer/
 COPY tests/Cargo.toml tests/
 COPY bench/Cargo.toml bench/
+COPY workspace-hack/ workspace-hack/
 RUN for crate in shared producer consumer tests; do \
       mkdir -p $crate/src && echo '//! stub' > $crate/src/lib.rs; \
     done \

@@ -129,6 +129,7 @@ sys.exit(0 if len(ids) == burst and not bad else 1)
 PY
 rm -f "/tmp/$project-results.json"
 [ "$(queue_depth jobs.work)" = 0 ] || fail "jobs left in jobs.work"
+[ "$(queue_depth jobs.kind.text.analyze)" = 0 ] || fail "jobs left in jobs.kind.text.analyze"
 [ "$(queue_depth jobs.dead)" = 0 ] || fail "dead letters in jobs.dead"
 
 # Per-replica counts, from each replica's closing log line.

@@ -283,11 +283,16 @@ impl Settler {
         delay: Duration,
         wait: Duration,
     ) -> Confirming {
-        let (headers, dropped) = copy::bounded_headers(
-            delivery.properties.headers().as_ref(),
-            ours,
-            self.header_budget,
-        );
+        // A job that ran is served: if it waited for a consumer before, that wait is over.
+        let served = ours.iter().all(|(key, _)| *key != X_UNSERVED_SINCE);
+        let original = delivery.properties.headers().as_ref().map(|headers| {
+            let mut kept = headers.inner().clone();
+            if served {
+                kept.remove(X_UNSERVED_SINCE);
+            }
+            FieldTable::from(kept)
+        });
+        let (headers, dropped) = copy::bounded_headers(original.as_ref(), ours, self.header_budget);
         if !dropped.is_empty() {
             tracing::warn!(%dropped, "the retry copy leaves out headers");
         }
