@@ -57,6 +57,35 @@ impl std::fmt::Display for Dropped {
     }
 }
 
+/// Headers the broker routes by when a message is published (sender-selected distribution):
+/// a copy must go only where the consumer sends it, so copies never carry them.
+pub const ROUTING_HEADERS: [&str; 2] = ["CC", "BCC"];
+
+/// Headers the broker writes when it dead-letters a message: a retry copy is a new message,
+/// and carrying them over only grows it (RabbitMQ 3.x reads a client's `x-death`).
+pub const DEATH_HEADERS: [&str; 7] = [
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+];
+
+/// `original` without the headers named in each of `lists`.
+#[must_use]
+pub fn without(original: Option<&FieldTable>, lists: &[&[&str]]) -> Option<FieldTable> {
+    let original = original?;
+    let strip = |key: &ShortString| lists.iter().any(|list| list.contains(&key.as_str()));
+    if !original.inner().keys().any(strip) {
+        return Some(original.clone());
+    }
+    let mut kept = original.inner().clone();
+    kept.retain(|key, _| !strip(key));
+    Some(FieldTable::from(kept))
+}
+
 /// `original` with `ours` set on top, within `budget` encoded bytes: our headers always stay;
 /// original ones are dropped, largest first, until the table fits.
 #[must_use]
@@ -137,6 +166,18 @@ mod tests {
 
     fn long(n: usize) -> AMQPValue {
         AMQPValue::LongString("a".repeat(n).into())
+    }
+
+    #[test]
+    fn copies_leave_out_routing_and_death_headers() {
+        let mut original = FieldTable::default();
+        for key in ["CC", "BCC", "x-death", "x-last-death-queue", "trace-id"] {
+            original.insert(key.into(), long(3));
+        }
+        let kept = without(Some(&original), &[&ROUTING_HEADERS, &DEATH_HEADERS]).unwrap();
+        let keys: Vec<&str> = kept.inner().keys().map(ShortString::as_str).collect();
+        assert_eq!(keys, ["trace-id"]);
+        assert!(without(None, &[&ROUTING_HEADERS]).is_none());
     }
 
     #[test]

@@ -9,6 +9,16 @@ use futures::{StreamExt, stream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// One queue's consumer, and whether its end ends the session.
+#[derive(Debug)]
+pub struct Source {
+    /// The broker's consumer.
+    pub consumer: Consumer,
+    /// `false` for a queue that may be deleted while the consumer runs (a drained old group
+    /// queue): its end is logged and intake goes on with the others.
+    pub essential: bool,
+}
+
 /// Why intake stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
@@ -32,18 +42,18 @@ pub enum IntakeError {
 /// # Errors
 /// See [`IntakeError`]. A requested shutdown is `Ok`.
 pub async fn run(
-    consumers: Vec<Consumer>,
+    sources: Vec<Source>,
     queue: async_channel::Sender<Delivery>,
     shutdown: CancellationToken,
     ended: CancellationToken,
     mut blocked: watch::Receiver<bool>,
 ) -> Result<(), IntakeError> {
-    // Each consumer's stream, then `None` when it ends: one cancelled consumer ends intake.
-    let mut deliveries = stream::select_all(
-        consumers
-            .into_iter()
-            .map(|c| c.map(Some).chain(stream::iter([None]))),
-    );
+    // Each consumer's stream, then its end marker: an essential consumer cancelled ends
+    // intake (the next session declares its queue again); another one just stops.
+    let mut deliveries = stream::select_all(sources.into_iter().map(|s| {
+        let ended = Err(s.essential);
+        s.consumer.map(Ok).chain(stream::iter([ended]))
+    }));
     loop {
         tokio::select! {
             biased;
@@ -60,9 +70,13 @@ pub async fn run(
             next = deliveries.next() => next,
         };
         let delivery = match next {
-            Some(Some(Ok(delivery))) => delivery,
-            Some(Some(Err(error))) => return Err(error.into()),
-            Some(None) | None => return Err(IntakeError::Cancelled),
+            Some(Ok(Ok(delivery))) => delivery,
+            Some(Ok(Err(error))) => return Err(error.into()),
+            Some(Err(false)) => {
+                tracing::info!("a drained old kind-group queue was deleted; consuming the others");
+                continue;
+            }
+            Some(Err(true)) | None => return Err(IntakeError::Cancelled),
         };
         tokio::select! {
             biased;

@@ -11,11 +11,12 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::parse();
-    shared::telemetry::init(settings.common.log_format);
+    let format = settings.common.log_format;
+    shared::telemetry::init(format);
     let shutdown = CancellationToken::new();
     tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
     match consumer::run(settings, Registry::builtin(), shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => shared::telemetry::exit_with("consumer", &error),
+        Err(error) => shared::telemetry::exit_with("consumer", &error, format),
     }
 }

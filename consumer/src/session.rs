@@ -40,6 +40,10 @@ use crate::{
     worker::Worker,
 };
 
+/// Prefetch of the consumer of `jobs.work` (at most `--prefetch`): its jobs are mostly sent
+/// on to wait for a consumer of their kind.
+pub const WAITING_ROOM_PREFETCH: u16 = 32;
+
 /// Longest wait for the broker's reply to a cancel or close during shutdown.
 const BROKER_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -138,6 +142,15 @@ pub async fn run(
     };
 
     let topology = settings.topology(&shared.registry);
+    // Old kind groups first (the `--kinds` group, and one per kind served), so that no job is
+    // routed both to a group queue and to a kind queue.
+    let groups: Vec<Vec<String>> = std::iter::once(settings.kinds.clone())
+        .chain(topology.kinds.iter().map(|kind| vec![kind.clone()]))
+        .collect();
+    let legacy = topology
+        .take_over_legacy_groups(&connection, &groups)
+        .await
+        .map_err(classify)?;
     let declared = async {
         topology.declare(&connection).await?;
         topology
@@ -149,40 +162,55 @@ pub async fn run(
         Err(DeclareError::Amqp(error)) => return Err(classify(error)),
         Err(refused) => return Err(SessionError::Topology(refused)),
     }
-    let legacy = topology
-        .take_over_legacy_group(&connection, &settings.kinds)
-        .await
-        .map_err(classify)?;
 
     let publish = amqp::confirm_channel(&connection).await.map_err(classify)?;
     let consume = connection.create_channel().await.map_err(classify)?;
-    consume
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(classify)?;
-    // Every kind queue, `jobs.work` (jobs no kind queue took) and a v1 group queue to drain.
-    let queues: Vec<String> = topology
+    // Each consumer gets its own prefetch (RabbitMQ's per-consumer QoS, the only kind quorum
+    // queues have): `--prefetch` for each kind queue and old group queue, and a smaller one for
+    // `jobs.work`, where jobs only wait for a queue of their kind.
+    let kind_queues: Vec<String> = topology
         .kinds
         .iter()
         .map(|kind| topology.names.kind_queue(kind))
-        .chain(std::iter::once(topology.names.work_queue.clone()))
-        .chain(legacy)
+        .chain(legacy.iter().cloned())
         .collect();
     let tag = format!("consumer-{}", uuid::Uuid::new_v4());
-    let mut consumers = Vec::with_capacity(queues.len());
-    let mut tags = Vec::with_capacity(queues.len());
-    for (i, queue) in queues.iter().enumerate() {
+    let mut consumers = Vec::with_capacity(kind_queues.len() + 1);
+    let mut tags = Vec::with_capacity(kind_queues.len() + 1);
+    let waiting_prefetch = settings.prefetch.min(WAITING_ROOM_PREFETCH);
+    let plan = kind_queues
+        .iter()
+        .map(|q| (q.as_str(), settings.prefetch))
+        .chain(std::iter::once((
+            topology.names.work_queue.as_str(),
+            waiting_prefetch,
+        )));
+    let mut prefetch = None;
+    for (i, (queue, wanted)) in plan.enumerate() {
+        if prefetch != Some(wanted) {
+            consume
+                .basic_qos(wanted, BasicQosOptions::default())
+                .await
+                .map_err(classify)?;
+            prefetch = Some(wanted);
+        }
         let tag = format!("{tag}-{i}");
         let consumer = consume
             .basic_consume(
-                queue.as_str().into(),
+                queue.into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
             .await
             .map_err(classify)?;
-        consumers.push(consumer);
+        // An old group queue may be deleted once drained: its consumer ending is no reason to
+        // end the session. Any other queue gone is: the next session declares it again.
+        let essential = !legacy.iter().any(|l| l == queue);
+        consumers.push(intake::Source {
+            consumer,
+            essential,
+        });
         tags.push(tag);
     }
 
@@ -206,7 +234,7 @@ pub async fn run(
         max_result_bytes: settings.max_result_bytes,
         refused: Arc::clone(&shared.refused),
         unserved: Unserved::new(
-            settings.retry_delays().after_attempt(1),
+            &settings.retry_buckets(),
             settings.unserved_recheck(),
             settings.unserved_ttl(),
         ),
@@ -270,13 +298,18 @@ pub async fn run(
 
     shared.readiness.set(State::Draining);
     tracing::info!("shutdown requested: no new deliveries; draining in-flight jobs");
-    for tag in &tags {
-        let cancel = consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-        match tokio::time::timeout(BROKER_REPLY_TIMEOUT, cancel).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "could not cancel the consumer"),
-            Err(_) => tracing::warn!("the broker did not confirm the consumer's cancellation"),
+    // Every consumer at once, under one deadline.
+    let cancels = futures::future::join_all(
+        tags.iter()
+            .map(|tag| consume.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())),
+    );
+    match tokio::time::timeout(BROKER_REPLY_TIMEOUT, cancels).await {
+        Ok(cancelled) => {
+            if let Some(Err(error)) = cancelled.into_iter().find(Result::is_err) {
+                tracing::warn!(%error, "could not cancel a consumer");
+            }
         }
+        Err(_) => tracing::warn!("the broker did not confirm the consumers' cancellation"),
     }
     shared.workers.close();
     if tokio::time::timeout(settings.shutdown_timeout(), shared.workers.wait())

@@ -126,9 +126,10 @@ pub struct Settings {
     #[arg(long, env = "CONSUMER_RETRY_REFUSED_LOGIN")]
     pub retry_refused_login: bool,
 
-    /// How often a job of a kind no running consumer serves is looked at again, in seconds:
-    /// it waits in a retry queue that long, then goes back through the jobs exchange, into
-    /// its kind's queue if one has appeared meanwhile.
+    /// Longest wait of a job of a kind no running consumer serves before it is routed again,
+    /// in seconds: it waits in a retry queue (first the shortest retry delay, then about as
+    /// long as it has waited so far, up to this), then goes back through the jobs exchange,
+    /// into its kind's queue if one has appeared meanwhile.
     #[arg(long, env = "CONSUMER_UNSERVED_RECHECK", default_value_t = DEFAULT_UNSERVED_RECHECK_SECS,
           value_parser = parse_seconds)]
     pub unserved_recheck: f64,
@@ -140,8 +141,8 @@ pub struct Settings {
     pub unserved_ttl: f64,
 }
 
-/// Seconds between looks at a job whose kind no consumer serves.
-pub const DEFAULT_UNSERVED_RECHECK_SECS: f64 = 60.0;
+/// Longest wait, in seconds, between looks at a job whose kind no consumer serves.
+pub const DEFAULT_UNSERVED_RECHECK_SECS: f64 = 600.0;
 /// Seconds a job whose kind no consumer serves waits before it is dead-lettered (7 days).
 pub const DEFAULT_UNSERVED_TTL_SECS: f64 = 7.0 * 24.0 * 3600.0;
 

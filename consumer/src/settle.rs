@@ -194,12 +194,14 @@ impl Settler {
                 wait,
             } => {
                 let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(*next_attempt)))];
-                self.publish_retry(delivery, kind, ours, *delay, *wait)
+                // The job ran, so it is served: a wait for a consumer it had is over.
+                let strip = &[&[X_UNSERVED_SINCE][..]];
+                self.publish_retry(delivery, kind, ours, strip, *delay, *wait)
             }
             Outcome::Deferred { delay } => self.retry_later(delivery, *delay),
             Outcome::Unserved { kind, delay, since } => {
                 let ours = vec![(X_UNSERVED_SINCE, AMQPValue::LongLongInt(*since))];
-                self.publish_retry(delivery, kind, ours, *delay, *delay)
+                self.publish_retry(delivery, kind, ours, &[], *delay, *delay)
             }
             Outcome::Dead {
                 reason,
@@ -273,25 +275,22 @@ impl Settler {
     }
 
     /// Sends a copy of the job to the retry exchange of `delay` with routing key `kind`, our
-    /// headers `ours` set and a per-message expiration of `wait`; the broker then
-    /// dead-letters it to the jobs exchange, which routes it by kind.
+    /// headers `ours` set, the headers in `strip` left out (as are `CC`, `BCC` and the
+    /// broker's death headers: the copy must be routed by its kind alone) and a per-message
+    /// expiration of `wait`; the broker then dead-letters it to the jobs exchange, which
+    /// routes it by kind.
     fn publish_retry(
         self: &Arc<Self>,
         delivery: &Delivery,
         kind: &str,
         ours: Vec<(&'static str, AMQPValue)>,
+        strip: &[&[&str]],
         delay: Duration,
         wait: Duration,
     ) -> Confirming {
-        // A job that ran is served: if it waited for a consumer before, that wait is over.
-        let served = ours.iter().all(|(key, _)| *key != X_UNSERVED_SINCE);
-        let original = delivery.properties.headers().as_ref().map(|headers| {
-            let mut kept = headers.inner().clone();
-            if served {
-                kept.remove(X_UNSERVED_SINCE);
-            }
-            FieldTable::from(kept)
-        });
+        let mut lists: Vec<&[&str]> = vec![&copy::ROUTING_HEADERS, &copy::DEATH_HEADERS];
+        lists.extend_from_slice(strip);
+        let original = copy::without(delivery.properties.headers().as_ref(), &lists);
         let (headers, dropped) = copy::bounded_headers(original.as_ref(), ours, self.header_budget);
         if !dropped.is_empty() {
             tracing::warn!(%dropped, "the retry copy leaves out headers");
@@ -318,7 +317,7 @@ impl Settler {
         let attempt = crate::envelope::attempt(&delivery.properties);
         let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt)))];
         let kind = delivery.routing_key.as_str();
-        self.publish_retry(delivery, kind, ours, delay, delay)
+        self.publish_retry(delivery, kind, ours, &[], delay, delay)
     }
 
     /// Publishes the original body byte for byte, with the original properties and the
@@ -340,9 +339,13 @@ impl Settler {
         };
         // Room for the longest x-error, so that the note on what was dropped still fits.
         let budget = self.header_budget.saturating_sub(REASON_MAX_LEN);
-        let original = delivery.properties.headers().as_ref();
+        // Without CC and BCC, or the broker would route the dead letter by them too.
+        let original = copy::without(
+            delivery.properties.headers().as_ref(),
+            &[&copy::ROUTING_HEADERS],
+        );
         let (mut headers, dropped): (FieldTable, _) =
-            copy::bounded_headers(original, ours(reason), budget);
+            copy::bounded_headers(original.as_ref(), ours(reason), budget);
         if !dropped.is_empty() {
             let noted = reason.clone().with(format_args!("; {dropped}"));
             tracing::warn!(%dropped, "the dead letter leaves out headers");

@@ -3,8 +3,10 @@
 //! served. Each is sent to wait in a retry queue, from which the broker routes it through
 //! the jobs exchange again: into its kind's queue once a consumer serving the kind has
 //! declared one, else back to `jobs.work`. The first wait is short (a consumer for the kind
-//! may have started since the job was published); later ones are `--unserved-recheck`.
-//! After `--unserved-ttl` of waiting, the job is dead-lettered with a `failed` result.
+//! may have started since the job was published); each later one is about as long as the job
+//! has waited so far (the retry delays, doubling), up to `--unserved-recheck`, so a job that
+//! waits a week comes round about a thousand times, not ten thousand. After `--unserved-ttl`
+//! of waiting, the job is dead-lettered with a `failed` result.
 
 use std::{
     collections::HashMap,
@@ -44,9 +46,9 @@ pub enum Decision {
 /// The waiting policy, and the log lines about it.
 #[derive(Debug)]
 pub struct Unserved {
-    /// The first wait (the shortest retry delay).
-    pub first_wait: Duration,
-    /// Every later wait (`--unserved-recheck`).
+    /// The waits there are retry queues for, shortest first, up to [`Unserved::recheck`].
+    waits: Vec<Duration>,
+    /// The longest wait (`--unserved-recheck`).
     pub recheck: Duration,
     /// The longest total wait (`--unserved-ttl`).
     pub ttl: Duration,
@@ -54,15 +56,29 @@ pub struct Unserved {
 }
 
 impl Unserved {
-    /// A policy of `first_wait`, then `recheck` each time, for at most `ttl`.
+    /// A policy waiting in the retry queues of `buckets` (those up to `recheck`; `recheck`
+    /// itself must be one), for at most `ttl` in all.
     #[must_use]
-    pub fn new(first_wait: Duration, recheck: Duration, ttl: Duration) -> Self {
+    pub fn new(buckets: &[Duration], recheck: Duration, ttl: Duration) -> Self {
+        let mut waits: Vec<Duration> = buckets.iter().copied().filter(|b| *b <= recheck).collect();
+        waits.push(recheck);
+        waits.sort_unstable();
+        waits.dedup();
         Self {
-            first_wait,
+            waits,
             recheck,
             ttl,
             notices: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The shortest wait at least as long as `waited` (the last one, at most).
+    fn wait_after(&self, waited: Duration) -> Duration {
+        self.waits
+            .iter()
+            .copied()
+            .find(|w| *w >= waited)
+            .unwrap_or(self.recheck)
     }
 
     /// Decides for a delivery with `properties`, at `now_ms` (ms since the epoch). A missing,
@@ -72,16 +88,18 @@ impl Unserved {
         let Some(since) = integer_header(properties, X_UNSERVED_SINCE).filter(|s| *s <= now_ms)
         else {
             return Decision::Wait {
-                delay: self.first_wait,
+                delay: self.wait_after(Duration::ZERO),
                 since: now_ms,
             };
         };
-        let waited = Duration::from_millis(u64::try_from(now_ms - since).unwrap_or(0));
+        // Saturating: a hostile `since` far in the past is simply expired.
+        let waited =
+            Duration::from_millis(u64::try_from(now_ms.saturating_sub(since)).unwrap_or(u64::MAX));
         if waited >= self.ttl {
             Decision::Expired { waited }
         } else {
             Decision::Wait {
-                delay: self.recheck,
+                delay: self.wait_after(waited),
                 since,
             }
         }
@@ -139,18 +157,16 @@ mod tests {
     }
 
     #[test]
-    fn a_job_waits_until_its_time_is_up() {
-        let policy = Unserved::new(
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-            Duration::from_secs(3600),
-        );
+    fn a_job_waits_longer_each_time_until_its_time_is_up() {
+        let secs = Duration::from_secs;
+        let buckets = [secs(1), secs(2), secs(4), secs(8), secs(16), secs(600)];
+        let policy = Unserved::new(&buckets, secs(600), secs(3600));
         let now = 10_000_000;
         let first = policy.decide(&BasicProperties::default(), now);
         assert_eq!(
             first,
             Decision::Wait {
-                delay: Duration::from_secs(1),
+                delay: secs(1),
                 since: now
             }
         );
@@ -158,10 +174,15 @@ mod tests {
         assert_eq!(
             again,
             Decision::Wait {
-                delay: Duration::from_secs(60),
+                delay: secs(8),
                 since: now - 5_000
             }
         );
+        let later = policy.decide(&with_since(now - 100_000), now);
+        assert!(matches!(later, Decision::Wait { delay, .. } if delay == secs(600)));
+        // A hostile `since` far in the past expires rather than overflowing.
+        let hostile = policy.decide(&with_since(i64::MIN), now);
+        assert!(matches!(hostile, Decision::Expired { .. }));
         let expired = policy.decide(&with_since(now - 3_600_000), now);
         assert!(matches!(expired, Decision::Expired { .. }));
         // A clock from the future restarts the wait rather than never ending it.

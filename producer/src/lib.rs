@@ -93,6 +93,9 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
+    if let Some(connection) = publisher.connection() {
+        note_unserved_kind(connection, &topology, &settings.kind).await;
+    }
     // The ids of this run's jobs, so that the listener keeps only their results.
     let wanted: std::sync::Arc<std::sync::Mutex<HashSet<Uuid>>> = std::sync::Arc::default();
     let mut listener = match settings.wait {
@@ -230,6 +233,43 @@ pub async fn run(
     summary.elapsed = started.elapsed();
     publisher.close().await;
     Ok(summary)
+}
+
+/// Says so when no consumer has ever declared a queue for `kind`: the jobs then wait in
+/// `jobs.work` until one starts (a typo in `--kind` shows here, not days later in
+/// `jobs.dead`). A note, not a warning: consumers starting at the same time are common.
+async fn note_unserved_kind(
+    connection: &deadpool_lapin::Connection,
+    topology: &shared::topology::Topology,
+    kind: &str,
+) {
+    let queue = topology.names.kind_queue(kind);
+    let Ok(name) = lapin::types::ShortString::try_new(queue.as_str()) else {
+        return;
+    };
+    let probe = async {
+        // A passive declaration of a missing queue closes its channel: one of its own.
+        let channel = connection.create_channel().await.ok()?;
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let found = channel
+            .queue_declare(name, passive, lapin::types::FieldTable::default())
+            .await
+            .is_ok();
+        if found {
+            amqp::close_channel(&channel).await;
+        }
+        Some(found)
+    };
+    if let Ok(Some(false)) = tokio::time::timeout(publish::CLOSE_TIMEOUT, probe).await {
+        tracing::info!(
+            %kind,
+            queue = %queue,
+            "no consumer has declared a queue for this kind yet: its jobs wait in jobs.work until one starts"
+        );
+    }
 }
 
 /// The connection name shown by the broker: which program, which namespace, which process.

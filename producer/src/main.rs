@@ -12,12 +12,13 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> ExitCode {
     let settings = Settings::from_args();
-    shared::telemetry::init(settings.common.log_format);
+    let format = settings.common.log_format;
+    shared::telemetry::init(format);
     let shutdown = CancellationToken::new();
     tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
     match run(settings, shutdown).await {
         Ok(code) => code,
-        Err(error) => shared::telemetry::exit_with("producer", error.as_ref()),
+        Err(error) => shared::telemetry::exit_with("producer", error.as_ref(), format),
     }
 }
 

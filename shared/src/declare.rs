@@ -196,51 +196,77 @@ impl Topology {
         Ok(adopted)
     }
 
-    /// Takes over the topology v1 work queue of a `--kinds` group (`jobs.work.<k1>+<k2>`), if
-    /// one exists: unbinds it from the jobs exchange, so that new jobs of its kinds go to
-    /// their kind queues only, and returns its name for the consumer to drain. Delete it
-    /// once it is empty (its old retry queues dead-letter into it until they are empty too).
+    /// Takes over the shared-queue topology's work queues of kind groups (`jobs.work.<k1>+<k2>`) that
+    /// exist among `groups`: unbinds each from the jobs exchange, so that new jobs of its
+    /// kinds go to their kind queues only, and returns their names for the consumer to
+    /// drain. Run it before [`Topology::declare`] binds the kind queues, so that no job is
+    /// routed to both. Delete a group queue once it is empty (its old retry queues
+    /// dead-letter into it until they are empty too). A group whose queue cannot be probed
+    /// or unbound is logged and left alone.
     ///
     /// # Errors
-    /// A lost connection, or a refused unbinding.
-    pub async fn take_over_legacy_group(
+    /// Only a lost connection.
+    pub async fn take_over_legacy_groups(
         &self,
         connection: &Connection,
-        group: &[String],
-    ) -> Result<Option<String>, lapin::Error> {
-        let Some(queue) = self.names.legacy_group_queue(group) else {
-            return Ok(None);
-        };
-        // A passive declaration of a missing queue closes its channel: use one of its own.
-        let probe = connection.create_channel().await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let exists = probe
-            .queue_declare(short(&queue), passive, FieldTable::default())
-            .await
-            .is_ok();
-        if !exists {
-            return Ok(None);
+        groups: &[Vec<String>],
+    ) -> Result<Vec<String>, lapin::Error> {
+        let mut taken = Vec::new();
+        for group in groups {
+            let Some(queue) = self.names.legacy_group_queue(group) else {
+                continue;
+            };
+            // No earlier build could have made a longer name.
+            let Ok(name) = lapin::types::ShortString::try_new(queue.as_str()) else {
+                continue;
+            };
+            if taken.contains(&queue) {
+                continue;
+            }
+            // A passive declaration of a missing queue closes its channel: one per probe.
+            let probe = connection.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            if probe
+                .queue_declare(name.clone(), passive, FieldTable::default())
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let mut unbound = true;
+            for kind in group {
+                let unbind = probe
+                    .queue_unbind(
+                        name.clone(),
+                        short(&self.names.jobs_exchange),
+                        short(kind),
+                        FieldTable::default(),
+                    )
+                    .await;
+                if let Err(error) = unbind {
+                    if !connection.status().connected() {
+                        return Err(error);
+                    }
+                    tracing::warn!(%queue, %error, "cannot unbind this old kind-group queue; leaving it alone");
+                    unbound = false;
+                    break;
+                }
+            }
+            let _ = probe.close(200, "legacy group taken over".into()).await;
+            if unbound {
+                tracing::info!(
+                    %queue,
+                    "draining the work queue of this kind group from the shared-queue topology (unbound: its \
+                     kinds now go to their kind queues); delete it once it and its retry queues \
+                     are empty"
+                );
+                taken.push(queue);
+            }
         }
-        for kind in group {
-            probe
-                .queue_unbind(
-                    short(&queue),
-                    short(&self.names.jobs_exchange),
-                    short(kind),
-                    FieldTable::default(),
-                )
-                .await?;
-        }
-        let _ = probe.close(200, "legacy group taken over".into()).await;
-        tracing::info!(
-            %queue,
-            "draining the work queue of this kind group from topology v1 (unbound: its kinds now \
-             go to their kind queues); delete it once it and its retry queues are empty"
-        );
-        Ok(Some(queue))
+        Ok(taken)
     }
 }
 

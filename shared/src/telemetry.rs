@@ -71,10 +71,19 @@ pub fn describe(error: &(dyn Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// Prints `error` for a person (`error: ...`, causes once, no backtrace) and gives the exit
-/// code of a failed run.
-pub fn exit_with(program: &str, error: &(dyn Error + 'static)) -> std::process::ExitCode {
-    eprintln!("{program}: error: {}", describe(error));
+/// Reports the error that stops `program` and gives the exit code of a failed run: one line
+/// for a person (`program: error: ...`, causes once, no backtrace), or with JSON logs one
+/// `error` event, so that log pipelines see why the process ended.
+pub fn exit_with(
+    program: &str,
+    error: &(dyn Error + 'static),
+    format: LogFormat,
+) -> std::process::ExitCode {
+    let text = describe(error);
+    match format {
+        LogFormat::Pretty => eprintln!("{program}: error: {text}"),
+        LogFormat::Json => tracing::error!(error = %text, "{program} stopped"),
+    }
     std::process::ExitCode::FAILURE
 }
 

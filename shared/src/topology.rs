@@ -32,7 +32,7 @@
 //! retention are per-message `expiration`s. [`crate::declare`] declares all this on a broker,
 //! adopting the arguments an earlier build gave a queue instead of failing on them.
 //!
-//! **Topology v1** (before routing by kind) had one work queue `jobs.work` for every kind,
+//! **The shared-queue topology** (before routing by kind) had one work queue `jobs.work` for every kind,
 //! `--kinds` groups `jobs.work.<k1>+<k2>` and retry queues `jobs.work[.<group>].retry.<ms>ms`.
 //! `jobs.work` keeps its name and binding, so its jobs flow on; the old retry queues still
 //! dead-letter into it; a consumer started with the same `--kinds` as an old group unbinds the
@@ -95,7 +95,7 @@ pub struct Names {
     /// is [`Names::unrouted_exchange`].
     pub jobs_exchange: String,
     /// Durable queue of the jobs no kind queue took (a kind nobody has served yet, and the
-    /// jobs of topology v1), bound with `#` to [`Names::unrouted_exchange`]. Every consumer
+    /// jobs of the shared-queue topology), bound with `#` to [`Names::unrouted_exchange`]. Every consumer
     /// reads it.
     pub work_queue: String,
     /// Alternate exchange of [`Names::jobs_exchange`]: receives jobs no binding matched.
@@ -147,7 +147,7 @@ impl Names {
         format!("{}jobs.retry.{}ms", self.prefix, delay.as_millis())
     }
 
-    /// The topology v1 work queue of a `--kinds` group, `jobs.work.<k1>+<k2>` (kinds sorted),
+    /// The shared-queue topology's work queue of a `--kinds` group, `jobs.work.<k1>+<k2>` (kinds sorted),
     /// or `None` for no group.
     #[must_use]
     pub fn legacy_group_queue(&self, kinds: &[String]) -> Option<String> {
