@@ -8,7 +8,10 @@
 //! would lose its connection. [`bounded_headers`] keeps our headers, then as many original ones
 //! as fit, dropping the largest first, and says which it dropped.
 
-use deadpool_lapin::lapin::types::{AMQPValue, FieldTable, ShortString};
+use deadpool_lapin::lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable, ShortString},
+};
 
 /// Room kept in a frame for everything but the headers: frame and content-header overhead
 /// (22 bytes) and the other properties, whose strings are short strings of at most 256 bytes
@@ -72,6 +75,38 @@ pub const DEATH_HEADERS: [&str; 7] = [
     "x-last-death-queue",
     "x-last-death-reason",
 ];
+
+/// The properties of a copy of a delivery: the original's, without `user_id`. RabbitMQ
+/// refuses a publish whose `user_id` is not the publisher's own login (and closes the
+/// channel), so a job another user published would otherwise end every session that tries
+/// to retry or dead-letter it.
+#[must_use]
+pub fn properties(original: &BasicProperties) -> BasicProperties {
+    let mut copy = BasicProperties::default();
+    macro_rules! carry {
+        ($($get:ident => $set:ident),* $(,)?) => {
+            $(if let Some(value) = original.$get().clone() {
+                copy = copy.$set(value);
+            })*
+        };
+    }
+    carry!(
+        content_type => with_content_type,
+        content_encoding => with_content_encoding,
+        headers => with_headers,
+        delivery_mode => with_delivery_mode,
+        priority => with_priority,
+        correlation_id => with_correlation_id,
+        reply_to => with_reply_to,
+        expiration => with_expiration,
+        message_id => with_message_id,
+        timestamp => with_timestamp,
+        kind => with_type,
+        app_id => with_app_id,
+        cluster_id => with_cluster_id,
+    );
+    copy
+}
 
 /// `original` without the headers named in each of `lists`.
 #[must_use]
@@ -166,6 +201,20 @@ mod tests {
 
     fn long(n: usize) -> AMQPValue {
         AMQPValue::LongString("a".repeat(n).into())
+    }
+
+    #[test]
+    fn copies_leave_out_the_user_id_and_keep_the_rest() {
+        let original = BasicProperties::default()
+            .with_user_id("someone-else".into())
+            .with_message_id("m1".into())
+            .with_type("t".into())
+            .with_priority(3);
+        let copy = properties(&original);
+        assert_eq!(copy.user_id(), &None);
+        assert_eq!(copy.message_id(), original.message_id());
+        assert_eq!(copy.kind(), original.kind());
+        assert_eq!(copy.priority(), original.priority());
     }
 
     #[test]

@@ -147,10 +147,15 @@ pub async fn run(
     let groups: Vec<Vec<String>> = std::iter::once(settings.kinds.clone())
         .chain(topology.kinds.iter().map(|kind| vec![kind.clone()]))
         .collect();
-    let legacy = topology
-        .take_over_legacy_groups(&connection, &groups)
-        .await
-        .map_err(classify)?;
+    let taking_over = topology.take_over_legacy_groups(&connection, &groups);
+    let legacy = match tokio::time::timeout(CONNECT_TIMEOUT, taking_over).await {
+        Ok(taken) => taken.map_err(classify)?,
+        Err(_) => {
+            return Err(SessionError::Lost(format!(
+                "the broker did not answer within {CONNECT_TIMEOUT:?} while the session started"
+            )));
+        }
+    };
     let declared = async {
         topology.declare(&connection).await?;
         topology
@@ -166,16 +171,15 @@ pub async fn run(
     let publish = amqp::confirm_channel(&connection).await.map_err(classify)?;
     let consume = connection.create_channel().await.map_err(classify)?;
     // Each consumer gets its own prefetch (RabbitMQ's per-consumer QoS, the only kind quorum
-    // queues have): `--prefetch` for each kind queue and old group queue, and a smaller one for
-    // `jobs.work`, where jobs only wait for a queue of their kind.
+    // queues have): `--prefetch` for each kind queue, and a smaller one for `jobs.work`, where
+    // jobs mostly only pass through on their way to a queue of their kind.
     let kind_queues: Vec<String> = topology
         .kinds
         .iter()
         .map(|kind| topology.names.kind_queue(kind))
-        .chain(legacy.iter().cloned())
         .collect();
     let tag = format!("consumer-{}", uuid::Uuid::new_v4());
-    let mut consumers = Vec::with_capacity(kind_queues.len() + 1);
+    let mut consumers = Vec::with_capacity(kind_queues.len() + 1 + legacy.len());
     let mut tags = Vec::with_capacity(kind_queues.len() + 1);
     let waiting_prefetch = settings.prefetch.min(WAITING_ROOM_PREFETCH);
     let plan = kind_queues
@@ -204,14 +208,30 @@ pub async fn run(
             )
             .await
             .map_err(classify)?;
-        // An old group queue may be deleted once drained: its consumer ending is no reason to
-        // end the session. Any other queue gone is: the next session declares it again.
-        let essential = !legacy.iter().any(|l| l == queue);
         consumers.push(intake::Source {
             consumer,
-            essential,
+            essential: true,
         });
         tags.push(tag);
+    }
+    // Old group queues each on a channel of its own: one deleted meanwhile (they are deleted
+    // once drained) closes only that channel, and its consumer ending ends nothing.
+    let mut drains = Vec::with_capacity(legacy.len());
+    for (i, queue) in legacy.iter().enumerate() {
+        let drain_tag = format!("{tag}-drain-{i}");
+        match drain_legacy(&connection, queue, settings.prefetch, &drain_tag).await {
+            Ok((channel, consumer)) => {
+                consumers.push(intake::Source {
+                    consumer,
+                    essential: false,
+                });
+                drains.push(channel);
+            }
+            Err(error) if amqp::is_connection_loss(&error, &connection) => {
+                return Err(SessionError::Lost(error.to_string()));
+            }
+            Err(error) => tracing::info!(%queue, %error, "not draining this old kind-group queue"),
+        }
     }
 
     let settler = Arc::new(Settler::new(
@@ -321,6 +341,9 @@ pub async fn run(
             "in-flight jobs did not finish in time; leaving them unacked for redelivery"
         );
     }
+    for channel in &drains {
+        amqp::close_channel(channel).await;
+    }
     let close = connection.close(200, "consumer shutting down".into());
     match tokio::time::timeout(BROKER_REPLY_TIMEOUT, close).await {
         Ok(Ok(())) => {}
@@ -328,6 +351,28 @@ pub async fn run(
         Err(_) => tracing::warn!("the broker did not confirm the connection's close"),
     }
     Ok(())
+}
+
+/// A consumer of an old kind-group queue, on a channel of its own.
+async fn drain_legacy(
+    connection: &lapin::Connection,
+    queue: &str,
+    prefetch: u16,
+    tag: &str,
+) -> Result<(lapin::Channel, lapin::Consumer), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
 }
 
 /// Follows the broker's `connection.blocked` / `connection.unblocked` notices: the broker blocks

@@ -59,7 +59,8 @@ pub struct Settings {
     #[arg(long, env = "CONSUMER_KINDS", value_delimiter = ',', value_parser = parse_group_kind)]
     pub kinds: Vec<String>,
 
-    /// Unacked deliveries the broker may send ahead (AMQP prefetch count).
+    /// Unacked deliveries the broker may send ahead (AMQP prefetch count), per kind queue;
+    /// `jobs.work` gets at most 32.
     #[arg(long, env = "CONSUMER_PREFETCH", default_value_t = DEFAULT_PREFETCH,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,

@@ -295,9 +295,7 @@ impl Settler {
         if !dropped.is_empty() {
             tracing::warn!(%dropped, "the retry copy leaves out headers");
         }
-        let properties = delivery
-            .properties
-            .clone()
+        let properties = copy::properties(&delivery.properties)
             .with_headers(headers)
             .with_expiration(wait.as_millis().to_string().as_str().into());
         let exchange = self.names.retry_queue(delay);
@@ -351,7 +349,8 @@ impl Settler {
             tracing::warn!(%dropped, "the dead letter leaves out headers");
             headers.insert(X_ERROR.into(), AMQPValue::LongString(noted.as_str().into()));
         }
-        let properties: BasicProperties = delivery.properties.clone().with_headers(headers);
+        let properties: BasicProperties =
+            copy::properties(&delivery.properties).with_headers(headers);
         self.send(
             &self.names.dead_exchange,
             delivery.routing_key.clone(),

@@ -3,10 +3,10 @@
 //! served. Each is sent to wait in a retry queue, from which the broker routes it through
 //! the jobs exchange again: into its kind's queue once a consumer serving the kind has
 //! declared one, else back to `jobs.work`. The first wait is short (a consumer for the kind
-//! may have started since the job was published); each later one is about as long as the job
-//! has waited so far (the retry delays, doubling), up to `--unserved-recheck`, so a job that
-//! waits a week comes round about a thousand times, not ten thousand. After `--unserved-ttl`
-//! of waiting, the job is dead-lettered with a `failed` result.
+//! may have started since the job was published); later ones are the next retry delay at
+//! least as long as the job has waited so far, then `--unserved-recheck` each time, so a job
+//! that waits a week comes round about a thousand times, not ten thousand. After
+//! `--unserved-ttl` of waiting, the job is dead-lettered with a `failed` result.
 
 use std::{
     collections::HashMap,

@@ -295,7 +295,12 @@ pub fn describe_failure(url: &str, error: &deadpool_lapin::PoolError) -> (Refusa
                      and password)"
                 );
                 (Refusal::Login, reason)
-            } else if text.starts_with("NOT_ALLOWED") {
+            } else if text.starts_with("NOT_ALLOWED")
+                && text.contains("vhost")
+                && (text.contains("not found") || text.contains("refused for user"))
+            {
+                // Only a refusal of the user or an unknown vhost: a connection limit or a vhost
+                // that is down is also NOT_ALLOWED, and passes.
                 (
                     Refusal::Vhost,
                     format!("the broker refused the virtual host: {text}"),

@@ -250,21 +250,26 @@ impl Topology {
                     if !connection.status().connected() {
                         return Err(error);
                     }
-                    tracing::warn!(%queue, %error, "cannot unbind this old kind-group queue; leaving it alone");
+                    // Drained all the same: consuming it needs no unbinding.
+                    tracing::warn!(
+                        %queue,
+                        %error,
+                        "cannot unbind this old kind-group queue: its kinds may reach both it \
+                         and their kind queues until it is unbound"
+                    );
                     unbound = false;
                     break;
                 }
             }
-            let _ = probe.close(200, "legacy group taken over".into()).await;
             if unbound {
-                tracing::info!(
-                    %queue,
-                    "draining the work queue of this kind group from the shared-queue topology (unbound: its \
-                     kinds now go to their kind queues); delete it once it and its retry queues \
-                     are empty"
-                );
-                taken.push(queue);
+                let _ = probe.close(200, "legacy group taken over".into()).await;
             }
+            tracing::info!(
+                %queue,
+                "draining the work queue of this kind group from the shared-queue topology; \
+                 delete it once it and its retry queues are empty"
+            );
+            taken.push(queue);
         }
         Ok(taken)
     }

@@ -82,7 +82,19 @@ pub fn exit_with(
     let text = describe(error);
     match format {
         LogFormat::Pretty => eprintln!("{program}: error: {text}"),
-        LogFormat::Json => tracing::error!(error = %text, "{program} stopped"),
+        // Straight to stderr, past the `RUST_LOG` filter: why the process ended must show.
+        LogFormat::Json => {
+            let now = time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            let line = serde_json::json!({
+                "timestamp": now,
+                "level": "ERROR",
+                "fields": { "message": format!("{program} stopped"), "error": text },
+                "target": program,
+            });
+            eprintln!("{line}");
+        }
     }
     std::process::ExitCode::FAILURE
 }
