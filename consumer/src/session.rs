@@ -214,24 +214,32 @@ pub async fn run(
         });
         tags.push(tag);
     }
-    // Old group queues each on a channel of its own: one deleted meanwhile (they are deleted
-    // once drained) closes only that channel, and its consumer ending ends nothing.
-    let mut drains = Vec::with_capacity(legacy.len());
+    // Old group queues on the same channel (the confirm task's ack watermark is one
+    // channel's delivery tags), at `--prefetch`. One deleted since the take-over probed it
+    // closes the channel: the session ends and the next one no longer finds it.
+    if !legacy.is_empty() && prefetch != Some(settings.prefetch) {
+        consume
+            .basic_qos(settings.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(classify)?;
+    }
     for (i, queue) in legacy.iter().enumerate() {
-        let drain_tag = format!("{tag}-drain-{i}");
-        match drain_legacy(&connection, queue, settings.prefetch, &drain_tag).await {
-            Ok((channel, consumer)) => {
-                consumers.push(intake::Source {
-                    consumer,
-                    essential: false,
-                });
-                drains.push(channel);
-            }
-            Err(error) if amqp::is_connection_loss(&error, &connection) => {
-                return Err(SessionError::Lost(error.to_string()));
-            }
-            Err(error) => tracing::info!(%queue, %error, "not draining this old kind-group queue"),
-        }
+        let tag = format!("{tag}-drain-{i}");
+        let consumer = consume
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|error| SessionError::Lost(format!("cannot drain {queue}: {error}")))?;
+        // Deleted once drained: its consumer ending ends nothing.
+        consumers.push(intake::Source {
+            consumer,
+            essential: false,
+        });
+        tags.push(tag);
     }
 
     let settler = Arc::new(Settler::new(
@@ -341,9 +349,6 @@ pub async fn run(
             "in-flight jobs did not finish in time; leaving them unacked for redelivery"
         );
     }
-    for channel in &drains {
-        amqp::close_channel(channel).await;
-    }
     let close = connection.close(200, "consumer shutting down".into());
     match tokio::time::timeout(BROKER_REPLY_TIMEOUT, close).await {
         Ok(Ok(())) => {}
@@ -351,28 +356,6 @@ pub async fn run(
         Err(_) => tracing::warn!("the broker did not confirm the connection's close"),
     }
     Ok(())
-}
-
-/// A consumer of an old kind-group queue, on a channel of its own.
-async fn drain_legacy(
-    connection: &lapin::Connection,
-    queue: &str,
-    prefetch: u16,
-    tag: &str,
-) -> Result<(lapin::Channel, lapin::Consumer), lapin::Error> {
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let consumer = channel
-        .basic_consume(
-            queue.into(),
-            tag.into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok((channel, consumer))
 }
 
 /// Follows the broker's `connection.blocked` / `connection.unblocked` notices: the broker blocks

@@ -275,13 +275,24 @@ async fn a_v1_kind_group_and_v1_retry_queues_drain_into_routing_by_kind() {
         .chain(in_old_retry)
         .collect();
     app.results_covering(&all, HashSet::new()).await;
-    let ran = sample(
-        &metrics(&group_ready).await,
-        "consumer_jobs_processed_total{",
-    ) + sample(&metrics(&all_ready).await, "consumer_jobs_processed_total{");
+    // A result is published before its job is acked and counted: wait for the counts.
+    let ran = || async {
+        sample(
+            &metrics(&group_ready).await,
+            "consumer_jobs_processed_total{",
+        ) + sample(&metrics(&all_ready).await, "consumer_jobs_processed_total{")
+    };
+    within("every job to be counted", async {
+        while ran().await < 25.0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        ran, 25.0,
-        "a job ran twice (the v1 group queue still bound?)"
+        ran().await,
+        25.0,
+        "a job ran twice (the old group queue still bound?)"
     );
     assert_eq!(app.depth(&group).await, 0);
     assert_eq!(app.depth(&old_retry).await, 0);
