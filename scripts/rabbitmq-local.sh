@@ -16,10 +16,26 @@ if ! command -v rabbitmq-server >/dev/null 2>&1; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends rabbitmq-server >/dev/null
 fi
 
+# RabbitMQ wants far more open files than the usual soft limit of 1024: with hundreds of queues
+# (the test suite runs dozens of namespaces at once) a node at 1024 runs out of file handles and
+# stops answering. Debian's wrapper starts the node through `su rabbitmq`, whose pam_limits sets
+# the limits of /etc/security/limits.d, so that is where the limit goes (RabbitMQ's docs ask for
+# 65536 at least).
+raise_open_files() {
+  local conf=/etc/security/limits.d/rabbitmq.conf
+  if [ ! -f "$conf" ]; then
+    # 65536, or the hard limit here if lower: pam_limits sets nothing when asked for more
+    # than it may (a container without CAP_SYS_RESOURCE).
+    local n; n=$(ulimit -Hn); if [ "$n" = unlimited ] || [ "$n" -gt 65536 ]; then n=65536; fi
+    printf 'rabbitmq soft nofile %s\nrabbitmq hard nofile %s\n' "$n" "$n" | as_root tee "$conf" >/dev/null
+  fi
+}
+
 if as_root rabbitmqctl -q status >/dev/null 2>&1 && amqp_port_open; then
   log "already running"
 else
   log "starting"
+  raise_open_files
   as_root rabbitmq-server -detached
   # await_startup fails at once until the node has registered, so ask until it answers.
   started=false

@@ -35,6 +35,13 @@ else
   printf 'loopback_users.guest = false\nlisteners.tcp.default = %s\n' "$port" \
     | as_root tee "$base/rabbitmq.conf" >/dev/null
   as_root chown -R rabbitmq:rabbitmq "$base"
+  # Open files: as scripts/rabbitmq-local.sh explains (it writes the limit when it starts the
+  # main node; a node started alone writes it here).
+  if [ ! -f /etc/security/limits.d/rabbitmq.conf ]; then
+    n=$(ulimit -Hn); if [ "$n" = unlimited ] || [ "$n" -gt 65536 ]; then n=65536; fi
+    printf 'rabbitmq soft nofile %s\nrabbitmq hard nofile %s\n' "$n" "$n" \
+      | as_root tee /etc/security/limits.d/rabbitmq.conf >/dev/null
+  fi
   as_root env RABBITMQ_NODENAME="$node" RABBITMQ_NODE_PORT="$port" \
     RABBITMQ_DIST_PORT="$((port + 20000))" RABBITMQ_MNESIA_BASE="$base/mnesia" \
     RABBITMQ_LOG_BASE="$base/log" RABBITMQ_ENABLED_PLUGINS_FILE="$base/plugins" \

@@ -525,11 +525,18 @@ impl TestApp {
         let n = &self.topology.names;
         let mut delays = self.consumer_settings().retry_buckets();
         delays.extend(consumer::Settings::new(self.common.clone()).retry_buckets());
-        let kinds: Vec<String> = ["test.abort", "order.quote"]
-            .into_iter()
-            .chain(consumer::Registry::builtin().kinds())
-            .map(str::to_owned)
-            .collect();
+        let kinds: Vec<String> = [
+            "test.abort",
+            "order.quote",
+            "test.big",
+            "test.count",
+            "test.flaky",
+            "test.overlap",
+        ]
+        .into_iter()
+        .chain(consumer::Registry::builtin().kinds())
+        .map(str::to_owned)
+        .collect();
         let queues = n.queues(&kinds, &delays);
         for queue in queues {
             let _ = self
