@@ -537,7 +537,15 @@ impl TestApp {
         .chain(consumer::Registry::builtin().kinds())
         .map(str::to_owned)
         .collect();
-        let queues = n.queues(&kinds, &delays);
+        // Retry queues of the shared-queue topology, declared by the upgrade tests.
+        let old_retry = delays
+            .iter()
+            .map(|d| format!("{}.retry.{}ms", n.work_queue, d.as_millis()));
+        let queues: Vec<String> = n
+            .queues(&kinds, &delays)
+            .into_iter()
+            .chain(old_retry)
+            .collect();
         for queue in queues {
             let _ = self
                 .channel
