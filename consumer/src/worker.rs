@@ -143,21 +143,7 @@ impl Worker {
 
         if let Some(reason) = self.refused.get(&job.id) {
             tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "the broker refused this job's result before; dead-lettering it");
-            let failed = result(
-                job.id,
-                job.kind,
-                Some(job.created_at),
-                Err(&reason),
-                attempt,
-                Vec::new(),
-            );
-            let outcome = Outcome::Dead {
-                result: Some(failed),
-                reason,
-                stage: ENCODE_STAGE.to_owned(),
-                attempts: attempt,
-            };
-            return (outcome, label);
+            return (dead_with_result(job, reason, ENCODE_STAGE, attempt), label);
         }
         let key = repeat_key(job.id, &job.kind, job.payload.get().as_bytes());
         if let Some(body) = self.recent.get(&key) {
@@ -292,20 +278,7 @@ impl Worker {
                     waited.as_secs()
                 ));
                 tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "dead-lettering a job nobody serves");
-                let failed = result(
-                    job.id,
-                    job.kind,
-                    Some(job.created_at),
-                    Err(&reason),
-                    attempt,
-                    Vec::new(),
-                );
-                Outcome::Dead {
-                    reason,
-                    stage: ENVELOPE_STAGE.to_owned(),
-                    attempts: attempt,
-                    result: Some(failed),
-                }
+                dead_with_result(job, reason, ENVELOPE_STAGE, attempt)
             }
         }
     }
@@ -332,6 +305,30 @@ impl Worker {
             attempts: attempt,
             result,
         }
+    }
+}
+
+/// Dead-letters a job that could be read, with a `failed` result that carries its id, kind
+/// and creation time.
+fn dead_with_result(
+    job: envelope::OpenedJob<'_>,
+    reason: Reason,
+    stage: &str,
+    attempt: u32,
+) -> Outcome {
+    let failed = result(
+        job.id,
+        job.kind,
+        Some(job.created_at),
+        Err(&reason),
+        attempt,
+        Vec::new(),
+    );
+    Outcome::Dead {
+        result: Some(failed),
+        reason,
+        stage: stage.to_owned(),
+        attempts: attempt,
     }
 }
 
