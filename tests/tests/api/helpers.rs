@@ -607,6 +607,17 @@ impl Message {
     }
 }
 
+/// Waits until an in-process consumer is consuming.
+pub async fn consuming(readiness: &consumer::Readiness) {
+    let mut states = readiness.subscribe();
+    within(
+        "the consumer to be consuming",
+        states.wait_for(|s| *s == consumer::State::Consuming),
+    )
+    .await
+    .unwrap();
+}
+
 /// The `/metrics` page of an in-process consumer.
 pub async fn metrics(readiness: &consumer::Readiness) -> String {
     let url = format!(

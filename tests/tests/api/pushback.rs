@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use crate::helpers::{TestApp, close_connections, metrics, sample, within};
+use crate::helpers::{TestApp, close_connections, consuming, metrics, sample, within};
 
 /// Records every state a consumer goes through, until its readiness is dropped.
 fn record_states(readiness: &Readiness) -> JoinHandle<Vec<State>> {
@@ -28,16 +28,6 @@ fn record_states(readiness: &Readiness) -> JoinHandle<Vec<State>> {
     })
 }
 
-async fn ready(readiness: &Readiness) {
-    let mut states = readiness.subscribe();
-    within(
-        "the consumer to be consuming",
-        states.wait_for(|s| *s == State::Consuming),
-    )
-    .await
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_results_exchange_ends_the_session_and_loses_nothing() {
     // Arrange
@@ -49,7 +39,7 @@ async fn a_deleted_results_exchange_ends_the_session_and_loses_nothing() {
         Registry::builtin(),
         readiness.clone(),
     );
-    ready(&readiness).await;
+    consuming(&readiness).await;
     let texts = |n: usize| (0..n).map(|i| json!({ "text": format!("job {i}") }));
     let mut ids: HashSet<_> = app
         .publish_many("text.analyze", texts(100))
@@ -173,7 +163,7 @@ async fn a_result_the_broker_refuses_is_dead_lettered_not_looped() {
     let mut settings = app.consumer_settings();
     settings.max_result_bytes = usize::MAX;
     let consumer = app.spawn_consumer_with(settings, big_registry(), readiness.clone());
-    ready(&readiness).await;
+    consuming(&readiness).await;
 
     // Act: one job whose result the broker refuses, among good ones.
     let big = app
@@ -241,7 +231,7 @@ async fn five_forced_closes_in_a_row_lose_no_job() {
 
     // Act: the broker closes its connection five times, each as soon as it is back.
     for round in 0..5 {
-        ready(&readiness).await;
+        consuming(&readiness).await;
         assert!(close_connections(&needle).await >= 1, "round {round}");
         let mut states = readiness.subscribe();
         within(
@@ -283,7 +273,7 @@ async fn a_result_nobody_can_route_comes_back_at_the_retry_pace_not_in_a_loop() 
         Registry::builtin(),
         readiness.clone(),
     );
-    ready(&readiness).await;
+    consuming(&readiness).await;
     app.channel
         .queue_unbind(
             names.results_queue.as_str().into(),

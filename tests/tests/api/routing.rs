@@ -2,25 +2,15 @@
 //! dead-lettered for its kind while some deployment serves it. A job of a kind nobody serves
 //! yet waits (counted in `consumer_jobs_unserved_total`) until a consumer for it appears.
 
-use consumer::{ConsumerError, Readiness, Registry, State};
+use consumer::{ConsumerError, Readiness, Registry};
 use serde_json::json;
 
 use crate::{
     children::{ChildConsumer, Collector},
-    helpers::{TestApp, binary, metrics, sample, within},
+    helpers::{TestApp, binary, consuming, metrics, sample, within},
 };
 
 const JOBS_PER_KIND: usize = 1000;
-
-async fn ready(readiness: &Readiness) {
-    let mut state = readiness.subscribe();
-    within(
-        "a consumer to be ready",
-        state.wait_for(|s| *s == State::Consuming),
-    )
-    .await
-    .unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_fleet_never_dead_letters_a_kind_one_of_its_deployments_serves() {
@@ -84,7 +74,7 @@ async fn a_kind_nobody_serves_waits_visibly_until_a_consumer_for_it_appears() {
     let narrow_ready = Readiness::default();
     let narrow_consumer =
         app.spawn_consumer_with(narrow, Registry::builtin(), narrow_ready.clone());
-    ready(&narrow_ready).await;
+    consuming(&narrow_ready).await;
 
     // Act: bench.sleep jobs, which it does not serve
     let ids = app
@@ -116,7 +106,7 @@ async fn a_kind_nobody_serves_waits_visibly_until_a_consumer_for_it_appears() {
         Registry::builtin(),
         wide_ready.clone(),
     );
-    ready(&wide_ready).await;
+    consuming(&wide_ready).await;
     let results = app.results(ids.len()).await;
 
     // Assert: every job ran, on the consumer that serves its kind

@@ -5,7 +5,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use consumer::{ConsumerError, Readiness, Registry, State};
+use consumer::{ConsumerError, Readiness, Registry};
 use deadpool_lapin::lapin::{
     options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable},
@@ -19,7 +19,7 @@ use shared::{
 };
 
 use crate::helpers::{
-    TEST_RETRY_BASE, TEST_RETRY_MAX, TestApp, broker_url, metrics, sample, within,
+    TEST_RETRY_BASE, TEST_RETRY_MAX, TestApp, broker_url, consuming, metrics, sample, within,
 };
 
 fn long(n: i64) -> AMQPValue {
@@ -121,13 +121,7 @@ async fn an_old_deployment_takes_new_settings_without_deleting_a_queue() {
     let consumer = app.spawn_consumer_with(settings, Registry::builtin(), readiness.clone());
 
     // Assert: it runs on the old queues and finishes the jobs that waited in them.
-    let mut states = readiness.subscribe();
-    within(
-        "the consumer to run on the old topology",
-        states.wait_for(|s| *s == State::Consuming),
-    )
-    .await
-    .unwrap();
+    consuming(&readiness).await;
     app.results_covering(&waiting, HashSet::new()).await;
 
     // The new delivery limit holds, though the queue still says 10: a job delivered three
@@ -255,13 +249,7 @@ async fn a_v1_kind_group_and_v1_retry_queues_drain_into_routing_by_kind() {
         all_ready.clone(),
     );
     for readiness in [&group_ready, &all_ready] {
-        let mut states = readiness.subscribe();
-        within(
-            "a consumer to start",
-            states.wait_for(|s| *s == State::Consuming),
-        )
-        .await
-        .unwrap();
+        consuming(readiness).await;
     }
     let after = app
         .publish_many("bench.sleep", (0..10).map(|_| json!({ "ms": 1 })))
