@@ -38,6 +38,11 @@ pub const PREFETCH: u16 = 500;
 /// Results buffered in the process for the reader; beyond it (or beyond [`BUFFER_BYTES`]), the
 /// listener stops acking and the broker stops sending.
 pub const BUFFER: usize = 1024;
+/// Results acked with one `multiple` ack, at most (well under [`PREFETCH`]).
+const ACK_BATCH: usize = 64;
+/// How long the listener waits for another result before it acks those it has.
+const ACK_IDLE: Duration = Duration::from_millis(2);
+
 /// Bytes of results buffered in the process for the reader, at most (64 MiB).
 pub const BUFFER_BYTES: usize = 64 * 1024 * 1024;
 
@@ -217,7 +222,20 @@ async fn forward(
             return true;
         }
     };
-    while let Some(Ok(delivery)) = consumer.next().await {
+    // Acks are batched: one `multiple` ack per ACK_BATCH results handed over, or as soon as
+    // no result is waiting, so the broker handles one ack frame per batch, not per result.
+    let mut unacked: Option<(lapin::Acker, usize)> = None;
+    loop {
+        let next = match tokio::time::timeout(ACK_IDLE, consumer.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                if let Some((acker, _)) = unacked.take() {
+                    let _ = acker.ack(BasicAckOptions { multiple: true }).await;
+                }
+                consumer.next().await
+            }
+        };
+        let Some(Ok(delivery)) = next else { break };
         // Acked once handed over (the buffer is bounded, so a slow reader holds the acks back
         // and the prefetch stops the broker): a result lost with the connection comes again.
         let acker = delivery.acker.clone();
@@ -242,7 +260,13 @@ async fn forward(
             Some(_) => {} // another run's job
             None => tracing::warn!("ignoring a result that is not valid v1 JSON"),
         }
-        let _ = acker.ack(BasicAckOptions::default()).await;
+        let count = unacked.as_ref().map_or(0, |(_, n)| *n) + 1;
+        if count >= ACK_BATCH {
+            let _ = acker.ack(BasicAckOptions { multiple: true }).await;
+            unacked = None;
+        } else {
+            unacked = Some((acker, count));
+        }
     }
     tracing::warn!("results listener: connection lost; reconnecting");
     true
