@@ -110,7 +110,7 @@ pub(crate) async fn publish(
     Ok(elapsed)
 }
 
-/// Consumes the work queue until `stop` fires: parse, publish the result, await its confirm,
+/// Consumes `queue` until `stop` fires: parse, publish the result, await its confirm,
 /// ack. Returns how many jobs it acked.
 ///
 /// # Errors
@@ -118,6 +118,7 @@ pub(crate) async fn publish(
 pub(crate) async fn consume(
     connection: deadpool_lapin::Connection,
     names: Names,
+    queue: String,
     prefetch: u16,
     stop: CancellationToken,
 ) -> anyhow::Result<u64> {
@@ -128,7 +129,7 @@ pub(crate) async fn consume(
     let publish = confirm_channel(&connection).await?;
     let mut deliveries = consume
         .basic_consume(
-            names.work_queue.as_str().into(),
+            queue.as_str().into(),
             "bare-consumer".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),

@@ -3,20 +3,24 @@
 //! (and writes it to `--out`, normally `BENCHMARKS.md`).
 //!
 //! ```text
-//! settings.rs   what to run: queue types × (bare | consumers × concurrency), repeats
+//! settings.rs   what to run: queue types × (bare | user command | consumers × concurrency)
+//! matrix.rs     the bare loop's tuning sweep, then every row's repeats, interleaved
 //! scenario.rs   one run: fresh namespace, collector, bare.rs or system.rs, teardown
 //! bare.rs       the baseline: pipelined-confirm publisher + consume/publish/confirm/ack loop
-//! system.rs     the real binaries as child processes, with their RSS and CPU from /proc
+//! system.rs     the real binaries as child processes, at their defaults
+//! usage.rs      what /proc says: RSS, CPU of the bench, its children and the broker
 //! collect.rs    every result as it arrives: latency from `job_created_at`, end-to-end rate
-//! report.rs     medians of the repeats, the markdown table, the machine description
+//! report.rs     medians of the repeats, the markdown tables, the machine description
 //! ```
 
 mod bare;
 mod collect;
+mod matrix;
 mod report;
 mod scenario;
 mod settings;
 mod system;
+mod usage;
 
 use anyhow::Context;
 use clap::Parser;
@@ -25,7 +29,7 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let settings = settings::Settings::parse();
     shared::telemetry::init(shared::telemetry::LogFormat::Pretty);
-    let markdown = scenario::run_all(&settings).await?;
+    let markdown = matrix::run_all(&settings).await?;
     if let Some(out) = &settings.out {
         std::fs::write(out, &markdown)
             .with_context(|| format!("cannot write {}", out.display()))?;

@@ -7,52 +7,77 @@ use shared::topology::QueueType;
 use crate::{collect::Collected, scenario::Scenario, settings::Settings};
 
 /// What one run measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Sample {
-    /// Jobs confirmed per second by the publisher.
-    pub(crate) publish_rate: f64,
-    /// Jobs per second from the first publish to the last result.
+    /// Jobs confirmed per second by the publisher (not for the user-command row, whose
+    /// producer also waits).
+    pub(crate) publish_rate: Option<f64>,
+    /// Jobs per second from the first publish to the last result (user command: from its
+    /// start to its exit).
     pub(crate) end_to_end_rate: f64,
-    /// Median `created_at` → result latency, ms.
-    pub(crate) p50_ms: f64,
+    /// Median `created_at` → result latency at the collector, ms.
+    pub(crate) p50_ms: Option<f64>,
     /// 99th percentile of the same, ms.
-    pub(crate) p99_ms: f64,
-    /// Largest peak RSS of the consumer processes, MiB (system runs only).
+    pub(crate) p99_ms: Option<f64>,
+    /// Largest peak RSS of the consumer processes, MiB (system rows only).
     pub(crate) peak_rss_mib: Option<f64>,
-    /// CPU seconds of all consumer processes per 10,000 jobs (system runs only).
-    pub(crate) cpu_per_10k: Option<f64>,
+    /// CPU seconds of all consumer processes per 10,000 jobs (system rows only).
+    pub(crate) consumer_cpu_per_10k: Option<f64>,
+    /// CPU seconds of every client per 10,000 jobs: the bench process (bare loops, collector)
+    /// and the producer and consumer processes it ran.
+    pub(crate) clients_cpu_per_10k: f64,
+    /// CPU seconds of the broker per 10,000 jobs, when its pid is known.
+    pub(crate) broker_cpu_per_10k: Option<f64>,
+    /// Results missing or not `ok` at the collector, if any.
+    pub(crate) missing: Option<u64>,
 }
 
 impl Sample {
-    /// A sample from a run's figures; `usage` is the consumers' (peak MiB, CPU seconds).
-    pub(crate) fn new(
-        publish_rate: f64,
-        collected: &Collected,
-        jobs: u64,
-        usage: Option<(f64, f64)>,
-    ) -> Self {
+    /// An empty sample of a run of `jobs` jobs.
+    pub(crate) fn new(jobs: u64) -> Self {
+        Self {
+            missing: Some(jobs),
+            ..Self::default()
+        }
+    }
+
+    /// Takes the collector's figures (none: the run's own producer vouched for every result).
+    pub(crate) fn collected(&mut self, collected: Option<&Collected>) {
+        let Some(collected) = collected else {
+            self.missing = None;
+            return;
+        };
         let mut latencies = collected.latencies_ms.clone();
         latencies.sort_by(f64::total_cmp);
-        Self {
-            publish_rate,
-            end_to_end_rate: collected.end_to_end_rate(),
-            p50_ms: percentile(&latencies, 0.50),
-            p99_ms: percentile(&latencies, 0.99),
-            peak_rss_mib: usage.map(|(peak, _)| peak),
-            cpu_per_10k: usage.map(|(_, cpu)| cpu / jobs as f64 * 10_000.0),
-        }
+        self.end_to_end_rate = collected.end_to_end_rate();
+        self.p50_ms = Some(percentile(&latencies, 0.50));
+        self.p99_ms = Some(percentile(&latencies, 0.99));
+        let expected = self.missing.unwrap_or(0);
+        let missing = expected.saturating_sub(latencies.len() as u64) + collected.bad;
+        self.missing = (missing > 0).then_some(missing);
+    }
+
+    /// Clients and broker CPU per 10,000 jobs; the clients alone when the broker's is unknown.
+    pub(crate) fn total_cpu_per_10k(&self) -> f64 {
+        self.clients_cpu_per_10k + self.broker_cpu_per_10k.unwrap_or(0.0)
     }
 }
 
 impl fmt::Display for Sample {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "publish {:.0}/s, end to end {:.0}/s, p50 {:.1} ms, p99 {:.1} ms",
-            self.publish_rate, self.end_to_end_rate, self.p50_ms, self.p99_ms
-        )?;
-        if let (Some(rss), Some(cpu)) = (self.peak_rss_mib, self.cpu_per_10k) {
-            write!(f, ", peak RSS {rss:.1} MiB, {cpu:.2} CPU s/10k jobs")?;
+        if let Some(publish) = self.publish_rate {
+            write!(f, "publish {publish:.0}/s, ")?;
+        }
+        write!(f, "end to end {:.0}/s", self.end_to_end_rate)?;
+        if let (Some(p50), Some(p99)) = (self.p50_ms, self.p99_ms) {
+            write!(f, ", p50 {p50:.1} ms, p99 {p99:.1} ms")?;
+        }
+        if let (Some(rss), Some(cpu)) = (self.peak_rss_mib, self.consumer_cpu_per_10k) {
+            write!(f, ", consumer peak RSS {rss:.1} MiB, {cpu:.2} CPU s/10k")?;
+        }
+        write!(f, ", clients {:.2} CPU s/10k", self.clients_cpu_per_10k)?;
+        if let Some(broker) = self.broker_cpu_per_10k {
+            write!(f, ", broker {broker:.2} CPU s/10k")?;
         }
         Ok(())
     }
@@ -100,8 +125,30 @@ impl Row {
 #[derive(Debug, Clone)]
 pub(crate) struct PublishRow {
     pub(crate) queue_type: QueueType,
+    /// The bare publisher's window (the sweep's fastest).
+    pub(crate) window: usize,
     pub(crate) bare: Vec<f64>,
     pub(crate) producer: Vec<f64>,
+}
+
+/// One run of the bare loop's tuning sweep.
+#[derive(Debug, Clone)]
+pub(crate) struct SweepRun {
+    pub(crate) queue_type: QueueType,
+    pub(crate) window: usize,
+    pub(crate) prefetch: u16,
+    pub(crate) sample: Sample,
+}
+
+/// Everything the bench measured.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Report {
+    /// Whether the broker's CPU was read.
+    pub(crate) broker_cpu: bool,
+    pub(crate) sweep: Vec<SweepRun>,
+    pub(crate) publishers: Vec<PublishRow>,
+    pub(crate) rows: Vec<Row>,
+    pub(crate) memory: Option<MemoryRun>,
 }
 
 /// The memory run: one consumer through many jobs with a deep prefetch.
@@ -135,13 +182,8 @@ fn cell(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "–".to_owned(), |v| format!("{v:.decimals$}"))
 }
 
-/// The report: how it was run, on what, the table, the ratios and the memory run.
-pub(crate) fn markdown(
-    settings: &Settings,
-    publishers: &[PublishRow],
-    rows: &[Row],
-    memory: Option<&MemoryRun>,
-) -> String {
+/// The report: how it was run, on what, the sweep, the tables, the ratios and the memory run.
+pub(crate) fn markdown(settings: &Settings, report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# Benchmarks\n");
     let _ = writeln!(
@@ -150,104 +192,12 @@ pub(crate) fn markdown(
         today()
     );
     let _ = writeln!(out, "## Machine\n\n{}", machine());
-    let _ = writeln!(
-        out,
-        "## Method\n\n\
-         - {jobs} jobs per run, `text.analyze` with {size}-byte texts; every figure is the median of \
-         {repeats} runs, repeats interleaved across rows.\n\
-         - **bare**: the lapin loops in `bench/src/bare.rs`: a publisher with {window} confirms in \
-         flight, and one consumer (prefetch {prefetch}, manual ack) that parses each job, publishes \
-         one persistent result, and acks once that result is confirmed (confirms pipelined).\n\
-         - **system**: the real `producer` (window {window}) and `consumer` processes (prefetch \
-         {prefetch}), on the same topology: jobs exchange → work queue, results exchange → durable \
-         results queue + the bench's collector queue.\n\
-         - every run has a namespace of its own, deleted after it, then a {pause} ms pause so \
-         that the broker's cleanup does not land on the next run.\n\
-         - end to end: first publish to last result; latency: each job's `created_at` to its \
-         result's arrival at the collector. \"half rate\": jobs published evenly at half the row's \
-         own full-speed median (`producer --rate`), {half_jobs} jobs.\n\
-         - peak RSS: the largest `VmHWM` of the row's consumer processes; CPU: user + system \
-         seconds of all its consumer processes per 10,000 jobs.\n\
-         - ÷ bare: each repeat divided by the bare run of the same repeat (run minutes apart), \
-         then the median of those ratios.\n",
-        jobs = settings.jobs,
-        size = settings.size,
-        repeats = settings.repeats,
-        window = settings.window,
-        prefetch = settings.prefetch,
-        half_jobs = (settings.jobs / 2).max(1000),
-        pause = settings.pause_ms,
-    );
-    if !publishers.is_empty() {
-        let _ = writeln!(
-            out,
-            "## Publishers alone\n\n\
-             {jobs} jobs into the work queue with nobody consuming: the `producer` binary against the \
-             bare publisher.\n\n\
-             | queue | bare publisher jobs/s | producer jobs/s | producer ÷ bare |\n|---|--:|--:|--:|",
-            jobs = settings.jobs
-        );
-        for row in publishers {
-            let bare = median(row.bare.iter().copied());
-            let producer = median(row.producer.iter().copied());
-            let ratio = median(
-                row.producer
-                    .iter()
-                    .zip(&row.bare)
-                    .filter(|(_, b)| **b > 0.0)
-                    .map(|(p, b)| p / b),
-            );
-            let _ = writeln!(
-                out,
-                "| {} | {bare:.0} | {producer:.0} | {ratio:.2} |",
-                row.queue_type
-            );
-        }
-        out.push('\n');
-    }
-    let _ = writeln!(
-        out,
-        "## Results\n\n\
-         | queue | setup | publish jobs/s | end-to-end jobs/s | p50 ms | p99 ms | half rate jobs/s | p50 ms @ half | p99 ms @ half | consumer peak RSS MiB | consumer CPU s / 10k jobs | publish ÷ bare | end-to-end ÷ bare |\n\
-         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
-    );
-    for row in rows {
-        let bare = rows
-            .iter()
-            .find(|r| r.queue_type == row.queue_type && r.scenario == Scenario::Bare);
-        let publish = row.median(&row.full, |s| Some(s.publish_rate));
-        let e2e = row.median(&row.full, |s| Some(s.end_to_end_rate));
-        // Each repeat is divided by the bare run of the same repeat, minutes apart at most,
-        // and the median of those ratios is shown: the machine's slow and fast patches cancel.
-        let ratio = |field: fn(&Sample) -> f64| {
-            let bare = bare?;
-            let ratios = row
-                .full
-                .iter()
-                .zip(&bare.full)
-                .filter(|(_, b)| field(b) > 0.0)
-                .map(|(mine, b)| field(mine) / field(b));
-            Some(median(ratios))
-        };
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            row.queue_type,
-            row.scenario,
-            cell(publish, 0),
-            cell(e2e, 0),
-            cell(row.median(&row.full, |s| Some(s.p50_ms)), 1),
-            cell(row.median(&row.full, |s| Some(s.p99_ms)), 1),
-            cell(row.median(&row.half, |s| Some(s.end_to_end_rate)), 0),
-            cell(row.median(&row.half, |s| Some(s.p50_ms)), 1),
-            cell(row.median(&row.half, |s| Some(s.p99_ms)), 1),
-            cell(row.median(&row.full, |s| s.peak_rss_mib), 1),
-            cell(row.median(&row.full, |s| s.cpu_per_10k), 2),
-            cell(ratio(|s| s.publish_rate), 2),
-            cell(ratio(|s| s.end_to_end_rate), 2),
-        );
-    }
-    if let Some(memory) = memory {
+    method(&mut out, settings, report);
+    sweep(&mut out, report);
+    publishers(&mut out, settings, &report.publishers);
+    results(&mut out, &report.rows);
+    cpu(&mut out, &report.rows, report.broker_cpu);
+    if let Some(memory) = &report.memory {
         let _ = writeln!(
             out,
             "\n## Memory\n\n\
@@ -268,6 +218,183 @@ pub(crate) fn markdown(
         );
     }
     out
+}
+
+fn method(out: &mut String, settings: &Settings, report: &Report) {
+    let broker = match report.broker_cpu {
+        true => "the broker's CPU is its Erlang VM's `utime + stime` over the run",
+        false => {
+            "the broker's CPU was not readable (no `BENCH_BROKER_PID`, no local `rabbitmqctl`)"
+        }
+    };
+    let _ = writeln!(
+        out,
+        "## Method\n\n\
+         - {jobs} jobs per run, `text.analyze` with {size}-byte texts; every figure is the median of \
+         {repeats} runs, repeats interleaved across rows.\n\
+         - **bare**: the lapin loops in `bench/src/bare.rs`: a publisher with a window of confirms in \
+         flight, and one consumer (a prefetch, manual ack) that parses each job, publishes one \
+         persistent result, and acks once that result is confirmed (confirms pipelined). Its window \
+         and prefetch are the fastest of the sweep below.\n\
+         - **user command**: what a user types, timed as a whole from outside: one `consumer` \
+         and `producer --count {jobs} --size {size} --wait`, both with no other flag (the \
+         defaults); the producer's own private queue collects the results.\n\
+         - **system**: the real `producer` and `consumer` processes at their defaults (except \
+         the concurrency shown), on the same topology as bare: jobs exchange → `jobs.kind.text.analyze`, \
+         results exchange → durable `jobs.results` + the bench's collector queue.\n\
+         - every run has a namespace of its own, deleted after it, then a {pause} ms pause so \
+         that the broker's cleanup does not land on the next run.\n\
+         - end to end: first publish to last result (user command: start to exit of the \
+         command); latency: each job's `created_at` to its result's arrival at the collector. \
+         \"half rate\": jobs published evenly at half the row's own full-speed median \
+         (`producer --rate`), {half_jobs} jobs.\n\
+         - peak RSS: the largest `VmHWM` of the row's consumer processes. CPU: user + system \
+         seconds per 10,000 jobs; clients = the bench process (bare loops, collector) and every \
+         producer and consumer process it ran; {broker}.\n\
+         - ÷ bare: each repeat divided by the bare run of the same repeat (run minutes apart), \
+         then the median of those ratios.\n",
+        jobs = settings.jobs,
+        size = settings.size,
+        repeats = settings.repeats,
+        half_jobs = (settings.jobs / 2).max(1000),
+        pause = settings.pause_ms,
+    );
+}
+
+fn sweep(out: &mut String, report: &Report) {
+    if report.sweep.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## The bare loop's tuning sweep\n\n\
+         One run each: every window at a middle prefetch, then every prefetch at the fastest \
+         window. The bare rows below use the fastest pair (**bold**).\n\n\
+         | queue | window | prefetch | end-to-end jobs/s | p99 ms |\n|---|--:|--:|--:|--:|"
+    );
+    for run in &report.sweep {
+        let chosen = report.rows.iter().any(|r| {
+            r.queue_type == run.queue_type
+                && r.scenario
+                    == Scenario::Bare {
+                        window: run.window,
+                        prefetch: run.prefetch,
+                    }
+        });
+        let mark = if chosen { "**" } else { "" };
+        let _ = writeln!(
+            out,
+            "| {} | {mark}{}{mark} | {mark}{}{mark} | {:.0} | {} |",
+            run.queue_type,
+            run.window,
+            run.prefetch,
+            run.sample.end_to_end_rate,
+            cell(run.sample.p99_ms, 1),
+        );
+    }
+    out.push('\n');
+}
+
+fn publishers(out: &mut String, settings: &Settings, rows: &[PublishRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "## Publishers alone\n\n\
+         {jobs} jobs into the work queue with nobody consuming: the `producer` binary (default \
+         window) against the bare publisher (the sweep's window).\n\n\
+         | queue | bare window | bare publisher jobs/s | producer jobs/s | producer ÷ bare |\n|---|--:|--:|--:|--:|",
+        jobs = settings.jobs
+    );
+    for row in rows {
+        let bare = median(row.bare.iter().copied());
+        let producer = median(row.producer.iter().copied());
+        let ratio = median(
+            row.producer
+                .iter()
+                .zip(&row.bare)
+                .filter(|(_, b)| **b > 0.0)
+                .map(|(p, b)| p / b),
+        );
+        let _ = writeln!(
+            out,
+            "| {} | {} | {bare:.0} | {producer:.0} | {ratio:.2} |",
+            row.queue_type, row.window
+        );
+    }
+    out.push('\n');
+}
+
+/// Each repeat of `row` divided by the bare run of the same repeat, minutes apart at most; the
+/// median of those ratios, so that the machine's slow and fast patches cancel.
+fn ratio(rows: &[Row], row: &Row, field: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
+    let bare = rows
+        .iter()
+        .find(|r| r.queue_type == row.queue_type && r.scenario.is_bare())?;
+    let ratios: Vec<f64> = row
+        .full
+        .iter()
+        .zip(&bare.full)
+        .filter_map(|(mine, b)| Some(field(mine)? / field(b).filter(|b| *b > 0.0)?))
+        .collect();
+    (!ratios.is_empty()).then(|| median(ratios.into_iter()))
+}
+
+fn results(out: &mut String, rows: &[Row]) {
+    let _ = writeln!(
+        out,
+        "## Results\n\n\
+         | queue | setup | publish jobs/s | end-to-end jobs/s | p50 ms | p99 ms | half rate jobs/s | p50 ms @ half | p99 ms @ half | consumer peak RSS MiB | publish ÷ bare | end-to-end ÷ bare |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.queue_type,
+            row.scenario,
+            cell(row.median(&row.full, |s| s.publish_rate), 0),
+            cell(row.median(&row.full, |s| Some(s.end_to_end_rate)), 0),
+            cell(row.median(&row.full, |s| s.p50_ms), 1),
+            cell(row.median(&row.full, |s| s.p99_ms), 1),
+            cell(row.median(&row.half, |s| Some(s.end_to_end_rate)), 0),
+            cell(row.median(&row.half, |s| s.p50_ms), 1),
+            cell(row.median(&row.half, |s| s.p99_ms), 1),
+            cell(row.median(&row.full, |s| s.peak_rss_mib), 1),
+            cell(ratio(rows, row, |s| s.publish_rate), 2),
+            cell(ratio(rows, row, |s| Some(s.end_to_end_rate)), 2),
+        );
+    }
+}
+
+fn cpu(out: &mut String, rows: &[Row], broker: bool) {
+    let total = match broker {
+        true => "clients + broker",
+        false => "clients",
+    };
+    let _ = writeln!(
+        out,
+        "\n## CPU per 10,000 jobs\n\n\
+         CPU seconds per 10,000 jobs at full speed. Clients: every process but the broker (for \
+         bare, the bench's own loops and collector; for the user command, `producer` and \
+         `consumer`; for system, those and the collector).\n\n\
+         | queue | setup | consumer s | clients s | broker s | total ({total}) s | total ÷ bare |\n\
+         |---|---|--:|--:|--:|--:|--:|"
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            row.queue_type,
+            row.scenario,
+            cell(row.median(&row.full, |s| s.consumer_cpu_per_10k), 2),
+            cell(row.median(&row.full, |s| Some(s.clients_cpu_per_10k)), 2),
+            cell(row.median(&row.full, |s| s.broker_cpu_per_10k), 2),
+            cell(row.median(&row.full, |s| Some(s.total_cpu_per_10k())), 2),
+            cell(ratio(rows, row, |s| Some(s.total_cpu_per_10k())), 2),
+        );
+    }
 }
 
 fn today() -> String {

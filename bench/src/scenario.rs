@@ -1,9 +1,8 @@
-//! One run of one scenario on a namespace of its own, and the whole matrix of runs.
+//! One run of one scenario on a namespace of its own.
 //!
-//! Every run declares a fresh topology (`bench-<id>.*`), subscribes the collector, runs either
-//! the bare loops or the real binaries, waits for every result and deletes the topology again.
-//! Repeats are interleaved across scenarios, so that a slow patch of this noisy machine does
-//! not land on one scenario alone.
+//! Every run declares a fresh topology (`bench-<id>.*`), subscribes the collector (except the
+//! user-command row, where `producer --wait` collects), runs either the bare loops or the real
+//! binaries, waits for every result, counts the CPU it cost and deletes the topology again.
 
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use deadpool_lapin::lapin::{
 use shared::{
     amqp,
     config::{CommonSettings, DEFAULT_DELIVERY_LIMIT},
+    schema::TEXT_ANALYZE,
     topology::{QueueType, Topology},
 };
 use tokio_util::sync::CancellationToken;
@@ -23,16 +23,17 @@ use uuid::Uuid;
 
 use crate::{
     bare, collect,
-    report::{self, MemoryRun, PublishRow, Row, Sample},
+    report::{MemoryRun, Sample},
     settings::Settings,
     system::{self, Binaries, Env},
+    usage,
 };
 
 /// Longest silence from the results before a run is declared stuck.
 const RESULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for consumer processes to subscribe.
 const CONSUMERS_READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Consumer concurrency of the memory run: the largest of the matrix.
+/// Consumer concurrency of the memory run.
 const MEMORY_RUN_CONCURRENCY: usize = 128;
 /// Longest wait for a consumer to stop after SIGTERM.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,9 +41,18 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// What is measured in one run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scenario {
-    /// The hand-written lapin loops of [`bare`].
-    Bare,
-    /// The real binaries: one producer and `consumers` consumer processes.
+    /// The hand-written lapin loops of [`bare`], with this confirm window and prefetch.
+    Bare {
+        /// Unconfirmed publishes in flight.
+        window: usize,
+        /// The consumer's prefetch.
+        prefetch: u16,
+    },
+    /// What a user types: one `consumer` and `producer --count N --size S --wait`, both at
+    /// their defaults, timed as a whole from outside.
+    UserCommand,
+    /// The real binaries: one producer and `consumers` consumer processes; the bench's
+    /// collector times each result.
     System {
         /// Consumer processes.
         consumers: usize,
@@ -51,124 +61,54 @@ pub(crate) enum Scenario {
     },
 }
 
+impl Scenario {
+    /// Whether this is a bare row.
+    pub(crate) fn is_bare(self) -> bool {
+        matches!(self, Self::Bare { .. })
+    }
+}
+
 impl std::fmt::Display for Scenario {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Bare => f.write_str("bare lapin loop"),
+            Self::Bare { window, prefetch } => {
+                write!(f, "bare lapin loop (window {window}, prefetch {prefetch})")
+            }
+            Self::UserCommand => {
+                f.write_str("user command: `producer --wait`, 1 consumer, defaults")
+            }
             Self::System {
                 consumers,
                 concurrency,
-            } => write!(
-                f,
-                "system: {consumers} consumer(s) × concurrency {concurrency}"
-            ),
+            } => {
+                let default = match *concurrency == consumer::settings::DEFAULT_CONCURRENCY {
+                    true => " (default)",
+                    false => "",
+                };
+                write!(
+                    f,
+                    "system: {consumers} consumer(s) × concurrency {concurrency}{default}"
+                )
+            }
         }
     }
 }
 
 /// Everything a run needs besides its scenario.
-struct Bench<'a> {
-    settings: &'a Settings,
-    binaries: Binaries,
-    admin: deadpool_lapin::Connection,
-}
-
-/// Runs the matrix the settings describe and returns the markdown report.
-///
-/// # Errors
-/// When the broker cannot be reached, a binary is missing, or a run loses a job.
-pub(crate) async fn run_all(settings: &Settings) -> anyhow::Result<String> {
-    let dir = match &settings.bin_dir {
-        Some(dir) => dir.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("the bench's own directory")?
-            .to_owned(),
-    };
-    let binaries = Binaries::find(&dir)?;
-    let (_pool, admin) = amqp::connect(&settings.amqp_url, "bench admin")
-        .await
-        .context("the bench needs a RabbitMQ at AMQP_URL (scripts/rabbitmq-local.sh starts one)")?;
-    let bench = Bench {
-        settings,
-        binaries,
-        admin,
-    };
-
-    let mut scenarios = vec![Scenario::Bare];
-    for &consumers in &settings.consumers {
-        for &concurrency in &settings.concurrency {
-            scenarios.push(Scenario::System {
-                consumers,
-                concurrency,
-            });
-        }
-    }
-    let mut rows = Vec::new();
-    let mut publishers = Vec::new();
-    for &queue_type in &settings.queue_types {
-        let mut row = PublishRow {
-            queue_type,
-            bare: Vec::new(),
-            producer: Vec::new(),
-        };
-        for repeat in 1..=settings.repeats {
-            let bare = bench.publish_only(queue_type, false).await?;
-            let producer = bench.publish_only(queue_type, true).await?;
-            tracing::info!(%queue_type, repeat, bare, producer, "publishers alone, jobs/s");
-            row.bare.push(bare);
-            row.producer.push(producer);
-        }
-        publishers.push(row);
-    }
-    for &queue_type in &settings.queue_types {
-        let mut full: Vec<Vec<Sample>> = vec![Vec::new(); scenarios.len()];
-        for repeat in 1..=settings.repeats {
-            for (i, scenario) in scenarios.iter().enumerate() {
-                let sample = bench
-                    .run(*scenario, queue_type, settings.jobs, None)
-                    .await?;
-                tracing::info!(%queue_type, %scenario, repeat, "{sample}");
-                full[i].push(sample);
-            }
-        }
-        let mut half: Vec<Vec<Sample>> = vec![Vec::new(); scenarios.len()];
-        let half_jobs = (settings.jobs / 2).max(1000);
-        if settings.half_rate {
-            for repeat in 1..=settings.repeats {
-                for (i, scenario) in scenarios.iter().enumerate() {
-                    let rate = report::median(full[i].iter().map(|s| s.end_to_end_rate)) / 2.0;
-                    let sample = bench
-                        .run(*scenario, queue_type, half_jobs, Some(rate))
-                        .await?;
-                    tracing::info!(%queue_type, %scenario, repeat, rate, "half rate: {sample}");
-                    half[i].push(sample);
-                }
-            }
-        }
-        for ((scenario, full), half) in scenarios.iter().zip(full).zip(half) {
-            rows.push(Row {
-                queue_type,
-                scenario: *scenario,
-                full,
-                half,
-            });
-        }
-    }
-    let memory = match settings.soak_jobs {
-        0 => None,
-        jobs => Some(bench.memory_run(jobs).await?),
-    };
-    let markdown = report::markdown(settings, &publishers, &rows, memory.as_ref());
-    tracing::info!("results\n{markdown}");
-    Ok(markdown)
+pub(crate) struct Bench<'a> {
+    pub(crate) settings: &'a Settings,
+    pub(crate) binaries: Binaries,
+    pub(crate) admin: deadpool_lapin::Connection,
+    /// The broker's OS pid, when its CPU can be read.
+    pub(crate) broker_pid: Option<u32>,
 }
 
 impl Bench<'_> {
     /// A fresh namespace on `queue_type` queues, its topology declared, and a channel on it.
     async fn open(&self, queue_type: QueueType) -> anyhow::Result<(String, Topology, Channel)> {
         let namespace = format!("bench-{}", &Uuid::new_v4().simple().to_string()[..8]);
-        let topology = Topology::new(&namespace, queue_type, DEFAULT_DELIVERY_LIMIT);
+        let topology = Topology::new(&namespace, queue_type, DEFAULT_DELIVERY_LIMIT)
+            .with_kinds(&[TEXT_ANALYZE]);
         topology.declare(&self.admin).await?;
         let channel = self.admin.create_channel().await?;
         Ok((namespace, topology, channel))
@@ -182,7 +122,7 @@ impl Bench<'_> {
     }
 
     /// One run: `jobs` jobs at full speed, or at `rate` per second.
-    async fn run(
+    pub(crate) async fn run(
         &self,
         scenario: Scenario,
         queue_type: QueueType,
@@ -208,15 +148,27 @@ impl Bench<'_> {
     ) -> anyhow::Result<Sample> {
         let s = self.settings;
         let names = &topology.names;
-        let queue = collect::subscribe(channel, names).await?;
-        let collector = tokio::spawn(collect::collect(
-            channel.clone(),
-            queue,
-            jobs,
-            RESULT_IDLE_TIMEOUT,
-        ));
-        let (publish_rate, collected, usage) = match scenario {
-            Scenario::Bare => {
+        let env = Env {
+            amqp_url: &s.amqp_url,
+            namespace,
+            queue_type: topology.queue_type,
+        };
+        let cpu = usage::Cpu::start(self.broker_pid);
+        let collector = match scenario {
+            Scenario::UserCommand => None,
+            Scenario::Bare { .. } | Scenario::System { .. } => {
+                let queue = collect::subscribe(channel, names).await?;
+                Some(tokio::spawn(collect::collect(
+                    channel.clone(),
+                    queue,
+                    jobs,
+                    RESULT_IDLE_TIMEOUT,
+                )))
+            }
+        };
+        let mut sample = Sample::new(jobs);
+        match scenario {
+            Scenario::Bare { window, prefetch } => {
                 let (_pool, consuming) = amqp::connect(&s.amqp_url, "bench bare consumer").await?;
                 let (_pool, publishing) =
                     amqp::connect(&s.amqp_url, "bench bare publisher").await?;
@@ -224,67 +176,90 @@ impl Bench<'_> {
                 let consumer = tokio::spawn(bare::consume(
                     consuming,
                     names.clone(),
-                    s.prefetch,
+                    names.kind_queue(TEXT_ANALYZE),
+                    prefetch,
                     stop.clone(),
                 ));
-                let published =
-                    bare::publish(&publishing, names, jobs, s.size, s.window, rate).await;
-                let collected = collector.await?;
+                let published = bare::publish(&publishing, names, jobs, s.size, window, rate).await;
+                let collected = match collector {
+                    Some(collector) => Some(collector.await??),
+                    None => None,
+                };
                 stop.cancel();
                 consumer.await??;
                 let _ = publishing.close(200, "done".into()).await;
-                let elapsed = published?;
-                (jobs as f64 / elapsed.as_secs_f64(), collected?, None)
+                sample.publish_rate = Some(jobs as f64 / published?.as_secs_f64());
+                sample.collected(collected.as_ref());
             }
-            Scenario::System {
-                consumers,
-                concurrency,
-            } => {
-                let env = Env {
-                    amqp_url: &s.amqp_url,
-                    namespace,
-                    queue_type: topology.queue_type,
+            Scenario::UserCommand | Scenario::System { .. } => {
+                let (consumers, concurrency) = match scenario {
+                    Scenario::System {
+                        consumers,
+                        concurrency,
+                    } => (consumers, Some(concurrency)),
+                    _ => (1, None),
                 };
                 let mut children = Vec::new();
                 for _ in 0..consumers {
-                    children.push(self.binaries.consumer(&env, concurrency, s.prefetch)?);
+                    children.push(self.binaries.consumer(&env, concurrency, None)?);
                 }
                 let pids: Vec<u32> = children
                     .iter()
                     .filter_map(tokio::process::Child::id)
                     .collect();
                 wait_for_consumers(channel, &names.work_queue, consumers).await?;
-                let cpu_before: f64 = pids.iter().map(|&p| system::cpu_seconds(p)).sum();
-                let produced = self
-                    .binaries
-                    .produce(&env, jobs, s.size, s.window, rate)
-                    .await;
-                let collected = collector.await?;
-                let cpu: f64 =
-                    pids.iter().map(|&p| system::cpu_seconds(p)).sum::<f64>() - cpu_before;
+                let cpu_before: f64 = pids.iter().map(|&p| usage::cpu_seconds(p)).sum();
+                let wait = scenario == Scenario::UserCommand;
+                let produced = self.binaries.produce(&env, jobs, s.size, rate, wait).await;
+                let collected = match collector {
+                    Some(collector) => Some(collector.await??),
+                    None => None,
+                };
+                let consumer_cpu: f64 =
+                    pids.iter().map(|&p| usage::cpu_seconds(p)).sum::<f64>() - cpu_before;
                 let peak = pids
                     .iter()
-                    .map(|&p| system::memory(p).peak_mib)
+                    .map(|&p| usage::memory(p).peak_mib)
                     .fold(0.0, f64::max);
                 for child in children {
                     system::stop(child, STOP_TIMEOUT).await;
                 }
-                (produced?, collected?, Some((peak, cpu)))
+                let (publish_rate, took) = produced?;
+                match collected {
+                    Some(collected) => {
+                        sample.publish_rate = Some(publish_rate);
+                        sample.collected(Some(&collected));
+                    }
+                    // The producer waited for every result (it fails otherwise): the whole
+                    // command's time is the end-to-end time.
+                    None => {
+                        sample.collected(None);
+                        sample.end_to_end_rate = jobs as f64 / took.as_secs_f64();
+                    }
+                }
+                sample.peak_rss_mib = Some(peak);
+                sample.consumer_cpu_per_10k = Some(per_10k(consumer_cpu, jobs));
             }
-        };
-        let arrived = collected.latencies_ms.len() as u64;
-        if arrived != jobs || collected.bad > 0 {
+        }
+        let (clients, broker) = cpu.used();
+        sample.clients_cpu_per_10k = per_10k(clients, jobs);
+        sample.broker_cpu_per_10k = broker.map(|b| per_10k(b, jobs));
+        if let Some(missing) = sample.missing {
             bail!(
-                "{scenario}: {arrived} of {jobs} results arrived ({} not ok) within {RESULT_IDLE_TIMEOUT:?} of silence",
-                collected.bad
+                "{scenario}: {missing} of {jobs} results missing or not ok within {RESULT_IDLE_TIMEOUT:?} of silence"
             );
         }
-        Ok(Sample::new(publish_rate, &collected, jobs, usage))
+        Ok(sample)
     }
 
     /// Publishes `jobs` jobs with nobody consuming them, with the producer binary or the bare
     /// publisher, and returns the confirmed jobs per second.
-    async fn publish_only(&self, queue_type: QueueType, producer: bool) -> anyhow::Result<f64> {
+    pub(crate) async fn publish_only(
+        &self,
+        queue_type: QueueType,
+        producer: bool,
+        window: usize,
+    ) -> anyhow::Result<f64> {
         let s = self.settings;
         let (namespace, topology, channel) = self.open(queue_type).await?;
         let rate = if producer {
@@ -294,15 +269,15 @@ impl Bench<'_> {
                 queue_type,
             };
             self.binaries
-                .produce(&env, s.jobs, s.size, s.window, None)
+                .produce(&env, s.jobs, s.size, None, false)
                 .await
+                .map(|(rate, _)| rate)
         } else {
             async {
                 let (_pool, publishing) =
                     amqp::connect(&s.amqp_url, "bench bare publisher").await?;
                 let elapsed =
-                    bare::publish(&publishing, &topology.names, s.jobs, s.size, s.window, None)
-                        .await;
+                    bare::publish(&publishing, &topology.names, s.jobs, s.size, window, None).await;
                 let _ = publishing.close(200, "done".into()).await;
                 anyhow::Ok(s.jobs as f64 / elapsed?.as_secs_f64())
             }
@@ -313,7 +288,7 @@ impl Bench<'_> {
     }
 
     /// One consumer with `in_flight` prefetch through `jobs` jobs, its RSS sampled as it goes.
-    async fn memory_run(&self, jobs: u64) -> anyhow::Result<MemoryRun> {
+    pub(crate) async fn memory_run(&self, jobs: u64) -> anyhow::Result<MemoryRun> {
         let s = self.settings;
         let queue_type = s.queue_types.first().copied().unwrap_or_default();
         let (namespace, topology, channel) = self.open(queue_type).await?;
@@ -331,11 +306,13 @@ impl Bench<'_> {
                 queue_type,
             };
             let concurrency = MEMORY_RUN_CONCURRENCY;
-            let child = self.binaries.consumer(&env, concurrency, s.in_flight)?;
+            let child = self
+                .binaries
+                .consumer(&env, Some(concurrency), Some(s.in_flight))?;
             let pid = child.id().context("consumer exited at once")?;
             wait_for_consumers(&channel, &topology.names.work_queue, 1).await?;
             let started = tokio::time::Instant::now();
-            let producing = self.binaries.produce(&env, jobs, s.size, s.window, None);
+            let producing = self.binaries.produce(&env, jobs, s.size, None, false);
             tokio::pin!(producing);
             let mut produced = None;
             let mut samples = Vec::new();
@@ -344,10 +321,10 @@ impl Bench<'_> {
                 tokio::select! {
                     done = &mut collector => break done??,
                     rate = &mut producing, if produced.is_none() => produced = Some(rate?),
-                    _ = tick.tick() => samples.push((started.elapsed(), system::memory(pid).rss_mib)),
+                    _ = tick.tick() => samples.push((started.elapsed(), usage::memory(pid).rss_mib)),
                 }
             };
-            let peak = system::memory(pid).peak_mib;
+            let peak = usage::memory(pid).peak_mib;
             system::stop(child, STOP_TIMEOUT).await;
             let arrived = collected.latencies_ms.len() as u64;
             if arrived != jobs {
@@ -367,6 +344,11 @@ impl Bench<'_> {
         self.close(&topology, channel).await;
         outcome
     }
+}
+
+/// CPU seconds per 10,000 jobs.
+fn per_10k(seconds: f64, jobs: u64) -> f64 {
+    seconds / jobs.max(1) as f64 * 10_000.0
 }
 
 /// Waits until `count` consumers are subscribed to `queue`.

@@ -29,21 +29,23 @@ pub(crate) struct Settings {
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
     pub(crate) consumers: Vec<usize>,
 
-    /// Consumer concurrency values to cover.
-    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 128])]
+    /// Consumer concurrency values to cover (the consumer's default is 64); the prefetch and
+    /// the producer's window are always the binaries' defaults.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 64, 256])]
     pub(crate) concurrency: Vec<usize>,
 
     /// Size of each synthetic `text.analyze` text, in bytes.
     #[arg(long, default_value_t = 1024)]
     pub(crate) size: usize,
 
-    /// Prefetch of every consumer, bare or not.
-    #[arg(long, default_value_t = 256)]
-    pub(crate) prefetch: u16,
+    /// Unconfirmed publishes in flight the bare publisher tries; the bare rows use the
+    /// fastest (tried at the middle prefetch of `--bare-prefetches`).
+    #[arg(long, value_delimiter = ',', default_values_t = [128usize, 256, 512, 1024, 2048, 4096])]
+    pub(crate) bare_windows: Vec<usize>,
 
-    /// Unconfirmed publishes in flight, for the producer and the bare publisher alike.
-    #[arg(long, default_value_t = 512)]
-    pub(crate) window: usize,
+    /// Prefetches the bare consumer tries, at the fastest window; the bare rows use the fastest.
+    #[arg(long, value_delimiter = ',', default_values_t = [64u16, 128, 256, 512, 1024, 2048])]
+    pub(crate) bare_prefetches: Vec<u16>,
 
     /// Jobs of the memory run (one consumer, `--in-flight` prefetch); 0 skips it.
     #[arg(long, default_value_t = 200_000)]
