@@ -4,7 +4,8 @@
 //! ```text
 //! input.rs (JSON lines | synthetic) ──▶ publish, up to `window` unconfirmed ──▶ [jobs]
 //!                                        each confirm checked: acked and routed
-//! results.rs (private queue on [jobs.results]) ──▶ stdout, one JSON line per job (--wait)
+//! results.rs (private queue on [jobs.results]) ──▶ wait.rs ──▶ stdout, one JSON line per
+//!                                                   job, while publishing (--wait)
 //! ```
 //!
 //! A job counts as sent only when the broker confirmed it *and* did not return it as
@@ -17,6 +18,7 @@ pub mod results;
 pub mod serve;
 pub mod settings;
 pub mod summary;
+mod wait;
 
 use std::{
     collections::HashSet,
@@ -70,7 +72,7 @@ pub enum ProducerError {
 /// [`Summary::success`].
 pub async fn run(
     settings: Settings,
-    mut results_out: impl Write + Send,
+    results_out: impl Write + Send,
     shutdown: CancellationToken,
 ) -> Result<Summary, ProducerError> {
     let topology = settings.common.topology();
@@ -96,8 +98,9 @@ pub async fn run(
     if let Some(connection) = publisher.connection() {
         note_unserved_kind(connection, &topology, &settings.kind).await;
     }
-    // The ids of this run's jobs, so that the listener keeps only their results.
+    // The ids of this run's jobs without a result yet, so that the listener keeps only theirs.
     let wanted: std::sync::Arc<std::sync::Mutex<HashSet<Uuid>>> = std::sync::Arc::default();
+    let mut written = wait::Results::new(results_out, std::sync::Arc::clone(&wanted));
     let mut listener = match settings.wait {
         true => {
             let expires = settings.wait_timeout() + Duration::from_secs(300);
@@ -179,6 +182,9 @@ pub async fn run(
             gave_up = Some(error);
             break;
         }
+        if let Some(listener) = listener.as_mut() {
+            written.drain(listener);
+        }
     }
     if gave_up.is_none() {
         if let Err(error) = publisher.finish(&mut settled).await {
@@ -207,15 +213,10 @@ pub async fn run(
     progress.finish_and_clear();
 
     if let Some(mut listener) = listener.take() {
-        collect_results(
-            &settings,
-            &mut listener,
-            confirmed,
-            &mut summary,
-            &mut results_out,
-            &shutdown,
-        )
-        .await;
+        let timeout = settings.wait_timeout();
+        written
+            .finish(&mut listener, &confirmed, timeout, &mut summary, &shutdown)
+            .await;
         // Cleanup is best effort and bounded: the private queue expires by itself anyway.
         let channel = match publisher.connection() {
             Some(connection) => {
@@ -279,56 +280,6 @@ fn connection_name(settings: &Settings) -> String {
         settings.common.namespace,
         std::process::id()
     )
-}
-
-async fn collect_results(
-    settings: &Settings,
-    listener: &mut results::Listener,
-    mut pending: HashSet<Uuid>,
-    summary: &mut Summary,
-    out: &mut (impl Write + Send),
-    shutdown: &CancellationToken,
-) {
-    let deadline = tokio::time::Instant::now() + settings.wait_timeout();
-    while !pending.is_empty() {
-        let arrived = tokio::select! {
-            () = shutdown.cancelled() => break,
-            arrived = tokio::time::timeout_at(deadline, listener.results.recv()) => arrived,
-        };
-        match arrived {
-            Ok(Some(result)) => {
-                if !pending.remove(&result.job_id) {
-                    continue; // another run's job, or a duplicate
-                }
-                if result.ok {
-                    summary.results_ok += 1;
-                } else {
-                    summary.results_failed += 1;
-                }
-                let written = out
-                    .write_all(&result.body)
-                    .and_then(|()| out.write_all(b"\n"));
-                if let Err(error) = written {
-                    tracing::warn!(%error, "cannot write a result");
-                }
-            }
-            Ok(None) => {
-                summary
-                    .errors
-                    .push("the results listener stopped".to_owned());
-                break;
-            }
-            Err(_) => {
-                summary.errors.push(format!(
-                    "timed out after {:?} waiting for results",
-                    settings.wait_timeout()
-                ));
-                break;
-            }
-        }
-    }
-    summary.results_missing = pending.len() as u64;
-    let _ = out.flush();
 }
 
 fn progress_bar(len: Option<u64>) -> ProgressBar {
