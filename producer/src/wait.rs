@@ -47,15 +47,16 @@ impl<W: Write> Results<W> {
         }
     }
 
-    /// Writes one result, the first time its job's result arrives (later copies are dropped).
-    fn take(&mut self, arrived: Arrived) {
+    /// Writes one result, the first time its job's result arrives (later copies are dropped),
+    /// and returns its job id then.
+    fn take(&mut self, arrived: Arrived) -> Option<Uuid> {
         let first = self
             .pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&arrived.job_id);
         if !first {
-            return; // a duplicate: delivery is at least once
+            return None; // a duplicate: delivery is at least once
         }
         if arrived.ok {
             self.ok += 1;
@@ -69,6 +70,7 @@ impl<W: Write> Results<W> {
         if let Err(error) = written {
             tracing::warn!(%error, "cannot write a result");
         }
+        Some(arrived.job_id)
     }
 
     /// Waits up to `timeout` for the results of the `confirmed` jobs not written yet, and
@@ -82,18 +84,26 @@ impl<W: Write> Results<W> {
         shutdown: &CancellationToken,
     ) {
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            self.drain(listener);
-            let missing = self.missing(confirmed);
-            if missing == 0 {
-                break;
-            }
+        // Once, not per result: the confirmed jobs still without a result.
+        let mut missing: HashSet<Uuid> = {
+            let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            confirmed
+                .iter()
+                .filter(|id| pending.contains(*id))
+                .copied()
+                .collect()
+        };
+        while !missing.is_empty() {
             let arrived = tokio::select! {
                 () = shutdown.cancelled() => break,
                 arrived = tokio::time::timeout_at(deadline, listener.results.recv()) => arrived,
             };
             match arrived {
-                Ok(Some(arrived)) => self.take(arrived),
+                Ok(Some(arrived)) => {
+                    if let Some(id) = self.take(arrived) {
+                        missing.remove(&id);
+                    }
+                }
                 Ok(None) => {
                     summary
                         .errors
@@ -110,18 +120,7 @@ impl<W: Write> Results<W> {
         }
         summary.results_ok = self.ok;
         summary.results_failed = self.failed;
-        summary.results_missing = self.missing(confirmed);
+        summary.results_missing = missing.len() as u64;
         let _ = self.out.flush();
-    }
-
-    /// Confirmed jobs whose result is not written yet.
-    fn missing(&self, confirmed: &HashSet<Uuid>) -> u64 {
-        let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        // The smaller set is walked: the pending set shrinks to nothing as results arrive.
-        if pending.len() < confirmed.len() {
-            pending.iter().filter(|id| confirmed.contains(*id)).count() as u64
-        } else {
-            confirmed.iter().filter(|id| pending.contains(*id)).count() as u64
-        }
     }
 }
