@@ -240,32 +240,28 @@ impl Publisher {
             }
             self.settle_batch(batch, settled);
             let channel = self.channel().await?;
-            let publish = channel.basic_publish(
-                self.exchange.clone(),
-                self.routing_key.clone(),
-                mandatory(),
-                &job.body,
-                job_properties(job.id),
-            );
-            // A broker that blocks publishers stops reading: the send itself may never end.
-            let shutdown = self.shutdown.clone();
-            let published = tokio::select! {
-                () = shutdown.cancelled() => {
-                    self.resend.push_front(job);
-                    return Err(Stopped::Interrupted);
-                }
-                published = publish => published,
+            // Pipelined: the publish is polled once, which hands its frames to lapin's I/O
+            // loop in order (and takes its delivery tag), and is then awaited with its confirm
+            // among the jobs in flight. Awaiting each write before the next publish would cost
+            // a round trip between this task and the I/O thread per job. A broker that blocks
+            // publishers stops reading: such a job then fails after CONFIRM_TIMEOUT, and
+            // shutdown interrupts the wait in `next_confirm`.
+            let (exchange, routing_key) = (self.exchange.clone(), self.routing_key.clone());
+            let body = Arc::clone(&job.body);
+            let properties = job_properties(job.id);
+            let publish = async move {
+                channel
+                    .basic_publish(exchange, routing_key, mandatory(), &body, properties)
+                    .await?
+                    .await
             };
-            match published {
-                Ok(confirm) => self.inflight.push(Box::pin(
-                    tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
-                        .map(move |outcome| (job, outcome.ok())),
-                )),
-                Err(error) if self.lost(&error) => {
-                    self.resend.push_front(job);
-                    self.link = None;
-                }
-                Err(error) => self.refuse(job, &error, settled),
+            let mut confirmed: BoxFuture<'static, Confirmed> = Box::pin(
+                tokio::time::timeout(CONFIRM_TIMEOUT, publish)
+                    .map(move |outcome| (job, outcome.ok())),
+            );
+            match futures::poll!(confirmed.as_mut()) {
+                std::task::Poll::Ready(done) => self.settle_batch(vec![done], settled),
+                std::task::Poll::Pending => self.inflight.push(confirmed),
             }
         }
         Ok(())
