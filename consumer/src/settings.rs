@@ -15,7 +15,7 @@ pub fn default_http_addr() -> std::net::SocketAddr {
 }
 
 /// Deliveries the broker may send before they are acked.
-pub const DEFAULT_PREFETCH: u16 = 256;
+pub const DEFAULT_PREFETCH: u16 = 512;
 /// Jobs processed at once.
 pub const DEFAULT_CONCURRENCY: usize = 64;
 /// Largest body accepted (1 MiB).

@@ -9,7 +9,7 @@ use shared::{
 };
 
 /// Unconfirmed publishes allowed in flight.
-pub const DEFAULT_WINDOW: usize = 512;
+pub const DEFAULT_WINDOW: usize = 256;
 /// Size of each synthetic text, in bytes.
 pub const DEFAULT_SIZE: usize = 1024;
 /// How long the producer keeps trying to reconnect, in seconds.
