@@ -9,17 +9,34 @@ use anyhow::Context;
 use producer::{Command, Settings};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let settings = Settings::from_args();
     let format = settings.common.log_format;
     shared::telemetry::init(format);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
-    match run(settings, shutdown).await {
-        Ok(code) => code,
-        Err(error) => shared::telemetry::exit_with("producer", error.as_ref(), format),
+    // A batch run publishes and reads results: I/O only, so one thread does it with fewer
+    // wake-ups between threads per job than a pool (measured in BENCHMARKS.md). `serve`
+    // answers many HTTP clients at once and gets a thread per core.
+    let runtime = match settings.command {
+        Some(Command::Serve(_)) => tokio::runtime::Builder::new_multi_thread(),
+        None => tokio::runtime::Builder::new_current_thread(),
     }
+    .enable_all()
+    .build();
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            let error = anyhow::Error::from(error).context("cannot start the async runtime");
+            return shared::telemetry::exit_with("producer", error.as_ref(), format);
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
+        match run(settings, shutdown).await {
+            Ok(code) => code,
+            Err(error) => shared::telemetry::exit_with("producer", error.as_ref(), format),
+        }
+    })
 }
 
 async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
