@@ -183,7 +183,7 @@ pub async fn run(
             break;
         }
         if let Some(listener) = listener.as_mut() {
-            written.drain(listener);
+            written.drain(&mut listener.results);
         }
     }
     if gave_up.is_none() {
@@ -215,7 +215,13 @@ pub async fn run(
     if let Some(mut listener) = listener.take() {
         let timeout = settings.wait_timeout();
         written
-            .finish(&mut listener, &confirmed, timeout, &mut summary, &shutdown)
+            .finish(
+                &mut listener.results,
+                &confirmed,
+                timeout,
+                &mut summary,
+                &shutdown,
+            )
             .await;
         // Cleanup is best effort and bounded: the private queue expires by itself anyway.
         let channel = match publisher.connection() {

@@ -63,6 +63,19 @@ pub struct Arrived {
     _bytes: Option<OwnedSemaphorePermit>,
 }
 
+impl Arrived {
+    /// A result outside any byte budget (for tests).
+    #[cfg(test)]
+    pub(crate) fn new(job_id: Uuid, ok: bool, body: Vec<u8>) -> Self {
+        Self {
+            job_id,
+            ok,
+            body,
+            _bytes: None,
+        }
+    }
+}
+
 /// Receives every result published while it runs.
 #[derive(Debug)]
 pub struct Listener {

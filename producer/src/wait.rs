@@ -15,10 +15,9 @@ use std::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{
-    results::{Arrived, Listener},
-    summary::Summary,
-};
+use tokio::sync::mpsc;
+
+use crate::{results::Arrived, summary::Summary};
 
 /// The writer of one run's results.
 pub(crate) struct Results<W> {
@@ -41,8 +40,8 @@ impl<W: Write> Results<W> {
     }
 
     /// Writes every result that has arrived so far, without waiting.
-    pub(crate) fn drain(&mut self, listener: &mut Listener) {
-        while let Ok(arrived) = listener.results.try_recv() {
+    pub(crate) fn drain(&mut self, results: &mut mpsc::Receiver<Arrived>) {
+        while let Ok(arrived) = results.try_recv() {
             self.take(arrived);
         }
     }
@@ -77,7 +76,7 @@ impl<W: Write> Results<W> {
     /// counts the results and the missing ones in `summary`.
     pub(crate) async fn finish(
         mut self,
-        listener: &mut Listener,
+        results: &mut mpsc::Receiver<Arrived>,
         confirmed: &HashSet<Uuid>,
         timeout: Duration,
         summary: &mut Summary,
@@ -96,7 +95,7 @@ impl<W: Write> Results<W> {
         while !missing.is_empty() {
             let arrived = tokio::select! {
                 () = shutdown.cancelled() => break,
-                arrived = tokio::time::timeout_at(deadline, listener.results.recv()) => arrived,
+                arrived = tokio::time::timeout_at(deadline, results.recv()) => arrived,
             };
             match arrived {
                 Ok(Some(arrived)) => {
@@ -122,5 +121,101 @@ impl<W: Write> Results<W> {
         summary.results_failed = self.failed;
         summary.results_missing = missing.len() as u64;
         let _ = self.out.flush();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn arrived(job_id: Uuid, ok: bool) -> Arrived {
+        Arrived::new(
+            job_id,
+            ok,
+            format!("{{\"job_id\":\"{job_id}\"}}").into_bytes(),
+        )
+    }
+
+    fn setup(
+        ids: &[Uuid],
+    ) -> (
+        Results<Vec<u8>>,
+        mpsc::Sender<Arrived>,
+        mpsc::Receiver<Arrived>,
+    ) {
+        let pending = Arc::new(Mutex::new(ids.iter().copied().collect()));
+        let (tx, rx) = mpsc::channel(16);
+        (Results::new(Vec::new(), pending), tx, rx)
+    }
+
+    #[tokio::test]
+    async fn writes_each_result_once_even_before_its_confirm_and_counts_the_missing() {
+        // Arrange: three jobs; the first result comes twice and before any confirm.
+        let ids = [Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()];
+        let (mut results, tx, mut rx) = setup(&ids);
+        tx.send(arrived(ids[0], true)).await.unwrap();
+        tx.send(arrived(ids[0], true)).await.unwrap();
+        tx.send(arrived(Uuid::new_v4(), true)).await.unwrap(); // not this run's
+        results.drain(&mut rx);
+        tx.send(arrived(ids[1], false)).await.unwrap();
+        let confirmed: HashSet<Uuid> = ids.iter().copied().collect();
+        let mut summary = Summary::default();
+
+        // Act: the third never comes.
+        let timeout = Duration::from_millis(50);
+        let stop = CancellationToken::new();
+        let out = Arc::clone(&results.pending);
+        results
+            .finish(&mut rx, &confirmed, timeout, &mut summary, &stop)
+            .await;
+
+        // Assert
+        assert_eq!(
+            (
+                summary.results_ok,
+                summary.results_failed,
+                summary.results_missing
+            ),
+            (1, 1, 1)
+        );
+        assert!(
+            summary.errors[0].starts_with("timed out"),
+            "{:?}",
+            summary.errors
+        );
+        assert_eq!(
+            out.lock().unwrap().len(),
+            1,
+            "only the missing job is still pending"
+        );
+    }
+
+    #[tokio::test]
+    async fn finishes_at_once_when_every_result_came_while_publishing() {
+        let ids = [Uuid::new_v4(), Uuid::new_v4()];
+        let (mut results, tx, mut rx) = setup(&ids);
+        for id in ids {
+            tx.send(arrived(id, true)).await.unwrap();
+        }
+        results.drain(&mut rx);
+        let confirmed: HashSet<Uuid> = ids.iter().copied().collect();
+        let mut summary = Summary::default();
+
+        let started = std::time::Instant::now();
+        let stop = CancellationToken::new();
+        results
+            .finish(
+                &mut rx,
+                &confirmed,
+                Duration::from_secs(30),
+                &mut summary,
+                &stop,
+            )
+            .await;
+
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!((summary.results_ok, summary.results_missing), (2, 0));
+        assert!(summary.errors.is_empty());
     }
 }
