@@ -48,15 +48,19 @@ pub(crate) async fn run_all(settings: &Settings) -> anyhow::Result<String> {
     };
     for &queue_type in &settings.queue_types {
         let (window, prefetch) = sweep(&bench, queue_type, &mut report.sweep).await?;
+        // Publishers alone compare at the same window: the producer's default.
+        let publish_window = producer::settings::DEFAULT_WINDOW;
         let mut publishers = PublishRow {
             queue_type,
-            window,
+            window: publish_window,
             bare: Vec::new(),
             producer: Vec::new(),
         };
         for repeat in 1..=settings.repeats {
-            let bare = bench.publish_only(queue_type, false, window).await?;
-            let producer = bench.publish_only(queue_type, true, window).await?;
+            let bare = bench
+                .publish_only(queue_type, false, publish_window)
+                .await?;
+            let producer = bench.publish_only(queue_type, true, publish_window).await?;
             tracing::info!(%queue_type, repeat, bare, producer, "publishers alone, jobs/s");
             publishers.bare.push(bare);
             publishers.producer.push(producer);

@@ -125,7 +125,7 @@ impl Row {
 #[derive(Debug, Clone)]
 pub(crate) struct PublishRow {
     pub(crate) queue_type: QueueType,
-    /// The bare publisher's window (the sweep's fastest).
+    /// The window of both publishers (the producer's default).
     pub(crate) window: usize,
     pub(crate) bare: Vec<f64>,
     pub(crate) producer: Vec<f64>,
@@ -249,8 +249,9 @@ fn method(out: &mut String, settings: &Settings, report: &Report) {
          \"half rate\": jobs published evenly at half the row's own full-speed median \
          (`producer --rate`), {half_jobs} jobs.\n\
          - peak RSS: the largest `VmHWM` of the row's consumer processes. CPU: user + system \
-         seconds per 10,000 jobs; clients = the bench process (bare loops, collector) and every \
-         producer and consumer process it ran; {broker}.\n\
+         seconds per 10,000 jobs; clients = the bench process (bare loops, collector) over the \
+         run, the producer over its whole command, the consumers from the moment they consume to \
+         the last result; {broker}, from the moment every client is ready to the last result.\n\
          - ÷ bare: each repeat divided by the bare run of the same repeat (run minutes apart), \
          then the median of those ratios.\n",
         jobs = settings.jobs,
@@ -302,9 +303,9 @@ fn publishers(out: &mut String, settings: &Settings, rows: &[PublishRow]) {
     let _ = writeln!(
         out,
         "## Publishers alone\n\n\
-         {jobs} jobs into the work queue with nobody consuming: the `producer` binary (default \
-         window) against the bare publisher (the sweep's window).\n\n\
-         | queue | bare window | bare publisher jobs/s | producer jobs/s | producer ÷ bare |\n|---|--:|--:|--:|--:|",
+         {jobs} jobs into the work queue with nobody consuming: the `producer` binary against the \
+         bare publisher, both at the producer's default window.\n\n\
+         | queue | window | bare publisher jobs/s | producer jobs/s | producer ÷ bare |\n|---|--:|--:|--:|--:|",
         jobs = settings.jobs
     );
     for row in rows {

@@ -153,7 +153,13 @@ impl Bench<'_> {
             namespace,
             queue_type: topology.queue_type,
         };
-        let cpu = usage::Cpu::start(self.broker_pid);
+        // CPU counts only the run itself: the bench's own loops from here, the broker and the
+        // consumers from the moment every client is connected and ready, the producer over its
+        // whole command (what a user pays for it).
+        let own_before = usage::own_cpu_seconds();
+        let broker_cpu = || self.broker_pid.map(usage::cpu_seconds);
+        let broker_before;
+        let mut clients = 0.0;
         let collector = match scenario {
             Scenario::UserCommand => None,
             Scenario::Bare { .. } | Scenario::System { .. } => {
@@ -173,6 +179,7 @@ impl Bench<'_> {
                 let (_pool, publishing) =
                     amqp::connect(&s.amqp_url, "bench bare publisher").await?;
                 let stop = CancellationToken::new();
+                broker_before = broker_cpu();
                 let consumer = tokio::spawn(bare::consume(
                     consuming,
                     names.clone(),
@@ -208,15 +215,19 @@ impl Bench<'_> {
                     .filter_map(tokio::process::Child::id)
                     .collect();
                 wait_for_consumers(channel, &names.work_queue, consumers).await?;
+                broker_before = broker_cpu();
                 let cpu_before: f64 = pids.iter().map(|&p| usage::cpu_seconds(p)).sum();
                 let wait = scenario == Scenario::UserCommand;
+                let reaped_before = usage::reaped_children_cpu_seconds();
                 let produced = self.binaries.produce(&env, jobs, s.size, rate, wait).await;
+                clients += usage::reaped_children_cpu_seconds() - reaped_before;
                 let collected = match collector {
                     Some(collector) => Some(collector.await??),
                     None => None,
                 };
                 let consumer_cpu: f64 =
                     pids.iter().map(|&p| usage::cpu_seconds(p)).sum::<f64>() - cpu_before;
+                clients += consumer_cpu;
                 let peak = pids
                     .iter()
                     .map(|&p| usage::memory(p).peak_mib)
@@ -241,7 +252,8 @@ impl Bench<'_> {
                 sample.consumer_cpu_per_10k = Some(per_10k(consumer_cpu, jobs));
             }
         }
-        let (clients, broker) = cpu.used();
+        let broker = broker_before.zip(broker_cpu()).map(|(b, a)| a - b);
+        clients += usage::own_cpu_seconds() - own_before;
         sample.clients_cpu_per_10k = per_10k(clients, jobs);
         sample.broker_cpu_per_10k = broker.map(|b| per_10k(b, jobs));
         if let Some(missing) = sample.missing {

@@ -61,60 +61,40 @@ pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     seconds(&stat_fields(&pid.to_string()), &[14, 15])
 }
 
-/// CPU seconds of this process and of every child it has reaped (`utime`, `stime`, `cutime`,
-/// `cstime`): the difference across a run is what the bench's own loops and the binaries it
-/// ran and waited for cost.
-pub(crate) fn clients_cpu_seconds() -> f64 {
-    seconds(&stat_fields("self"), &[14, 15, 16, 17])
+/// CPU seconds of this process so far (`utime`, `stime`): the bench's own loops and collector.
+pub(crate) fn own_cpu_seconds() -> f64 {
+    seconds(&stat_fields("self"), &[14, 15])
+}
+
+/// CPU seconds of every child this process has waited for (`cutime`, `cstime`): the difference
+/// across one child's run, with no other child reaped meanwhile, is that child's whole CPU.
+pub(crate) fn reaped_children_cpu_seconds() -> f64 {
+    seconds(&stat_fields("self"), &[16, 17])
 }
 
 /// The OS pid of the broker's Erlang VM: `BENCH_BROKER_PID`, or what the local `rabbitmqctl`
-/// says; `None` when neither works (a broker in a container, for one), and the broker's CPU is
-/// then not reported.
+/// says; `None` when neither names a local `beam.smp` process (a broker in a container or on
+/// another host, for one), and the broker's CPU is then not reported.
 pub(crate) fn broker_pid() -> Option<u32> {
-    if let Some(pid) = std::env::var("BENCH_BROKER_PID")
-        .ok()
-        .and_then(|p| p.trim().parse().ok())
-    {
-        return Some(pid);
-    }
-    let output = std::process::Command::new("rabbitmqctl")
-        .args(["eval", "os:getpid()."])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())?;
-    String::from_utf8_lossy(&output.stdout)
-        .trim()
-        .trim_matches('"')
-        .parse()
-        .ok()
-        .filter(|&pid| cpu_seconds(pid) > 0.0)
-}
-
-/// CPU seconds of a run: the bench and its reaped children, and the broker when known.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Cpu {
-    clients: f64,
-    broker: Option<(u32, f64)>,
-}
-
-impl Cpu {
-    /// Starts counting.
-    pub(crate) fn start(broker: Option<u32>) -> Self {
-        Self {
-            clients: clients_cpu_seconds(),
-            broker: broker.map(|pid| (pid, cpu_seconds(pid))),
+    let pid = match std::env::var("BENCH_BROKER_PID") {
+        Ok(pid) => pid.trim().parse().ok()?,
+        Err(_) => {
+            let output = std::process::Command::new("rabbitmqctl")
+                .args(["eval", "os:getpid()."])
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())?;
+            String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .trim_matches('"')
+                .parse()
+                .ok()?
         }
-    }
-
-    /// Seconds since [`Cpu::start`]: (clients, broker).
-    pub(crate) fn used(&self) -> (f64, Option<f64>) {
-        (
-            clients_cpu_seconds() - self.clients,
-            self.broker.map(|(pid, before)| cpu_seconds(pid) - before),
-        )
-    }
+    };
+    // Another host's or container's pid may name an unrelated local process.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    comm.trim().starts_with("beam").then_some(pid)
 }
 
 #[cfg(test)]
@@ -127,7 +107,8 @@ mod tests {
         let me = std::process::id();
         assert!(memory(me).peak_mib > 0.0);
         assert!(cpu_seconds(me) >= 0.0);
-        assert!(clients_cpu_seconds() >= cpu_seconds(me));
+        assert!(own_cpu_seconds() >= 0.0);
+        assert!(reaped_children_cpu_seconds() >= 0.0);
         assert_eq!(memory(u32::MAX).peak_mib, 0.0);
         assert_eq!(cpu_seconds(u32::MAX), 0.0);
     }

@@ -98,8 +98,18 @@ pub async fn run(
     if let Some(connection) = publisher.connection() {
         note_unserved_kind(connection, &topology, &settings.kind).await;
     }
-    // The ids of this run's jobs without a result yet, so that the listener keeps only theirs.
+    // The ids of this run's jobs without a result yet and not failed, so that the listener
+    // keeps only their results; once every job is settled, what is left is what `--wait`
+    // still waits for.
     let wanted: std::sync::Arc<std::sync::Mutex<HashSet<Uuid>>> = std::sync::Arc::default();
+    let forget = |ids: &[Uuid]| {
+        let mut wanted = wanted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for id in ids {
+            wanted.remove(id);
+        }
+    };
     let mut written = wait::Results::new(results_out, std::sync::Arc::clone(&wanted));
     let mut listener = match settings.wait {
         true => {
@@ -115,17 +125,15 @@ pub async fn run(
         waited: settings.wait,
         ..Summary::default()
     };
-    let mut confirmed = HashSet::new();
     let started = Instant::now();
     let mut settled = |id: Uuid, fate: publish::Settled| {
         match fate {
-            Ok(()) => {
-                summary.confirmed += 1;
-                if settings.wait {
-                    confirmed.insert(id);
-                }
+            Ok(()) => summary.confirmed += 1,
+            Err(reason) => {
+                // A failed job's result is not waited for, nor written if it comes late.
+                forget(&[id]);
+                summary.fail(reason);
             }
-            Err(reason) => summary.fail(reason),
         }
         progress.inc(1);
     };
@@ -195,6 +203,8 @@ pub async fn run(
     summary.sent = sent;
     summary.reconnects = publisher.reconnects;
     if let Some((lost, error)) = lost {
+        forget(&lost);
+        let lost = lost.len() as u64;
         summary.failed += lost;
         summary
             .errors
@@ -215,13 +225,7 @@ pub async fn run(
     if let Some(mut listener) = listener.take() {
         let timeout = settings.wait_timeout();
         written
-            .finish(
-                &mut listener.results,
-                &confirmed,
-                timeout,
-                &mut summary,
-                &shutdown,
-            )
+            .finish(&mut listener.results, timeout, &mut summary, &shutdown)
             .await;
         // Cleanup is best effort and bounded: the private queue expires by itself anyway.
         let channel = match publisher.connection() {

@@ -13,15 +13,17 @@ fn main() -> ExitCode {
     let settings = Settings::from_args();
     let format = settings.common.log_format;
     shared::telemetry::init(format);
-    // A batch run publishes and reads results: I/O only, so one thread does it with fewer
-    // wake-ups between threads per job than a pool (measured in BENCHMARKS.md). `serve`
-    // answers many HTTP clients at once and gets a thread per core.
-    let runtime = match settings.command {
-        Some(Command::Serve(_)) => tokio::runtime::Builder::new_multi_thread(),
-        None => tokio::runtime::Builder::new_current_thread(),
+    // A batch run publishes and reads results, I/O only: one worker thread beside the main
+    // one means fewer wake-ups between threads per job than a worker per core (see
+    // notes/issue-13-findings.md). Not a current-thread runtime: the main thread writes results
+    // to stdout, which blocks when the reader is slow, and lapin's heartbeats, the results
+    // listener and the signal handler must go on meanwhile. `serve` answers many HTTP clients
+    // at once and gets a worker per core.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if settings.command.is_none() {
+        builder.worker_threads(1);
     }
-    .enable_all()
-    .build();
+    let runtime = builder.enable_all().build();
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {

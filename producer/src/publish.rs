@@ -5,7 +5,11 @@
 //! reconnects with capped backoff (declaring the topology again), and sends them again: a
 //! job is confirmed at least once or reported as failed, never silently dropped.
 
-use std::{collections::VecDeque, sync::Arc, time::Duration};
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio_util::sync::CancellationToken;
 
@@ -28,6 +32,13 @@ const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 /// Longest wait for one job's confirm; past it the job counts as failed (it may or may not be
 /// stored: a broker that blocks publishers, for example, confirms nothing).
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes of job bodies in flight (sent, not yet confirmed) at most, whatever the window: a
+/// window of big jobs would otherwise hold window × body twice (ours, and lapin's copy until
+/// it is written). One job is always allowed, however big.
+pub const WINDOW_BYTES: usize = 64 * 1024 * 1024;
+/// How often a publisher whose connection the broker blocks (a memory or disk alarm) checks
+/// whether it may publish again.
+const BLOCKED_RECHECK: Duration = Duration::from_millis(100);
 /// Longest wait for a connection (TCP and the AMQP handshake) before trying again.
 pub const CONNECT_TIMEOUT: Duration = amqp::DEFAULT_CONNECT_TIMEOUT;
 /// Longest wait for the broker to confirm a channel's or the connection's close.
@@ -87,6 +98,10 @@ pub struct Publisher {
     reconnect_timeout: Duration,
     link: Option<Link>,
     inflight: Inflight,
+    /// Bytes of the bodies in `inflight`.
+    inflight_bytes: usize,
+    /// Ids of the jobs in `inflight`, to report them if publishing stops.
+    inflight_ids: HashSet<Uuid>,
     resend: VecDeque<Outgoing>,
     /// Set when the broker refused the publishing on a live connection (for example, the
     /// exchange does not exist): every further job fails with this reason.
@@ -140,6 +155,8 @@ impl Publisher {
             reconnect_timeout,
             link: Some(link),
             inflight: FuturesUnordered::new(),
+            inflight_bytes: 0,
+            inflight_ids: HashSet::new(),
             resend: VecDeque::new(),
             refused: None,
             reconnects: 0,
@@ -180,17 +197,21 @@ impl Publisher {
     }
 
     /// After [`Stopped`]: settles the confirms that have arrived, then drops every job not
-    /// yet confirmed and returns how many there were; they are failures.
-    pub fn abandon(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> u64 {
+    /// yet confirmed and returns their ids; they are failures.
+    pub fn abandon(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> Vec<Uuid> {
         let mut batch = Vec::new();
         while let Some(Some(done)) = self.inflight.next().now_or_never() {
             batch.push(done);
         }
         self.settle_batch(batch, settled);
-        let lost = self.resend.len() + self.inflight.len();
-        self.resend.clear();
-        self.inflight = FuturesUnordered::new();
-        lost as u64
+        // What is still in flight is dropped with its future: only its id is known here, kept
+        // by the job each future returns; the jobs waiting to be (re)sent are all known.
+        let mut lost: Vec<Uuid> = self.resend.drain(..).map(|job| job.id).collect();
+        let inflight = std::mem::take(&mut self.inflight);
+        lost.extend(self.inflight_ids.drain());
+        drop(inflight);
+        self.inflight_bytes = 0;
+        lost
     }
 
     /// Closes the connection, waiting at most [`CLOSE_TIMEOUT`] for the broker (which does not
@@ -229,41 +250,91 @@ impl Publisher {
                 settled(job.id, Err(reason.clone()));
                 continue;
             }
-            while self.inflight.len() >= self.window {
-                if let Some(done) = self.next_confirm().await? {
-                    self.settle_with_ready(done, settled);
+            // A job taken off the queue goes back to its front on every early return, so that
+            // `abandon` counts it.
+            if let Err(stopped) = self.make_room(job.body.len(), settled).await {
+                self.resend.push_front(job);
+                return Err(stopped);
+            }
+            let channel = match self.channel().await {
+                Ok(channel) => channel,
+                Err(stopped) => {
+                    self.resend.push_front(job);
+                    return Err(stopped);
                 }
-            }
-            let mut batch = Vec::new();
-            while let Some(Some(done)) = self.inflight.next().now_or_never() {
-                batch.push(done);
-            }
-            self.settle_batch(batch, settled);
-            let channel = self.channel().await?;
+            };
             // Pipelined: the publish is polled once, which hands its frames to lapin's I/O
             // loop in order (and takes its delivery tag), and is then awaited with its confirm
             // among the jobs in flight. Awaiting each write before the next publish would cost
-            // a round trip between this task and the I/O thread per job. A broker that blocks
-            // publishers stops reading: such a job then fails after CONFIRM_TIMEOUT, and
-            // shutdown interrupts the wait in `next_confirm`.
+            // a round trip between this task and the I/O thread per job. The deadline starts
+            // once the job is written: a slow link delays writes without failing jobs, and a
+            // broker that blocks publishers gets no more jobs queued (`make_room`), while
+            // shutdown interrupts every wait in `next_confirm`.
             let (exchange, routing_key) = (self.exchange.clone(), self.routing_key.clone());
             let body = Arc::clone(&job.body);
             let properties = job_properties(job.id);
             let publish = async move {
-                channel
+                match channel
                     .basic_publish(exchange, routing_key, mandatory(), &body, properties)
-                    .await?
                     .await
+                {
+                    Ok(confirm) => tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await.ok(),
+                    Err(error) => Some(Err(error)),
+                }
             };
-            let mut confirmed: BoxFuture<'static, Confirmed> = Box::pin(
-                tokio::time::timeout(CONFIRM_TIMEOUT, publish)
-                    .map(move |outcome| (job, outcome.ok())),
-            );
+            self.inflight_bytes += job.body.len();
+            self.inflight_ids.insert(job.id);
+            let mut confirmed: BoxFuture<'static, Confirmed> =
+                Box::pin(publish.map(move |outcome| (job, outcome)));
             match futures::poll!(confirmed.as_mut()) {
                 std::task::Poll::Ready(done) => self.settle_batch(vec![done], settled),
                 std::task::Poll::Pending => self.inflight.push(confirmed),
             }
         }
+        Ok(())
+    }
+
+    /// Waits until one more job of `bytes` may be sent: the window has room (in jobs and in
+    /// [`WINDOW_BYTES`]) and the broker does not block the connection. Settles what arrives
+    /// meanwhile.
+    async fn make_room(
+        &mut self,
+        bytes: usize,
+        settled: &mut impl FnMut(Uuid, Settled),
+    ) -> Result<(), Stopped> {
+        loop {
+            let full = self.inflight.len() >= self.window
+                || (!self.inflight.is_empty()
+                    && self.inflight_bytes.saturating_add(bytes) > WINDOW_BYTES);
+            let blocked = self
+                .link
+                .as_ref()
+                .is_some_and(|link| link.connection.status().blocked());
+            if !full && !blocked {
+                break;
+            }
+            if full {
+                if let Some(done) = self.next_confirm().await? {
+                    self.settle_with_ready(done, settled);
+                }
+                continue;
+            }
+            // Blocked: jobs queued in lapin now would only wait unwritten, and be written (and
+            // stored) after they had been reported failed.
+            let shutdown = self.shutdown.clone();
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(Stopped::Interrupted),
+                Some(done) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    self.settle_with_ready(done, settled);
+                }
+                () = tokio::time::sleep(BLOCKED_RECHECK) => {}
+            }
+        }
+        let mut batch = Vec::new();
+        while let Some(Some(done)) = self.inflight.next().now_or_never() {
+            batch.push(done);
+        }
+        self.settle_batch(batch, settled);
         Ok(())
     }
 
@@ -280,6 +351,10 @@ impl Publisher {
     /// job id ([`amqp::Returns`]): lapin may hand a return to another job of the same `multiple`
     /// confirm, and a returned job must never count as sent.
     fn settle_batch(&mut self, batch: Vec<Confirmed>, settled: &mut impl FnMut(Uuid, Settled)) {
+        for (job, _) in &batch {
+            self.inflight_bytes = self.inflight_bytes.saturating_sub(job.body.len());
+            self.inflight_ids.remove(&job.id);
+        }
         let mut checked: Vec<Checked> = batch
             .into_iter()
             .map(|(job, outcome)| match outcome {

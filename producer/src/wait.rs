@@ -22,10 +22,14 @@ use crate::{results::Arrived, summary::Summary};
 /// The writer of one run's results.
 pub(crate) struct Results<W> {
     out: W,
-    /// This run's jobs without a written result yet; the listener keeps only their results.
+    /// This run's jobs without a written result yet, failed jobs left out; the listener keeps
+    /// only their results.
     pending: Arc<Mutex<HashSet<Uuid>>>,
     ok: u64,
     failed: u64,
+    /// Results that arrived but could not be written, and the first write error.
+    unwritten: u64,
+    write_error: Option<std::io::Error>,
 }
 
 impl<W: Write> Results<W> {
@@ -36,6 +40,8 @@ impl<W: Write> Results<W> {
             pending,
             ok: 0,
             failed: 0,
+            unwritten: 0,
+            write_error: None,
         }
     }
 
@@ -46,63 +52,56 @@ impl<W: Write> Results<W> {
         }
     }
 
-    /// Writes one result, the first time its job's result arrives (later copies are dropped),
-    /// and returns its job id then.
-    fn take(&mut self, arrived: Arrived) -> Option<Uuid> {
+    /// Writes one result, the first time its job's result arrives (later copies are dropped).
+    fn take(&mut self, arrived: Arrived) {
         let first = self
             .pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&arrived.job_id);
         if !first {
-            return None; // a duplicate: delivery is at least once
+            return; // a duplicate (delivery is at least once), or a failed job's late result
         }
-        if arrived.ok {
+        if self.write_error.is_none() {
+            let written = self
+                .out
+                .write_all(&arrived.body)
+                .and_then(|()| self.out.write_all(b"\n"));
+            if let Err(error) = written {
+                // Once: a closed pipe (`| head`) fails every later write the same way.
+                tracing::warn!(%error, "cannot write results; the rest count as missing");
+                self.write_error = Some(error);
+            }
+        }
+        if self.write_error.is_some() {
+            self.unwritten += 1;
+        } else if arrived.ok {
             self.ok += 1;
         } else {
             self.failed += 1;
         }
-        let written = self
-            .out
-            .write_all(&arrived.body)
-            .and_then(|()| self.out.write_all(b"\n"));
-        if let Err(error) = written {
-            tracing::warn!(%error, "cannot write a result");
-        }
-        Some(arrived.job_id)
     }
 
-    /// Waits up to `timeout` for the results of the `confirmed` jobs not written yet, and
-    /// counts the results and the missing ones in `summary`.
+    /// Once every job is settled: waits up to `timeout` for the results not written yet (the
+    /// confirmed jobs still in `pending`), and counts results and missing ones in `summary`.
     pub(crate) async fn finish(
         mut self,
         results: &mut mpsc::Receiver<Arrived>,
-        confirmed: &HashSet<Uuid>,
         timeout: Duration,
         summary: &mut Summary,
         shutdown: &CancellationToken,
     ) {
         let deadline = tokio::time::Instant::now() + timeout;
-        // Once, not per result: the confirmed jobs still without a result.
-        let mut missing: HashSet<Uuid> = {
-            let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            confirmed
-                .iter()
-                .filter(|id| pending.contains(*id))
-                .copied()
-                .collect()
-        };
-        while !missing.is_empty() {
+        while self.missing() > 0 {
             let arrived = tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => {
+                    self.drain(results); // what has arrived is written, not reported missing
+                    break;
+                }
                 arrived = tokio::time::timeout_at(deadline, results.recv()) => arrived,
             };
             match arrived {
-                Ok(Some(arrived)) => {
-                    if let Some(id) = self.take(arrived) {
-                        missing.remove(&id);
-                    }
-                }
+                Ok(Some(arrived)) => self.take(arrived),
                 Ok(None) => {
                     summary
                         .errors
@@ -117,10 +116,25 @@ impl<W: Write> Results<W> {
                 }
             }
         }
+        if let Err(error) = self.out.flush() {
+            self.write_error.get_or_insert(error);
+        }
+        if let Some(error) = &self.write_error {
+            summary
+                .errors
+                .push(format!("cannot write results: {error}"));
+        }
         summary.results_ok = self.ok;
         summary.results_failed = self.failed;
-        summary.results_missing = missing.len() as u64;
-        let _ = self.out.flush();
+        summary.results_missing = self.missing() + self.unwritten;
+    }
+
+    /// Confirmed jobs whose result is not written yet.
+    fn missing(&self) -> u64 {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len() as u64
     }
 }
 
@@ -159,16 +173,13 @@ mod tests {
         tx.send(arrived(Uuid::new_v4(), true)).await.unwrap(); // not this run's
         results.drain(&mut rx);
         tx.send(arrived(ids[1], false)).await.unwrap();
-        let confirmed: HashSet<Uuid> = ids.iter().copied().collect();
         let mut summary = Summary::default();
 
         // Act: the third never comes.
         let timeout = Duration::from_millis(50);
         let stop = CancellationToken::new();
         let out = Arc::clone(&results.pending);
-        results
-            .finish(&mut rx, &confirmed, timeout, &mut summary, &stop)
-            .await;
+        results.finish(&mut rx, timeout, &mut summary, &stop).await;
 
         // Assert
         assert_eq!(
@@ -199,23 +210,65 @@ mod tests {
             tx.send(arrived(id, true)).await.unwrap();
         }
         results.drain(&mut rx);
-        let confirmed: HashSet<Uuid> = ids.iter().copied().collect();
         let mut summary = Summary::default();
 
         let started = std::time::Instant::now();
         let stop = CancellationToken::new();
         results
-            .finish(
-                &mut rx,
-                &confirmed,
-                Duration::from_secs(30),
-                &mut summary,
-                &stop,
-            )
+            .finish(&mut rx, Duration::from_secs(30), &mut summary, &stop)
             .await;
 
         assert!(started.elapsed() < Duration::from_secs(1));
         assert_eq!((summary.results_ok, summary.results_missing), (2, 0));
         assert!(summary.errors.is_empty());
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod write_errors {
+    use super::*;
+
+    /// A writer whose every write fails, like a closed pipe.
+    struct Closed;
+
+    impl Write for Closed {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn results_that_cannot_be_written_count_as_missing_and_say_why() {
+        let ids = [Uuid::new_v4(), Uuid::new_v4()];
+        let pending = Arc::new(Mutex::new(ids.iter().copied().collect()));
+        let results = Results::new(Closed, pending);
+        let (tx, mut rx) = mpsc::channel(4);
+        for id in ids {
+            tx.send(Arrived::new(id, true, b"{}".to_vec()))
+                .await
+                .unwrap();
+        }
+        let mut summary = Summary::default();
+
+        results
+            .finish(
+                &mut rx,
+                Duration::from_secs(5),
+                &mut summary,
+                &CancellationToken::new(),
+            )
+            .await;
+
+        assert_eq!((summary.results_ok, summary.results_missing), (0, 2));
+        assert!(
+            summary
+                .errors
+                .iter()
+                .any(|e| e.starts_with("cannot write results"))
+        );
     }
 }
