@@ -61,11 +61,11 @@ pub enum ProducerError {
     Interrupted,
 }
 
-/// Publishes every payload of the configured source, then (with `--wait`) writes the result
-/// of every confirmed job to `results_out` as one JSON line each.
+/// Publishes every payload of the configured source and (with `--wait`) writes the result of
+/// every confirmed job to `results_out` as one JSON line each, as results arrive.
 ///
-/// When `shutdown` fires, no further job is published; confirms already in flight are still
-/// awaited and counted.
+/// When `shutdown` fires, no further job is published; the confirms that have arrived are
+/// counted, and the jobs still unconfirmed are reported as sent and unconfirmed.
 ///
 /// # Errors
 /// See [`ProducerError`]. Per-job failures are in the returned [`Summary`]; check
