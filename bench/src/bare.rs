@@ -137,8 +137,8 @@ fn analyze(payload: &str) -> anyhow::Result<TextAnalysis> {
     })
 }
 
-/// Consumes `queue` until `stop` fires: parse, publish the result, await its confirm,
-/// ack. Returns how many jobs it acked.
+/// Consumes `queue` until `stop` fires: parse, do the job's work (`work`), publish the
+/// result, await its confirm, ack. Returns how many jobs it acked.
 ///
 /// # Errors
 /// When consuming, publishing or acking fails.
@@ -147,6 +147,7 @@ pub(crate) async fn consume(
     names: Names,
     queue: String,
     prefetch: u16,
+    work: bool,
     stop: CancellationToken,
 ) -> anyhow::Result<u64> {
     let consume = connection.create_channel().await?;
@@ -177,13 +178,16 @@ pub(crate) async fn consume(
                 let delivery = delivery?;
                 let job: Job<&RawValue> =
                     serde_json::from_slice(&delivery.data).context("a job that is not JSON")?;
-                let output = analyze(job.payload.get())?;
+                let output = match work {
+                    true => Some(analyze(job.payload.get())?),
+                    false => None,
+                };
                 let result = JobResult {
                     schema_version: SCHEMA_VERSION,
                     job_id: job.id,
                     kind: job.kind.clone(),
                     status: Status::Ok,
-                    output: Some(output),
+                    output,
                     error: None,
                     attempts: 1,
                     finished_at: OffsetDateTime::now_utc(),

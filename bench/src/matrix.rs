@@ -107,6 +107,7 @@ async fn sweep(
             let scenario = Scenario::Bare {
                 window: w,
                 prefetch: p,
+                work: true,
             };
             let sample = bench.run(scenario, queue_type, s.jobs, None).await?;
             tracing::info!(%queue_type, %scenario, "sweep: {sample}");
@@ -140,7 +141,12 @@ async fn rows(
     prefetch: u16,
 ) -> anyhow::Result<Vec<Row>> {
     let s = bench.settings;
-    let mut scenarios = vec![Scenario::Bare { window, prefetch }, Scenario::UserCommand];
+    let bare = |work| Scenario::Bare {
+        window,
+        prefetch,
+        work,
+    };
+    let mut scenarios = vec![bare(true), bare(false), Scenario::UserCommand];
     for &consumers in &s.consumers {
         for &concurrency in &s.concurrency {
             scenarios.push(Scenario::System {

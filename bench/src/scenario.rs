@@ -47,6 +47,10 @@ pub(crate) enum Scenario {
         window: usize,
         /// The consumer's prefetch.
         prefetch: u16,
+        /// Whether it does the job's own work (`text.analyze`); without it, it only parses the
+        /// job and answers with an empty result: what the framework plus the job costs is then
+        /// compared with AMQP and JSON alone.
+        work: bool,
     },
     /// What a user types: one `consumer` and `producer --count N --size S --wait`, both at
     /// their defaults, timed as a whole from outside.
@@ -62,18 +66,28 @@ pub(crate) enum Scenario {
 }
 
 impl Scenario {
-    /// Whether this is a bare row.
+    /// Whether this is the baseline: the bare loop doing the job's work.
     pub(crate) fn is_bare(self) -> bool {
-        matches!(self, Self::Bare { .. })
+        matches!(self, Self::Bare { work: true, .. })
     }
 }
 
 impl std::fmt::Display for Scenario {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Bare { window, prefetch } => {
-                write!(f, "bare lapin loop (window {window}, prefetch {prefetch})")
-            }
+            Self::Bare {
+                window,
+                prefetch,
+                work: true,
+            } => write!(f, "bare lapin loop (window {window}, prefetch {prefetch})"),
+            Self::Bare {
+                window,
+                prefetch,
+                work: false,
+            } => write!(
+                f,
+                "bare lapin loop, AMQP + JSON only, no job work (window {window}, prefetch {prefetch})"
+            ),
             Self::UserCommand => {
                 f.write_str("user command: `producer --wait`, 1 consumer, defaults")
             }
@@ -174,7 +188,11 @@ impl Bench<'_> {
         };
         let mut sample = Sample::new(jobs);
         match scenario {
-            Scenario::Bare { window, prefetch } => {
+            Scenario::Bare {
+                window,
+                prefetch,
+                work,
+            } => {
                 let (_pool, consuming) = amqp::connect(&s.amqp_url, "bench bare consumer").await?;
                 let (_pool, publishing) =
                     amqp::connect(&s.amqp_url, "bench bare publisher").await?;
@@ -185,6 +203,7 @@ impl Bench<'_> {
                     names.clone(),
                     names.kind_queue(TEXT_ANALYZE),
                     prefetch,
+                    work,
                     stop.clone(),
                 ));
                 let published = bare::publish(&publishing, names, jobs, s.size, window, rate).await;
