@@ -144,8 +144,7 @@ pub async fn run_with(
     settings
         .topology(&registry)
         .check_names(&settings.retry_buckets())?;
-    let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))
-        .map_err(amqp::ConnectError::from)?;
+    let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))?;
     tracing::info!(
         broker = %amqp::redact(&settings.common.amqp_url),
         kinds = ?registry.kinds(),

@@ -82,8 +82,7 @@ pub async fn run(
     };
 
     let broker = amqp::redact(&settings.common.amqp_url);
-    let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))
-        .map_err(amqp::ConnectError::from)?;
+    let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))?;
     let mut publisher = Publisher::connect(
         pool.clone(),
         broker,

@@ -217,6 +217,17 @@ pub enum ConnectError {
         /// Whether trying again can help.
         refusal: Refusal,
     },
+    /// The URL asks for TLS (`amqps://`), which this build does not have: lapin would connect
+    /// in plaintext and send the password in clear, so no connection is tried.
+    #[error(
+        "cannot connect to the broker at {url}: amqps:// (TLS) is not supported by this build \
+         yet, and it would connect in plaintext, sending the password in clear; use amqp:// on a \
+         trusted network, or reach the broker through a TLS tunnel"
+    )]
+    TlsUnsupported {
+        /// The broker URL, password redacted.
+        url: String,
+    },
     /// The broker did not complete the connection in time.
     #[error("cannot connect to the broker at {url}: no answer within {after:?}")]
     Timeout {
@@ -396,8 +407,13 @@ pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3)
 /// they are handed out, so a dead connection is replaced instead of reused.
 ///
 /// # Errors
-/// Fails only on an unsupported runtime; connection errors surface on `pool.get()`.
-pub fn pool(url: &str, connection_name: &str) -> Result<Pool, deadpool_lapin::CreatePoolError> {
+/// [`ConnectError::TlsUnsupported`] for an `amqps://` URL; [`ConnectError::Pool`] on an
+/// unsupported runtime. Connection errors surface on `pool.get()`.
+pub fn pool(url: &str, connection_name: &str) -> Result<Pool, ConnectError> {
+    let scheme = url.trim_start().split(':').next().unwrap_or_default();
+    if scheme.eq_ignore_ascii_case("amqps") {
+        return Err(ConnectError::TlsUnsupported { url: redact(url) });
+    }
     let name = connection_name.to_owned();
     deadpool_lapin::Config {
         url: Some(url.to_owned()),
@@ -407,6 +423,7 @@ pub fn pool(url: &str, connection_name: &str) -> Result<Pool, deadpool_lapin::Cr
         move || ConnectionProperties::default().with_connection_name(name.as_str().into()),
         Runtime::Tokio1,
     )
+    .map_err(ConnectError::from)
 }
 
 /// Opens a channel with publisher confirms enabled.
@@ -501,6 +518,25 @@ fn masked(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_amqps_url_is_refused_not_sent_in_plaintext_and_its_password_stays_hidden() {
+        for url in [
+            "amqps://u:secret@host:5671/%2f",
+            "AMQPS://u:secret@host/",
+            " amqps://h",
+        ] {
+            let error = pool(url, "test")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains("TLS") && error.contains("plaintext"),
+                "{url}: {error}"
+            );
+            assert!(!error.contains("secret"), "{error}");
+        }
+    }
 
     #[test]
     fn passwords_are_redacted() {

@@ -163,7 +163,7 @@ pub async fn start(
         common.namespace,
         std::process::id()
     );
-    let pool = amqp::pool(&common.amqp_url, &name).map_err(amqp::ConnectError::from)?;
+    let pool = amqp::pool(&common.amqp_url, &name)?;
     let tokens = auth::Tokens::new(&settings.tokens, settings.tokens_file.clone())?;
     let mut listen = settings.listen;
     if !tokens.configured() && !listen.ip().is_loopback() {
