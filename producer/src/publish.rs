@@ -199,17 +199,12 @@ impl Publisher {
     /// After [`Stopped`]: settles the confirms that have arrived, then drops every job not
     /// yet confirmed and returns their ids; they are failures.
     pub fn abandon(&mut self, settled: &mut impl FnMut(Uuid, Settled)) -> Vec<Uuid> {
-        let mut batch = Vec::new();
-        while let Some(Some(done)) = self.inflight.next().now_or_never() {
-            batch.push(done);
-        }
+        let batch = self.arrived();
         self.settle_batch(batch, settled);
-        // What is still in flight is dropped with its future: only its id is known here, kept
-        // by the job each future returns; the jobs waiting to be (re)sent are all known.
+        // The futures still in flight hold their jobs, so their ids come from `inflight_ids`.
         let mut lost: Vec<Uuid> = self.resend.drain(..).map(|job| job.id).collect();
-        let inflight = std::mem::take(&mut self.inflight);
         lost.extend(self.inflight_ids.drain());
-        drop(inflight);
+        self.inflight = FuturesUnordered::new();
         self.inflight_bytes = 0;
         lost
     }
@@ -330,20 +325,24 @@ impl Publisher {
                 () = tokio::time::sleep(BLOCKED_RECHECK) => {}
             }
         }
+        let batch = self.arrived();
+        self.settle_batch(batch, settled);
+        Ok(())
+    }
+
+    /// The confirms that have arrived already, without waiting.
+    fn arrived(&mut self) -> Vec<Confirmed> {
         let mut batch = Vec::new();
         while let Some(Some(done)) = self.inflight.next().now_or_never() {
             batch.push(done);
         }
-        self.settle_batch(batch, settled);
-        Ok(())
+        batch
     }
 
     /// Settles `first` with every other confirm that has arrived already.
     fn settle_with_ready(&mut self, first: Confirmed, settled: &mut impl FnMut(Uuid, Settled)) {
         let mut batch = vec![first];
-        while let Some(Some(done)) = self.inflight.next().now_or_never() {
-            batch.push(done);
-        }
+        batch.extend(self.arrived());
         self.settle_batch(batch, settled);
     }
 
