@@ -143,7 +143,7 @@ fn analyze(payload: &str) -> anyhow::Result<TextAnalysis> {
 /// # Errors
 /// When consuming, publishing or acking fails.
 pub(crate) async fn consume(
-    connection: deadpool_lapin::Connection,
+    connection: shared::amqp::Connection,
     names: Names,
     queue: String,
     prefetch: u16,

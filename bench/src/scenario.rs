@@ -112,7 +112,7 @@ impl std::fmt::Display for Scenario {
 pub(crate) struct Bench<'a> {
     pub(crate) settings: &'a Settings,
     pub(crate) binaries: Binaries,
-    pub(crate) admin: deadpool_lapin::Connection,
+    pub(crate) admin: shared::amqp::Connection,
     /// The broker's OS pid, when its CPU can be read.
     pub(crate) broker_pid: Option<u32>,
 }

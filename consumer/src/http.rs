@@ -3,7 +3,8 @@
 //! - `GET /metrics`: Prometheus text format (see [`crate::metrics`]);
 //! - `GET /healthz`: 200 while the process lives;
 //! - `GET /readyz`: 200 only while connected and consuming, 503 otherwise (starting,
-//!   reconnecting, draining).
+//!   reconnecting, draining). The body's first line is the state; then the broker it is
+//!   connected to (password redacted) and, while connecting fails, why.
 
 use std::net::SocketAddr;
 
@@ -65,5 +66,12 @@ async fn ready(AxumState(http): AxumState<Http>) -> (StatusCode, String) {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, format!("{state:?}\n"))
+    let mut body = format!("{state:?}\n");
+    if let Some(broker) = http.readiness.broker() {
+        body.push_str(&format!("broker: {broker}\n"));
+    }
+    if let Some(problem) = http.readiness.problem() {
+        body.push_str(&format!("last connection error: {problem}\n"));
+    }
+    (code, body)
 }

@@ -146,7 +146,7 @@ pub async fn run_with(
         .check_names(&settings.retry_buckets())?;
     let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))?;
     tracing::info!(
-        broker = %amqp::redact(&settings.common.amqp_url),
+        brokers = %pool.manager().brokers().display(),
         kinds = ?registry.kinds(),
         concurrency = settings.concurrency,
         prefetch = settings.prefetch,
@@ -184,6 +184,7 @@ pub async fn run_with(
                     break Err(ConsumerError::Connect(error));
                 }
                 shared.readiness.set(State::Reconnecting);
+                shared.readiness.set_problem(Some(error.to_string()));
                 let delay = backoff.next_delay();
                 tracing::warn!("{error}; trying again in {delay:?}");
                 tokio::select! {

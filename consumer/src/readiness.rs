@@ -27,6 +27,9 @@ pub enum State {
     Stopped,
 }
 
+/// Longest connection problem kept for `/readyz`.
+pub const MAX_PROBLEM_BYTES: usize = 2048;
+
 /// Publishes [`State`] changes; cheap to clone, every clone sees the same state.
 #[derive(Debug, Clone)]
 pub struct Readiness {
@@ -34,6 +37,10 @@ pub struct Readiness {
     http_addr: Arc<OnceLock<SocketAddr>>,
     /// When the current stretch of `Consuming` began (`None` while not consuming).
     consuming_since: Arc<Mutex<Option<Instant>>>,
+    /// The broker of the current (or last) connection, password redacted.
+    broker: Arc<Mutex<Option<String>>>,
+    /// Why the last connection attempt failed, until one succeeds.
+    problem: Arc<Mutex<Option<String>>>,
 }
 
 impl Default for Readiness {
@@ -42,6 +49,8 @@ impl Default for Readiness {
             state: watch::Sender::new(State::Starting),
             http_addr: Arc::default(),
             consuming_since: Arc::default(),
+            broker: Arc::default(),
+            problem: Arc::default(),
         }
     }
 }
@@ -73,6 +82,47 @@ impl Readiness {
 
     pub(crate) fn set_http_addr(&self, addr: SocketAddr) {
         let _ = self.http_addr.set(addr);
+    }
+
+    /// The broker of the current (or last) connection, password redacted: with a list of
+    /// brokers, which node this consumer uses.
+    #[must_use]
+    pub fn broker(&self) -> Option<String> {
+        self.broker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Why the last connection attempt failed, while no attempt has succeeded since.
+    #[must_use]
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A new connection to `broker`: it is the current one, and there is no problem.
+    pub(crate) fn set_broker(&self, broker: Option<String>) {
+        *self.broker.lock().unwrap_or_else(PoisonError::into_inner) = broker;
+        self.set_problem(None);
+    }
+
+    /// Why connecting failed (bounded to [`MAX_PROBLEM_BYTES`]), or `None` once it worked.
+    pub(crate) fn set_problem(&self, problem: Option<String>) {
+        let problem = problem.map(|p| shared::reason::Reason::new(p).into_string());
+        let problem = problem.map(|mut p| {
+            if p.len() > MAX_PROBLEM_BYTES {
+                let mut end = MAX_PROBLEM_BYTES;
+                while !p.is_char_boundary(end) {
+                    end -= 1;
+                }
+                p.truncate(end);
+            }
+            p
+        });
+        *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = problem;
     }
 
     /// How long the consumer has been `Consuming` without a break, if it is.

@@ -10,13 +10,10 @@ use std::{
     time::Duration,
 };
 
-use deadpool_lapin::{
-    Pool,
-    lapin::{
-        self,
-        options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
-        types::FieldTable,
-    },
+use deadpool_lapin::lapin::{
+    self,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
 };
 use futures::StreamExt;
 use shared::{
@@ -120,16 +117,22 @@ pub const CONNECT_TIMEOUT: Duration = amqp::DEFAULT_CONNECT_TIMEOUT;
 /// See [`SessionError`].
 pub async fn run(
     shared: &Shared,
-    pool: &Pool,
+    pool: &amqp::Pool,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let settings = &shared.settings;
     let connection = tokio::select! {
         () = shutdown.cancelled() => return Ok(()),
-        got = amqp::get_connection(pool, &settings.common.amqp_url, CONNECT_TIMEOUT) => {
+        got = amqp::get_connection(pool, CONNECT_TIMEOUT) => {
             got.map_err(SessionError::Connect)?
         }
     };
+    let broker = pool.manager().connected_to();
+    tracing::info!(
+        broker = broker.as_deref().unwrap_or_default(),
+        "connected to the broker"
+    );
+    shared.readiness.set_broker(broker);
     // Listen for the broker's blocked/unblocked notices from the start: lapin drops events
     // while nobody listens.
     let events = connection.events_listener();

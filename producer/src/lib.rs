@@ -81,8 +81,8 @@ pub async fn run(
         Source::Synthetic { count, size } => Payloads::synthetic(count, size),
     };
 
-    let broker = amqp::redact(&settings.common.amqp_url);
     let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))?;
+    let broker = pool.manager().brokers().display();
     let mut publisher = Publisher::connect(
         pool.clone(),
         broker,
@@ -242,6 +242,9 @@ pub async fn run(
     }
     summary.elapsed = started.elapsed();
     publisher.close().await;
+    // Every connection the run opened (the listener's too) ends with connection.close, so the
+    // broker logs no unexpected close.
+    let _ = tokio::time::timeout(publish::CLOSE_TIMEOUT, amqp::close_pool(&pool)).await;
     Ok(summary)
 }
 
@@ -249,7 +252,7 @@ pub async fn run(
 /// `jobs.work` until one starts (a typo in `--kind` shows here, not days later in
 /// `jobs.dead`). A note, not a warning: consumers starting at the same time are common.
 async fn note_unserved_kind(
-    connection: &deadpool_lapin::Connection,
+    connection: &shared::amqp::Connection,
     topology: &shared::topology::Topology,
     kind: &str,
 ) {

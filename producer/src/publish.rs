@@ -13,11 +13,9 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use deadpool_lapin::{
-    Pool,
-    lapin::{self, Channel, Confirmation, types::ShortString},
-};
+use deadpool_lapin::lapin::{self, Channel, Confirmation, types::ShortString};
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use shared::amqp::Pool;
 use shared::{
     amqp::{self, Backoff, PublishError, check_confirmation, job_properties, mandatory},
     topology::Topology,
@@ -73,7 +71,7 @@ pub enum Stopped {
 }
 
 struct Link {
-    connection: deadpool_lapin::Connection,
+    connection: shared::amqp::Connection,
     channel: Channel,
 }
 
@@ -226,7 +224,7 @@ impl Publisher {
 
     /// The connection, when there is one, for other work of this run.
     #[must_use]
-    pub fn connection(&self) -> Option<&deadpool_lapin::Connection> {
+    pub fn connection(&self) -> Option<&shared::amqp::Connection> {
         self.link.as_ref().map(|l| &l.connection)
     }
 
@@ -467,7 +465,12 @@ async fn open_link(
     topology: &Topology,
     declare: bool,
 ) -> Result<Link, crate::ProducerError> {
-    let connection = amqp::get_connection(pool, broker, CONNECT_TIMEOUT).await?;
+    let connection = amqp::get_connection(pool, CONNECT_TIMEOUT).await?;
+    let node = pool.manager().connected_to();
+    tracing::info!(
+        broker = node.as_deref().unwrap_or(broker),
+        "connected to the broker"
+    );
     if declare {
         topology.declare(&connection).await?;
     }

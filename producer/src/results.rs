@@ -12,19 +12,17 @@ use std::{
     time::Duration,
 };
 
-use deadpool_lapin::{
-    Pool,
-    lapin::{
-        self, Channel,
-        options::{
-            BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
-            QueueDeclareOptions, QueueDeleteOptions,
-        },
-        types::{AMQPValue, FieldTable},
+use deadpool_lapin::lapin::{
+    self, Channel,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
     },
+    types::{AMQPValue, FieldTable},
 };
 use futures::StreamExt;
 use serde::Deserialize;
+use shared::amqp::Pool;
 use shared::{
     amqp::{self, Backoff},
     topology::{MATCH_ALL, Names},
@@ -103,10 +101,9 @@ impl Listener {
         let exchange = names.results_exchange.clone();
         let (tx, results) = mpsc::channel(BUFFER);
         let stop = CancellationToken::new();
-        let connection = pool.get().await.map_err(|e| match e {
-            deadpool_lapin::PoolError::Backend(e) => e,
-            other => lapin::Error::from(std::io::Error::other(other.to_string())),
-        })?;
+        let connection = amqp::get_connection(&pool, amqp::DEFAULT_CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
         let channel = subscribe(&connection, &queue, &exchange, expires).await?;
 
         let task_queue = queue.clone();
@@ -180,9 +177,19 @@ async fn subscribe(
         "x-expires".into(),
         AMQPValue::LongLongInt(i64::try_from(expires.as_millis()).unwrap_or(i64::MAX)),
     );
-    channel
-        .queue_declare(queue.into(), QueueDeclareOptions::default(), args)
-        .await?;
+    // Durable, so that it outlives a lost connection (the listener reconnects and goes on
+    // reading it) without being a transient non-exclusive queue, which RabbitMQ 4 deprecates
+    // (`transient_nonexcl_queues`); classic whatever the vhost's default queue type, and
+    // deleted by the broker `expires` after its last consumer is gone.
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel.queue_declare(queue.into(), durable, args).await?;
     channel
         .queue_bind(
             queue.into(),

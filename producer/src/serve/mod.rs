@@ -5,6 +5,7 @@
 //! | `POST /jobs` `{"kind", "payload", "id"?}` | 202 `{"id"}` once the broker confirmed the job |
 //! | `POST /jobs/batch` `[{...}, ...]` | 202 `{"ids": [...]}` once every job is confirmed |
 //! | `GET /jobs/{id}` | 200 with the result; 202 `{"status": "pending"}` if accepted here and not done; 404 otherwise |
+//! | `GET /readyz` | 200 while connected (the body names the broker, password redacted), 503 otherwise |
 //!
 //! A body that is not such JSON gets 400, a kind not accepted 422, a body over the limit 413,
 //! a POST without `Content-Type: application/json` 415, all with `{"error": "..."}` (bounded,
@@ -34,10 +35,11 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use deadpool_lapin::{Pool, lapin::Channel};
+use deadpool_lapin::lapin::Channel;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, value::RawValue};
+use shared::amqp::Pool;
 use shared::{
     amqp::{self, check_confirmation, job_properties, mandatory},
     config::CommonSettings,
@@ -86,7 +88,7 @@ struct Ingest {
     broker: String,
     topology: Topology,
     accept: HashSet<String>,
-    link: Mutex<Option<(deadpool_lapin::Connection, Channel)>>,
+    link: Mutex<Option<(shared::amqp::Connection, Channel)>>,
     results: Recent<Body>,
     /// Jobs accepted here, by id, with the key of what they asked for (kind and payload).
     accepted: Recent<Uuid>,
@@ -175,8 +177,8 @@ pub async fn start(
     }
     let (listening_tx, listening) = tokio::sync::watch::channel(false);
     let ingest = Arc::new(Ingest {
+        broker: pool.manager().brokers().display(),
         pool,
-        broker: amqp::redact(&common.amqp_url),
         topology: common.topology(),
         accept: settings.accept_kinds.iter().cloned().collect(),
         link: Mutex::new(None),
@@ -209,15 +211,24 @@ pub async fn start(
         .route("/jobs", post(post_job))
         .route("/jobs/batch", post(post_batch))
         .route("/jobs/{id}", get(get_job))
+        .route("/readyz", get(ready))
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(middleware::from_fn_with_state(Arc::clone(&ingest), admit))
-        .with_state(ingest);
+        .with_state(Arc::clone(&ingest));
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(error) = served {
             tracing::error!(%error, "the HTTP server stopped");
+        }
+        // The publishing link ends with channel.close and connection.close.
+        if let Some((connection, channel)) = ingest.link.lock().await.take() {
+            let close = async {
+                amqp::close_channel(&channel).await;
+                amqp::close_connection(&connection, "producer serve stopping").await;
+            };
+            let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT, close).await;
         }
     });
     tracing::info!(%bound, "accepting jobs over HTTP");
@@ -457,7 +468,9 @@ impl Ingest {
         }
         *link = None;
         let connect = async {
-            let connection = self.pool.get().await.map_err(|e| e.to_string())?;
+            let connection = amqp::get_connection(&self.pool, CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
             self.topology
                 .declare(&connection)
                 .await
@@ -469,6 +482,11 @@ impl Ingest {
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok((connection, channel))) => {
+                let node = self.pool.manager().connected_to();
+                tracing::info!(
+                    broker = node.as_deref().unwrap_or_default(),
+                    "connected to the broker"
+                );
                 *link = Some((connection, channel.clone()));
                 Ok(channel)
             }
@@ -491,6 +509,35 @@ impl Ingest {
                 *link = None;
             }
         }
+    }
+}
+
+/// `GET /readyz`: 200 while connected to a broker with the results listener up, 503
+/// otherwise; the body says which broker (password redacted). Behind the same tokens as the
+/// other routes, since it names the broker.
+async fn ready(State(ingest): State<Arc<Ingest>>) -> (StatusCode, String) {
+    let connected = ingest
+        .link
+        .lock()
+        .await
+        .as_ref()
+        .is_some_and(|(connection, channel)| {
+            connection.status().connected() && channel.status().connected()
+        });
+    let listening = *ingest.listening.borrow();
+    let broker = ingest.pool.manager().connected_to().unwrap_or_default();
+    if connected && listening {
+        (StatusCode::OK, format!("Ready\nbroker: {broker}\n"))
+    } else {
+        let state = if connected {
+            "Starting (results listener not up yet)"
+        } else {
+            "NotConnected"
+        };
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{state}\nbrokers: {}\n", ingest.broker),
+        )
     }
 }
 
@@ -538,4 +585,7 @@ async fn collect_results(
         }
     }
     listener.close(None).await;
+    // The listener's connection is back in the pool: close it (and any other idle one) with
+    // connection.close, so that the broker logs no unexpected close.
+    let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT, amqp::close_pool(&ingest.pool)).await;
 }

@@ -11,7 +11,7 @@ use std::{
 
 use consumer::{ConsumerError, Registry};
 use deadpool_lapin::lapin::{
-    self, BasicProperties, Channel, Connection, ConnectionProperties,
+    self, BasicProperties, Channel,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions,
         ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -239,7 +239,7 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 pub struct TestApp {
     pub common: CommonSettings,
     pub topology: Topology,
-    pub connection: Connection,
+    pub connection: shared::amqp::Connection,
     pub channel: Channel,
 }
 
@@ -288,12 +288,12 @@ impl TestApp {
         common.namespace = format!("test-{}", Uuid::new_v4().simple());
         tweak(&mut common);
         let topology = common.topology();
-        let connection = within(
+        let (_pool, connection) = within(
             "a connection",
-            Connection::connect(&url, ConnectionProperties::default()),
+            shared::amqp::connect(&url, "integration test app"),
         )
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", shared::amqp::redact(&url)));
+        .unwrap_or_else(|e| panic!("{e}"));
         let channel = confirm_channel(&connection).await.unwrap();
         Self {
             common,
