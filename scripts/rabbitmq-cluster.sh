@@ -19,10 +19,11 @@
 # `rabbitmq` user. Logs go to stderr; only the exports (start) and the leader (leader) go to
 # stdout.
 #
-# Quorum queues: on 3.10 a quorum queue declared without `x-quorum-initial-group-size` gets a
-# replica on every cluster node (here 3); the argument (or a policy / operator policy
-# `target-group-size` on 3.x, or `quorum_queue.initial_cluster_size` in rabbitmq.conf on 4.x)
-# lowers that.
+# Quorum queues: declared without `x-quorum-initial-group-size`, one gets min(3, number of
+# cluster nodes) members, so here one on each of q1, q2, q3 (also when declared while a node is
+# down: that member starts with its node). The default 3 is the `rabbit.quorum_cluster_size`
+# app setting (advanced.config on 3.10-4.0; `quorum_queue.initial_cluster_size` in rabbitmq.conf
+# from 4.1). The `target-group-size` policy exists from 3.13 only (3.10 rejects it).
 set -euo pipefail
 
 names=(q1 q2 q3)
@@ -32,7 +33,8 @@ management="${CLUSTER_MANAGEMENT:-1}"
 log() { echo "rabbitmq-cluster: $*" >&2; }
 die() { log "$*"; exit 1; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
-ctl() { as_root rabbitmqctl "$@"; }
+# Every CLI call is bounded: some commands (list_queues, join_cluster) default to no timeout.
+ctl() { as_root timeout 120 rabbitmqctl "$@"; }
 
 # q2 | q2@localhost -> q2; anything else is refused.
 short_name() {
@@ -75,15 +77,13 @@ is_node_pid() {
   as_root cat "/proc/$pid/environ" 2>/dev/null | tr '\0' '\n' | grep -qx "RABBITMQ_NODENAME=$node"
 }
 wait_gone() { # pid seconds
-  local i
-  for i in $(seq 1 $(($2 * 10))); do [ -d "/proc/$1" ] || return 0; sleep 0.1; done
+  for _ in $(seq 1 $(($2 * 10))); do [ -d "/proc/$1" ] || return 0; sleep 0.1; done
   [ ! -d "/proc/$1" ]
 }
 # epmd forgets a node when its VM's connection to epmd closes; wait for that, so that a new VM
 # of the same name can register.
 wait_unregistered() {
-  local i
-  for i in $(seq 1 100); do
+  for _ in $(seq 1 100); do
     registered "$1" || return 0
     sleep 0.1
   done
@@ -106,6 +106,7 @@ prepare() {
   as_root mkdir -p "$base/mnesia" "$base/log"
   {
     echo 'loopback_users.guest = false'
+    echo 'cluster_name = q-cluster' # else each node reports its own name as the cluster's
     echo "listeners.tcp.default = $port"
     if [ "$management" = 1 ]; then echo "management.tcp.port = $((port + 10000))"; fi
   } | as_root tee "$base/rabbitmq.conf" >/dev/null
@@ -145,6 +146,11 @@ await_node() {
 
 registered() { epmd -names 2>/dev/null | grep -q "^name $1 at port"; }
 
+await_port() {
+  for _ in $(seq 1 100); do port_open "$(port_of "$1")" && return 0; sleep 0.1; done
+  die "port $(port_of "$1") of $(node_of "$1") is not accepting connections"
+}
+
 # Waits until q1 (or the node itself, if q1 is down) lists the node among its running nodes.
 await_in_cluster() {
   local name="$1" deadline="${2:-60}" node asker end
@@ -161,11 +167,11 @@ await_in_cluster() {
 
 # Stops one node: rabbitmqctl stop (bounded), then SIGTERM / SIGKILL of its own OS pid.
 stop_node() {
-  local name="$1" node pid
+  local name="$1" quiet="${2:-}" node pid
   node=$(node_of "$name")
   pid=$(os_pid "$name" || true)
   if [ -z "$pid" ]; then
-    log "$node is not running"
+    [ -n "$quiet" ] || log "$node is not running"
     return 0
   fi
   log "stopping $node (pid $pid)"
@@ -185,7 +191,7 @@ stop_node() {
 
 stop_all() {
   local name pids=()
-  for name in "${names[@]}"; do stop_node "$name" & pids+=($!); done
+  for name in "${names[@]}"; do stop_node "$name" "${1:-}" & pids+=($!); done
   local rc=0 p
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
   return "$rc"
@@ -218,7 +224,7 @@ cmd_start() {
     log "q1, q2, q3 already running as one cluster"
   else
     local started=$SECONDS name
-    stop_all
+    stop_all quiet
     raise_open_files
     for name in "${names[@]}"; do prepare "$name"; done
     log "starting q1, q2, q3 on ports $(port_of q1)-$(port_of q3)"
@@ -230,8 +236,9 @@ cmd_start() {
       ctl -q -n "$(node_of "$name")" join_cluster q1@localhost >/dev/null
       ctl -q -n "$(node_of "$name")" start_app >/dev/null
     done
-    for name in "${names[@]}"; do await_node "$name" 120; await_in_cluster "$name"; done
-    clustered || die "the nodes do not form one cluster"
+    # start_app returns once the app runs; check q1's view of the cluster and the AMQP ports.
+    for name in "${names[@]:1}"; do await_in_cluster "$name"; done
+    for name in "${names[@]}"; do await_port "$name"; done
     log "cluster up in $((SECONDS - started))s"
   fi
   log "ready"
@@ -275,7 +282,7 @@ cmd_leader() {
       # list_queues leaves out a quorum queue whose members are all down; quorum_status still
       # knows it (and says "not_found" if there is no such queue).
       local status
-      status=$(as_root rabbitmq-queues -q -n "$(node_of "$name")" quorum_status "$queue" -p "$vhost" \
+      status=$(as_root timeout 120 rabbitmq-queues -q -n "$(node_of "$name")" quorum_status "$queue" -p "$vhost" \
         --formatter json 2>&1) || die "queue '$queue' in vhost '$vhost': $(tr -s '\n' ' ' <<<"$status")"
       die "queue '$queue' has no leader now; its members: $(jq -c 'map({(.["Node Name"]): .["Raft State"]}) | add' <<<"$status" 2>/dev/null || echo "$status")"
     fi
@@ -291,6 +298,8 @@ case "${1:-start}" in
   stop) stop_all; log "stopped" ;;
   kill) [ $# -eq 2 ] || die "usage: $0 kill NODE"; cmd_kill "$2" ;;
   restart) [ $# -eq 2 ] || die "usage: $0 restart NODE"; cmd_restart "$2" ;;
-  leader) [ $# -ge 2 ] && [ $# -le 3 ] || die "usage: $0 leader QUEUE [VHOST]"; cmd_leader "$2" "${3:-/}" ;;
+  leader)
+    if [ $# -lt 2 ] || [ $# -gt 3 ]; then die "usage: $0 leader QUEUE [VHOST]"; fi
+    cmd_leader "$2" "${3:-/}" ;;
   *) die "usage: $0 [start|stop|kill NODE|restart NODE|leader QUEUE [VHOST]]" ;;
 esac

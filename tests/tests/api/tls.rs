@@ -1,0 +1,154 @@
+//! TLS to the broker: jobs end to end over `amqps://` with the test CA only and with a client
+//! certificate; a wrong CA and a plaintext port fail as TLS failures, never in plaintext.
+//!
+//! Needs the TLS node of `scripts/rabbitmq-tls.sh` (`TLS_AMQP_URL`, `TLS_PLAIN_PORT_URL`,
+//! `TLS_CERT_DIR`; `scripts/test.sh` starts it next to a broker in `AMQP_URL`). Without it the
+//! tests print that they were skipped.
+
+use std::{process::Stdio, time::Duration};
+
+use consumer::{Readiness, Registry};
+use tokio::io::AsyncReadExt;
+
+use crate::{
+    children::ChildConsumer,
+    helpers::{TestApp, binary, within},
+};
+
+struct Tls {
+    url: String,
+    plain_port_url: String,
+    dir: String,
+}
+
+fn tls() -> Option<Tls> {
+    Some(Tls {
+        url: std::env::var("TLS_AMQP_URL").ok()?,
+        plain_port_url: std::env::var("TLS_PLAIN_PORT_URL").ok()?,
+        dir: std::env::var("TLS_CERT_DIR").ok()?,
+    })
+}
+
+impl Tls {
+    /// The TLS URL with `params` (file names relative to the certificate directory).
+    fn with(&self, base: &str, params: &[(&str, &str)]) -> String {
+        let query: Vec<String> = params
+            .iter()
+            .map(|(k, v)| format!("{k}={}/{v}", self.dir))
+            .collect();
+        format!("{base}?{}", query.join("&"))
+    }
+}
+
+/// Runs the producer binary against `url` and returns (exit success, stderr, seconds taken).
+async fn run_producer(app: &TestApp, url: &str, args: &[&str]) -> (bool, String, f64) {
+    let started = std::time::Instant::now();
+    let mut child = tokio::process::Command::new(binary("producer"))
+        .args(args)
+        .env("AMQP_URL", url)
+        .env("JOBS_NAMESPACE", &app.common.namespace)
+        .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut text = String::new();
+    let status = within("the producer to exit", async {
+        let _ = stderr.read_to_string(&mut text).await;
+        child.wait().await
+    })
+    .await
+    .unwrap();
+    (status.success(), text, started.elapsed().as_secs_f64())
+}
+
+/// A namespace on the TLS node, reached over `amqps://` with the CA only.
+async fn app_over_tls(tls: &Tls) -> TestApp {
+    TestApp::on_broker(tls.with(&tls.url, &[("cacertfile", "ca.pem")]), |_| {}).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_end_to_end_over_amqps_with_the_ca_only_and_with_a_client_certificate() {
+    let Some(tls) = tls() else {
+        println!("skipped: TLS_AMQP_URL is not set (scripts/rabbitmq-tls.sh)");
+        return;
+    };
+    // Arrange: a consumer process over TLS with the CA only
+    let app = app_over_tls(&tls).await;
+    let consumer = ChildConsumer::spawn_program(&app, &binary("consumer"), &[]);
+
+    // Act: the producer over TLS with the CA only, then with a client certificate
+    let (ok, stderr, _) =
+        run_producer(&app, &app.common.amqp_url, &["--count", "200", "--wait"]).await;
+    let with_cert = tls.with(
+        &tls.url,
+        &[
+            ("cacertfile", "ca.pem"),
+            ("certfile", "client.pem"),
+            ("keyfile", "client.key"),
+        ],
+    );
+    let (cert_ok, cert_stderr, _) =
+        run_producer(&app, &with_cert, &["--count", "200", "--wait"]).await;
+
+    // Assert
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("results: ok 200"), "{stderr}");
+    assert!(cert_ok, "{cert_stderr}");
+    assert!(cert_stderr.contains("results: ok 200"), "{cert_stderr}");
+    consumer.terminate().await;
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_ca_or_a_plaintext_port_fails_as_tls_and_says_why() {
+    let Some(tls) = tls() else {
+        println!("skipped: TLS_AMQP_URL is not set (scripts/rabbitmq-tls.sh)");
+        return;
+    };
+    // Arrange
+    let app = app_over_tls(&tls).await;
+    let wrong_ca = tls.with(&tls.url, &[("cacertfile", "wrong-ca.pem")]);
+    let plain_port = tls.with(&tls.plain_port_url, &[("cacertfile", "ca.pem")]);
+
+    // Act: the producer with each, and a consumer with the wrong CA
+    let quick = ["--count", "1", "--reconnect-timeout", "3"];
+    let (wrong_ok, wrong_stderr, wrong_secs) = run_producer(&app, &wrong_ca, &quick).await;
+    let (plain_ok, plain_stderr, plain_secs) = run_producer(&app, &plain_port, &quick).await;
+    let mut settings = app.consumer_settings();
+    settings.common.amqp_url = wrong_ca.clone();
+    let readiness = Readiness::default();
+    let consumer = app.spawn_consumer_with(settings, Registry::builtin(), readiness.clone());
+    let problem = within("the consumer to report its TLS failure", async {
+        loop {
+            if let Some(problem) = readiness.problem() {
+                return problem;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+
+    // Assert
+    println!("wrong CA: {wrong_secs:.1} s; plaintext port: {plain_secs:.1} s");
+    assert!(!wrong_ok && !plain_ok);
+    for (stderr, why) in [
+        (&wrong_stderr, "not signed by a trusted CA"),
+        (&plain_stderr, "plaintext port"),
+        (&problem, "not signed by a trusted CA"),
+    ] {
+        assert!(stderr.contains("TLS handshake"), "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+        assert!(
+            !stderr.contains("guest:guest"),
+            "the password shows: {stderr}"
+        );
+    }
+    assert!(wrong_secs < 60.0 && plain_secs < 60.0);
+    assert!(!readiness.is_ready());
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
