@@ -7,9 +7,10 @@
 #
 #   eval "$(scripts/rabbitmq-cluster.sh)"    # start; exports CLUSTER_AMQP_URL and CLUSTER_NODES
 #   scripts/rabbitmq-cluster.sh stop         # stops the three nodes
+#   scripts/rabbitmq-cluster.sh stop q2      # stops q2 only (rabbitmqctl stop), data kept
 #   scripts/rabbitmq-cluster.sh kill q2      # SIGKILL of q2@localhost's OS process
-#   scripts/rabbitmq-cluster.sh restart q2   # starts q2 again (same data) and waits until it
-#                                            # is back in the cluster
+#   scripts/rabbitmq-cluster.sh restart q2   # starts q2 again after kill or stop (same data)
+#                                            # and waits until it is back in the cluster
 #   scripts/rabbitmq-cluster.sh leader QUEUE [VHOST]   # prints the node leading a quorum queue
 #
 # `start` does nothing if the three nodes run and form one cluster; otherwise it stops whatever
@@ -295,11 +296,14 @@ cmd_leader() {
 
 case "${1:-start}" in
   start) cmd_start ;;
-  stop) stop_all; log "stopped" ;;
+  stop)
+    if [ $# -gt 2 ]; then die "usage: $0 stop [NODE]"; fi
+    if [ $# -eq 2 ]; then stop_node "$(short_name "$2")"; else stop_all; fi
+    log "stopped" ;;
   kill) [ $# -eq 2 ] || die "usage: $0 kill NODE"; cmd_kill "$2" ;;
   restart) [ $# -eq 2 ] || die "usage: $0 restart NODE"; cmd_restart "$2" ;;
   leader)
     if [ $# -lt 2 ] || [ $# -gt 3 ]; then die "usage: $0 leader QUEUE [VHOST]"; fi
     cmd_leader "$2" "${3:-/}" ;;
-  *) die "usage: $0 [start|stop|kill NODE|restart NODE|leader QUEUE [VHOST]]" ;;
+  *) die "usage: $0 [start|stop [NODE]|kill NODE|restart NODE|leader QUEUE [VHOST]]" ;;
 esac
