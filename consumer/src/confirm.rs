@@ -128,7 +128,14 @@ pub struct Confirmer {
     pub refused: Arc<Recent<Reason>>,
     /// Ends the session when the publish channel is gone.
     pub ending: Ending,
+    /// Publishes nacked in a row, with no confirm between (see [`NACK_STREAK_LIMIT`]).
+    pub nacks_in_a_row: std::sync::atomic::AtomicU32,
 }
+
+/// Nacked publishes in a row after which the session ends and reconnects: a channel that
+/// published to a quorum queue while it elected a new leader (after a node loss) can go on
+/// nacking every publish; a new channel does not.
+pub const NACK_STREAK_LIMIT: u32 = 64;
 
 impl std::fmt::Debug for Confirmer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -224,6 +231,8 @@ impl Confirmer {
         let tag = delivery.delivery_tag;
         let error = match confirmed {
             Ok(()) => {
+                self.nacks_in_a_row
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
                 // Remembered once stored, not once acked: a redelivery whose ack was lost is
                 // answered with the stored result instead of running again.
                 if let Outcome::Completed(result) = &outcome {
@@ -242,6 +251,21 @@ impl Confirmer {
             }
             Err(error) => error,
         };
+        let nacked = matches!(error, PublishError::Nacked)
+            && self
+                .nacks_in_a_row
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1
+                >= NACK_STREAK_LIMIT;
+        if nacked {
+            // Left unacked: the next session, on new channels, runs it again.
+            self.metrics.in_flight.dec();
+            self.ending.end(Reason::new(format_args!(
+                "the broker nacked {NACK_STREAK_LIMIT} publishes in a row on this channel; \
+                 reconnecting for new channels"
+            )));
+            return None;
+        }
         if !self.settler.channel_open() {
             self.remember_if_refused(&delivery, largest, &error);
             // Left unacked: the session ends, and the broker redelivers it to the next one.

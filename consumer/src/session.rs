@@ -290,6 +290,7 @@ pub async fn run(
         retry_delays: settings.retry_delays(),
         refused: Arc::clone(&shared.refused),
         ending: ending.clone(),
+        nacks_in_a_row: std::sync::atomic::AtomicU32::new(0),
     };
     shared
         .workers

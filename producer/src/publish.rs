@@ -25,6 +25,11 @@ use uuid::Uuid;
 
 /// First delay before reconnecting.
 const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
+/// Channels reopened in a row because the broker nacked jobs, with no ack in between, before
+/// nacked jobs count as failed (about 30 s of pauses).
+const MAX_NACK_REOPENS: u32 = 60;
+/// Pause before a channel is reopened after a nack.
+const NACK_PAUSE: Duration = Duration::from_millis(500);
 /// Longest delay between reconnect attempts.
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 /// Longest wait for one job's confirm; past it the job counts as failed (it may or may not be
@@ -101,6 +106,10 @@ pub struct Publisher {
     /// Ids of the jobs in `inflight`, to report them if publishing stops.
     inflight_ids: HashSet<Uuid>,
     resend: VecDeque<Outgoing>,
+    /// Channels reopened in a row after nacks (reset by an ack).
+    nack_reopens: u32,
+    /// Whether the next reopen waits [`NACK_PAUSE`] first.
+    pause_before_reopen: bool,
     /// Set when the broker refused the publishing on a live connection (for example, the
     /// exchange does not exist): every further job fails with this reason.
     refused: Option<String>,
@@ -156,6 +165,8 @@ impl Publisher {
             inflight_bytes: 0,
             inflight_ids: HashSet::new(),
             resend: VecDeque::new(),
+            nack_reopens: 0,
+            pause_before_reopen: false,
             refused: None,
             reconnects: 0,
             returns: amqp::Returns::default(),
@@ -388,7 +399,23 @@ impl Publisher {
                         "no confirm from the broker within {CONFIRM_TIMEOUT:?}; the job may or may not be stored"
                     )),
                 ),
-                Some(Ok(())) => settled(job.id, Ok(())),
+                Some(Ok(())) => {
+                    self.nack_reopens = 0;
+                    settled(job.id, Ok(()));
+                }
+                Some(Err(PublishError::Nacked)) if self.nack_reopens < MAX_NACK_REOPENS => {
+                    // The broker could not take the job now: a quorum queue that lost its
+                    // leader with a node nacks what it cannot store, and a channel opened
+                    // during the election can go on nacking after it. Send the job again on
+                    // a new channel, after a pause; only a broker that keeps nacking (see
+                    // MAX_NACK_REOPENS) fails jobs.
+                    self.resend.push_back(job);
+                    if self.link.take().is_some() {
+                        self.nack_reopens += 1;
+                        self.pause_before_reopen = true;
+                        tracing::warn!(reopens = self.nack_reopens, "the broker nacked a job; sending it again on a new channel");
+                    }
+                }
                 Some(Err(PublishError::Amqp(error))) => self.refuse(job, &error, settled),
                 Some(Err(error)) => settled(job.id, Err(error.to_string())),
             }
@@ -424,6 +451,12 @@ impl Publisher {
         let started = Instant::now();
         let mut backoff = Backoff::new(RECONNECT_FIRST_DELAY, RECONNECT_MAX_DELAY);
         let shutdown = self.shutdown.clone();
+        if std::mem::take(&mut self.pause_before_reopen) {
+            tokio::select! {
+                () = shutdown.cancelled() => return Err(Stopped::Interrupted),
+                () = tokio::time::sleep(NACK_PAUSE) => {}
+            }
+        }
         loop {
             let opened = tokio::select! {
                 () = shutdown.cancelled() => return Err(Stopped::Interrupted),

@@ -170,50 +170,71 @@ impl Drop for Results {
     }
 }
 
-/// A producer process sending [`JOBS`] jobs at `rate` per second through the URL list.
-fn spawn_producer(app: &TestApp, rate: u32) -> tokio::process::Child {
-    tokio::process::Command::new(binary("producer"))
-        .args(["--count", &JOBS.to_string(), "--size", "256"])
-        .args(["--rate", &rate.to_string(), "--reconnect-timeout", "120"])
-        .env("AMQP_URL", &app.common.amqp_url)
-        .env("JOBS_NAMESPACE", &app.common.namespace)
-        .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("cannot start producer")
+/// A producer process sending [`JOBS`] jobs at `rate` per second through the URL list; its
+/// stderr is read as it comes (so that a full pipe never blocks it) into `log`.
+struct Producer {
+    child: tokio::process::Child,
+    log: Arc<Mutex<String>>,
+    reader: tokio::task::JoinHandle<()>,
 }
 
-/// Waits for the producer and returns (exit success, confirmed count, its summary).
-async fn producer_outcome(mut producer: tokio::process::Child) -> (bool, usize, String) {
-    let mut stderr = producer.stderr.take().unwrap();
-    let mut text = String::new();
-    let finished = async {
-        let _ = stderr.read_to_string(&mut text).await;
-        producer.wait().await
-    };
-    let status = tokio::time::timeout(SETTLE, finished)
-        .await
-        .expect("the producer did not finish")
-        .unwrap();
-    let summary = text
-        .lines()
-        .find(|l| l.starts_with("sent "))
-        .unwrap_or_default()
-        .to_owned();
-    let confirmed = summary
-        .split(", ")
-        .find_map(|part| part.strip_prefix("confirmed "))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    (
-        status.success(),
-        confirmed,
-        if summary.is_empty() { text } else { summary },
-    )
+impl Producer {
+    fn spawn(app: &TestApp, rate: u32) -> Self {
+        let mut child = tokio::process::Command::new(binary("producer"))
+            .args(["--count", &JOBS.to_string(), "--size", "256"])
+            .args(["--rate", &rate.to_string(), "--reconnect-timeout", "120"])
+            .env("AMQP_URL", &app.common.amqp_url)
+            .env("JOBS_NAMESPACE", &app.common.namespace)
+            .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("cannot start producer");
+        let mut stderr = child.stderr.take().unwrap();
+        let log: Arc<Mutex<String>> = Arc::default();
+        let sink = Arc::clone(&log);
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = stderr.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Self { child, log, reader }
+    }
+
+    /// The producer's log so far (its last lines), for failure messages.
+    fn tail(&self) -> String {
+        let log = self.log.lock().unwrap();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Waits for the producer; returns (exit success, confirmed count, its summary line).
+    async fn outcome(mut self) -> (bool, usize, String) {
+        let status = tokio::time::timeout(SETTLE, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("the producer did not finish:\n{}", self.tail()))
+            .unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.reader).await;
+        let text = self.log.lock().unwrap().clone();
+        let summary = text
+            .lines()
+            .find(|l| l.starts_with("sent "))
+            .unwrap_or_default()
+            .to_owned();
+        let confirmed = summary
+            .split(", ")
+            .find_map(|part| part.strip_prefix("confirmed "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        (status.success(), confirmed, if summary.is_empty() { self.tail() } else { summary })
+    }
 }
 
 /// Messages ready or unacked in `queue`, asked through the URL list.
@@ -293,23 +314,26 @@ async fn losing_the_work_leader_then_the_results_leader_loses_no_job() {
 
     // Act: a producer sends for ~20 s; kill the work queue's leader, bring it back, then kill
     // the results queue's leader
-    let producer = spawn_producer(&app, 500);
+    let producer = Producer::spawn(&app, 500);
     assert!(
         results.wait_for(1_000, SETTLE).await,
-        "no results before the first fault"
+        "no results before the first fault:\n{}",
+        producer.tail()
     );
     let work_leader = leader(&app.kind_queue("text.analyze")).await;
     println!("killing {work_leader} (leads the work queue)");
     script(&["kill", &work_leader]).await;
     assert!(
         results.wait_for(4_000, SETTLE).await,
-        "no progress after the first fault"
+        "no progress after the first fault ({:?} results):\n{}",
+        results.counts(),
+        producer.tail()
     );
     script(&["restart", &work_leader]).await;
     let results_leader = leader(&app.topology.names.results_queue).await;
     println!("killing {results_leader} (leads the results queue)");
     script(&["kill", &results_leader]).await;
-    let outcome = producer_outcome(producer).await;
+    let outcome = producer.outcome().await;
     assert_nothing_lost(
         "cluster node loss",
         &cluster,
@@ -340,10 +364,11 @@ async fn a_rolling_restart_of_every_node_loses_no_job() {
 
     // Act: while a producer sends, stop and restart each node in turn, as an operator
     // upgrading the cluster does
-    let producer = spawn_producer(&app, 250);
+    let producer = Producer::spawn(&app, 250);
     assert!(
         results.wait_for(500, SETTLE).await,
-        "no results before the restarts"
+        "no results before the restarts:\n{}",
+        producer.tail()
     );
     for node in &cluster.nodes {
         println!("restarting {node}");
@@ -351,7 +376,7 @@ async fn a_rolling_restart_of_every_node_loses_no_job() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         script(&["restart", node]).await;
     }
-    let outcome = producer_outcome(producer).await;
+    let outcome = producer.outcome().await;
     assert_nothing_lost(
         "cluster rolling restart",
         &cluster,

@@ -222,6 +222,26 @@ impl Management {
     }
 }
 
+/// Runs `rabbitmqctl args` against the test broker: inside its container (testcontainers), or
+/// on this host (a broker in `AMQP_URL` started by `scripts/rabbitmq-local.sh`). `None` when
+/// there is no `rabbitmqctl` to run.
+pub async fn rabbitmqctl(args: &[&str]) -> Option<std::process::Output> {
+    let broker = broker().await;
+    let mut command = match &broker.container_id {
+        Some(id) => {
+            let mut c = Command::new("docker");
+            c.args(["exec", id, "rabbitmqctl"]);
+            c
+        }
+        None => Command::new("rabbitmqctl"),
+    };
+    command.arg("-q").args(args);
+    tokio::task::spawn_blocking(move || command.output().ok())
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Closes, with `rabbitmqctl` inside the broker's container, every connection whose
 /// client-given name contains `needle`; returns how many.
 fn close_with_rabbitmqctl(container: &str, needle: &str) -> usize {

@@ -26,6 +26,7 @@ mod isolated;
 mod observability;
 mod producer_failures;
 mod producer_reconnect;
+mod production;
 mod pushback;
 mod reconnect;
 mod repeats;
