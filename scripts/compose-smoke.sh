@@ -264,7 +264,7 @@ cluster_part() {
   case " ${nodes[*]} " in *" $victim "*) ;; *) fail "jobs.work led by an unknown node: '$victim'" ;; esac
 
   log "cluster: a burst of $cluster_burst jobs at $cluster_rate jobs/s"
-  producer=$(compose run -d --no-deps producer-cluster \
+  producer=$(compose run -d -T --no-deps producer-cluster \
                producer --count "$cluster_burst" --rate "$cluster_rate" 2>/dev/null | tail -n 1) \
     || fail "docker-compose run producer-cluster"
   [ -n "$producer" ] || fail "docker-compose run producer-cluster printed no container name"

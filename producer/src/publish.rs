@@ -413,7 +413,10 @@ impl Publisher {
                     if self.link.take().is_some() {
                         self.nack_reopens += 1;
                         self.pause_before_reopen = true;
-                        tracing::warn!(reopens = self.nack_reopens, "the broker nacked a job; sending it again on a new channel");
+                        tracing::warn!(
+                            reopens = self.nack_reopens,
+                            "the broker nacked a job; sending it again on a new channel"
+                        );
                     }
                 }
                 Some(Err(PublishError::Amqp(error))) => self.refuse(job, &error, settled),

@@ -212,6 +212,7 @@ pub async fn confirm_channel(connection: &lapin::Connection) -> Result<Channel, 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -226,6 +226,7 @@ impl ServerCertVerifier for NoVerification {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -202,7 +202,9 @@ impl Producer {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         });
         Self { child, log, reader }
@@ -233,7 +235,15 @@ impl Producer {
             .find_map(|part| part.strip_prefix("confirmed "))
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
-        (status.success(), confirmed, if summary.is_empty() { self.tail() } else { summary })
+        (
+            status.success(),
+            confirmed,
+            if summary.is_empty() {
+                self.tail()
+            } else {
+                summary
+            },
+        )
     }
 }
 

@@ -27,7 +27,15 @@ async fn a_least_privilege_user_runs_jobs_in_its_namespace() {
     let commands: [Vec<&str>; 3] = [
         vec!["add_vhost", &vhost],
         vec!["add_user", &user, "s3cret"],
-        vec!["set_permissions", "-p", &vhost, &user, &pattern, &pattern, &pattern],
+        vec![
+            "set_permissions",
+            "-p",
+            &vhost,
+            &user,
+            &pattern,
+            &pattern,
+            &pattern,
+        ],
     ];
     for args in &commands {
         let Some(output) = rabbitmqctl(args).await else {
@@ -66,7 +74,9 @@ async fn a_least_privilege_user_runs_jobs_in_its_namespace() {
     })
     .await
     .unwrap();
-    let (_pool, connection) = amqp::connect(url.as_str(), "least privilege probe").await.unwrap();
+    let (_pool, connection) = amqp::connect(url.as_str(), "least privilege probe")
+        .await
+        .unwrap();
     let channel = connection.create_channel().await.unwrap();
     let outside = channel
         .queue_declare(
