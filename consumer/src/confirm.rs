@@ -130,7 +130,14 @@ pub struct Confirmer {
     pub ending: Ending,
     /// Publishes nacked in a row, with no confirm between (see [`NACK_STREAK_LIMIT`]).
     pub nacks_in_a_row: std::sync::atomic::AtomicU32,
+    /// When a session last ended for a nack streak, across sessions.
+    pub nack_reconnect: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// At most one reconnect for a nack streak in this long: a broker that refuses every publish
+/// for good (a full queue with `reject-publish`) is not fixed by new channels, and its jobs
+/// take the retry path instead of running again and again.
+pub const NACK_RECONNECT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Nacked publishes in a row after which the session ends and reconnects: a channel that
 /// published to a quorum queue while it elected a new leader (after a node loss) can go on
@@ -251,13 +258,26 @@ impl Confirmer {
             }
             Err(error) => error,
         };
-        let nacked = matches!(error, PublishError::Nacked)
+        let streak = matches!(error, PublishError::Nacked)
             && self
                 .nacks_in_a_row
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 + 1
                 >= NACK_STREAK_LIMIT;
-        if nacked {
+        let reconnect = streak && {
+            self.nacks_in_a_row
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+            let mut last = self
+                .nack_reconnect
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = last.is_none_or(|t| t.elapsed() >= NACK_RECONNECT_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if reconnect {
             // Left unacked: the next session, on new channels, runs it again.
             self.metrics.in_flight.dec();
             self.ending.end(Reason::new(format_args!(

@@ -163,6 +163,7 @@ pub async fn run_with(
     let shared = session::Shared {
         recent: Arc::new(shared::recent::Recent::new(settings.recent_results)),
         refused: Arc::new(shared::recent::Recent::new(REFUSED_REMEMBERED)),
+        nack_reconnect: Arc::default(),
         settings,
         registry,
         metrics,

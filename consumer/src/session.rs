@@ -61,6 +61,9 @@ pub struct Shared {
     pub workers: TaskTracker,
     /// The consumer's state.
     pub readiness: Readiness,
+    /// When a session last ended because the broker nacked every publish (at most one such
+    /// reconnect per [`crate::confirm::NACK_RECONNECT_EVERY`]).
+    pub nack_reconnect: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 /// How a session ended.
@@ -291,6 +294,7 @@ pub async fn run(
         refused: Arc::clone(&shared.refused),
         ending: ending.clone(),
         nacks_in_a_row: std::sync::atomic::AtomicU32::new(0),
+        nack_reconnect: Arc::clone(&shared.nack_reconnect),
     };
     shared
         .workers

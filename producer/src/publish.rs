@@ -85,7 +85,8 @@ struct Link {
 type Checked = (Outgoing, Option<Result<(), PublishError>>, bool);
 
 /// What became of one publish: its confirmation, or `None` when none came in time.
-type Confirmed = (Outgoing, Option<lapin::Result<Confirmation>>);
+/// A job, its confirm (`None`: timed out), and the link it was sent on ([`Publisher::links`]).
+type Confirmed = (Outgoing, Option<lapin::Result<Confirmation>>, u64);
 type Inflight = FuturesUnordered<BoxFuture<'static, Confirmed>>;
 
 /// Publishes jobs to the jobs exchange with publisher confirms.
@@ -106,6 +107,8 @@ pub struct Publisher {
     /// Ids of the jobs in `inflight`, to report them if publishing stops.
     inflight_ids: HashSet<Uuid>,
     resend: VecDeque<Outgoing>,
+    /// Links opened so far: which link a job was sent on.
+    links: u64,
     /// Channels reopened in a row after nacks (reset by an ack).
     nack_reopens: u32,
     /// Whether the next reopen waits [`NACK_PAUSE`] first.
@@ -165,6 +168,7 @@ impl Publisher {
             inflight_bytes: 0,
             inflight_ids: HashSet::new(),
             resend: VecDeque::new(),
+            links: 0,
             nack_reopens: 0,
             pause_before_reopen: false,
             refused: None,
@@ -288,8 +292,9 @@ impl Publisher {
             };
             self.inflight_bytes += job.body.len();
             self.inflight_ids.insert(job.id);
+            let link = self.links;
             let mut confirmed: BoxFuture<'static, Confirmed> =
-                Box::pin(publish.map(move |outcome| (job, outcome)));
+                Box::pin(publish.map(move |outcome| (job, outcome, link)));
             match futures::poll!(confirmed.as_mut()) {
                 std::task::Poll::Ready(done) => self.settle_batch(vec![done], settled),
                 std::task::Poll::Pending => self.inflight.push(confirmed),
@@ -359,12 +364,20 @@ impl Publisher {
     /// job id ([`amqp::Returns`]): lapin may hand a return to another job of the same `multiple`
     /// confirm, and a returned job must never count as sent.
     fn settle_batch(&mut self, batch: Vec<Confirmed>, settled: &mut impl FnMut(Uuid, Settled)) {
-        for (job, _) in &batch {
+        for (job, _, _) in &batch {
             self.inflight_bytes = self.inflight_bytes.saturating_sub(job.body.len());
             self.inflight_ids.remove(&job.id);
         }
+        let current = self.links;
+        let mut stale = std::collections::HashSet::new();
         let mut checked: Vec<Checked> = batch
             .into_iter()
+            .map(|(job, outcome, link)| {
+                if link != current {
+                    stale.insert(job.id);
+                }
+                (job, outcome)
+            })
             .map(|(job, outcome)| match outcome {
                 None => (job, None, false),
                 Some(Ok(confirmation)) => (job, Some(check_confirmation(confirmation)), false),
@@ -409,8 +422,10 @@ impl Publisher {
                     // during the election can go on nacking after it. Send the job again on
                     // a new channel, after a pause; only a broker that keeps nacking (see
                     // MAX_NACK_REOPENS) fails jobs.
+                    // A nack from a channel already replaced says nothing about the new one.
+                    let on_current = !stale.contains(&job.id);
                     self.resend.push_back(job);
-                    if self.link.take().is_some() {
+                    if on_current && self.link.take().is_some() {
                         self.nack_reopens += 1;
                         self.pause_before_reopen = true;
                         tracing::warn!(
@@ -474,6 +489,7 @@ impl Publisher {
                     );
                     let channel = link.channel.clone();
                     self.link = Some(link);
+                    self.links += 1;
                     return Ok(channel);
                 }
                 Err(error) if started.elapsed() >= self.reconnect_timeout => {

@@ -101,10 +101,12 @@ impl Listener {
         let exchange = names.results_exchange.clone();
         let (tx, results) = mpsc::channel(BUFFER);
         let stop = CancellationToken::new();
+        // Given a cluster (several brokers), the queue must outlive the loss of a node.
+        let replicated = pool.manager().brokers().len() > 1;
         let connection = amqp::get_connection(&pool, amqp::DEFAULT_CONNECT_TIMEOUT)
             .await
             .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
-        let channel = subscribe(&connection, &queue, &exchange, expires).await?;
+        let channel = subscribe(&connection, &queue, &exchange, expires, replicated).await?;
 
         let task_queue = queue.clone();
         let task_stop = stop.clone();
@@ -134,7 +136,7 @@ impl Listener {
                 let Ok(connection) = pool.get().await else {
                     continue;
                 };
-                match subscribe(&connection, &task_queue, &exchange, expires).await {
+                match subscribe(&connection, &task_queue, &exchange, expires, replicated).await {
                     Ok(channel) => current = Some((connection, channel)),
                     Err(error) => tracing::warn!(%error, "results listener: cannot resubscribe"),
                 }
@@ -167,6 +169,7 @@ async fn subscribe(
     queue: &str,
     exchange: &str,
     expires: Duration,
+    replicated: bool,
 ) -> Result<Channel, lapin::Error> {
     let channel = connection.create_channel().await?;
     channel
@@ -179,11 +182,13 @@ async fn subscribe(
     );
     // Durable, so that it outlives a lost connection (the listener reconnects and goes on
     // reading it) without being a transient non-exclusive queue, which RabbitMQ 4 deprecates
-    // (`transient_nonexcl_queues`); classic whatever the vhost's default queue type, and
-    // deleted by the broker `expires` after its last consumer is gone.
+    // (`transient_nonexcl_queues`); deleted by the broker `expires` after its last consumer is
+    // gone. Classic on one broker; quorum given a cluster, so that it survives the loss of the
+    // node it lives on (a classic queue would be unreachable until that node came back).
+    let queue_type = if replicated { "quorum" } else { "classic" };
     args.insert(
         "x-queue-type".into(),
-        AMQPValue::LongString("classic".into()),
+        AMQPValue::LongString(queue_type.into()),
     );
     let durable = QueueDeclareOptions {
         durable: true,

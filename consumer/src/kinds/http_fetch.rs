@@ -7,8 +7,8 @@
 //!
 //! Failures are typed: a timeout, a refused connection or a 5xx is retryable; a bad URL, a 4xx,
 //! a body that is too large or not UTF-8 is permanent. Only `http` and `https` URLs are
-//! fetched (`https` needs a TLS feature this build leaves out); nothing restricts the host, so
-//! do not serve this kind to untrusted producers.
+//! fetched (`https` with rustls, checked against the system's roots; `SSL_CERT_FILE` is
+//! honoured); nothing restricts the host, so do not serve this kind to untrusted producers.
 
 use std::time::Duration;
 

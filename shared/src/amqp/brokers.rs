@@ -10,6 +10,9 @@ use deadpool_lapin::lapin::uri::AMQPUri;
 /// Most URLs in one list: a cluster has a handful of nodes; this only bounds a typo.
 pub const MAX_BROKERS: usize = 32;
 
+/// Longest broker setting accepted (every URL of a list together).
+pub const MAX_SETTING_BYTES: usize = 64 * 1024;
+
 /// Query parameters passed on to the AMQP client.
 const AMQP_PARAMS: [&str; 5] = [
     "heartbeat",
@@ -34,6 +37,9 @@ pub enum UrlError {
     /// Nothing in the setting.
     #[error("the broker URL is empty")]
     Empty,
+    /// Longer than [`MAX_SETTING_BYTES`].
+    #[error("the broker URL is longer than {MAX_SETTING_BYTES} bytes")]
+    TooLong,
     /// More entries than [`MAX_BROKERS`].
     #[error("the broker URL lists {0} brokers; at most {MAX_BROKERS} are accepted")]
     TooMany(usize),
@@ -96,6 +102,9 @@ impl Brokers {
     /// # Errors
     /// See [`UrlError`].
     pub fn parse(setting: &str) -> Result<Self, UrlError> {
+        if setting.len() > MAX_SETTING_BYTES {
+            return Err(UrlError::TooLong);
+        }
         let entries = split_list(setting);
         if entries.iter().all(|e| e.is_empty()) {
             return Err(UrlError::Empty);
@@ -150,6 +159,13 @@ impl Broker {
             return Err(invalid("an entry of the list is empty".to_owned()));
         }
         let mut url = url::Url::parse(entry).map_err(|e| invalid(format!("not a URL ({e})")))?;
+        if url.username().is_empty() && super::has_userinfo(entry) {
+            return Err(invalid(
+                "the user name and password do not parse: percent-encode '/', '?', '#' and '@' \
+                 in them (%2F, %3F, %23, %40)"
+                    .to_owned(),
+            ));
+        }
         let tls = match url.scheme() {
             "amqp" => false,
             "amqps" => true,
@@ -256,10 +272,10 @@ impl Broker {
     /// or `default`.
     #[must_use]
     pub fn attempt_timeout(&self, default: std::time::Duration) -> std::time::Duration {
-        self.uri
-            .query
-            .connection_timeout
-            .map_or(default, std::time::Duration::from_millis)
+        match self.uri.query.connection_timeout {
+            Some(ms) if ms > 0 => std::time::Duration::from_millis(ms),
+            _ => default,
+        }
     }
 }
 
@@ -376,6 +392,7 @@ mod tests {
             ("http://u:secret@h/", "amqp:// or amqps://"),
             ("amqp://u:secret@h/,,amqp://h2/", "empty"),
             ("amqp://u:secret@h/?heartbeat=x", "broker URL"),
+            ("amqp://u:/secret@h/v", "percent-encode"),
         ] {
             let e = error(setting);
             assert!(e.contains(expected), "{setting:?}: {e}");

@@ -132,7 +132,11 @@ impl Manager {
         &self.brokers
     }
 
-    async fn connect_to(&self, at: usize) -> Result<lapin::Connection, lapin::Error> {
+    async fn connect_to(
+        &self,
+        at: usize,
+        limit: Duration,
+    ) -> Result<lapin::Connection, lapin::Error> {
         let broker = self.brokers.nodes()[at].clone();
         let tls = self.tls[at].clone();
         let runtime = async_rs::Runtime::tokio_current();
@@ -140,7 +144,7 @@ impl Manager {
         lapin::Connection::connector(
             uri,
             runtime,
-            async move |_uri, runtime| open_stream(&broker, tls.as_ref(), &runtime).await,
+            async move |_uri, runtime| open_stream(&broker, tls.as_ref(), &runtime, limit).await,
             self.properties.clone(),
         )
         .await
@@ -148,12 +152,23 @@ impl Manager {
 }
 
 /// TCP to `broker` (each address its name resolves to, in turn), then TLS when it is
-/// `amqps://`. Never falls back to plaintext.
+/// `amqps://`, each step within `limit` (lapin runs this on its own I/O thread, which must not
+/// hang on a frozen host when the caller gives up). Never falls back to plaintext.
 async fn open_stream<RK: async_rs::traits::RuntimeKit + Send + Sync>(
     broker: &Broker,
     tls: Option<&TlsClient>,
     runtime: &async_rs::Runtime<RK>,
+    limit: Duration,
 ) -> lapin::Result<AsyncTcpStream<<RK as async_rs::traits::Reactor>::TcpStream>> {
+    let timed_out = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "{what} {}:{}: no answer within {limit:?}",
+                broker.host, broker.port
+            ),
+        )
+    };
     let addresses: Vec<_> = tokio::net::lookup_host((broker.host.as_str(), broker.port))
         .await?
         .collect();
@@ -163,27 +178,30 @@ async fn open_stream<RK: async_rs::traits::RuntimeKit + Send + Sync>(
     );
     let mut stream = None;
     for address in addresses {
-        match AsyncTcpStream::connect(runtime, address).await {
-            Ok(s) => {
+        match tokio::time::timeout(limit, AsyncTcpStream::connect(runtime, address)).await {
+            Ok(Ok(s)) => {
                 stream = Some(s);
                 break;
             }
-            Err(e) => last = e,
+            Ok(Err(e)) => last = e,
+            Err(_) => last = timed_out("TCP connection to"),
         }
     }
     let stream = stream.ok_or(last)?;
     match tls {
         None => Ok(stream),
-        Some(tls) => stream
-            .into_rustls(&tls.connector, &tls.server_name)
-            .await
-            .map_err(|e| {
-                std::io::Error::new(
+        Some(tls) => {
+            let handshake = stream.into_rustls(&tls.connector, &tls.server_name);
+            match tokio::time::timeout(limit, handshake).await {
+                Ok(Ok(stream)) => Ok(stream),
+                Ok(Err(e)) => Err(std::io::Error::new(
                     e.kind(),
                     tls::handshake_error(&e, &broker.host, broker.port),
                 )
-                .into()
-            }),
+                .into()),
+                Err(_) => Err(timed_out("TLS handshake with").into()),
+            }
+        }
     }
 }
 
@@ -198,7 +216,10 @@ impl managed::Manager for Manager {
         for at in (first..n).chain(0..first) {
             let broker = &self.brokers.nodes()[at];
             let limit = broker.attempt_timeout(DEFAULT_CONNECT_TIMEOUT);
-            let outcome = tokio::time::timeout(limit, self.connect_to(at)).await;
+            // Moved on before the attempt: if the caller gives up during it, the next
+            // connection starts with the next broker, not with this one again.
+            self.next.store((at + 1) % n, Ordering::Relaxed);
+            let outcome = tokio::time::timeout(limit, self.connect_to(at, limit)).await;
             let (refusal, reason) = match outcome {
                 Ok(Ok(connection)) => {
                     self.next.store(at, Ordering::Relaxed);

@@ -12,7 +12,7 @@ mod connect;
 mod publish;
 mod tls;
 
-pub use brokers::{Broker, Brokers, MAX_BROKERS, TlsParams, UrlError};
+pub use brokers::{Broker, Brokers, MAX_BROKERS, MAX_SETTING_BYTES, TlsParams, UrlError};
 pub use connect::{
     Backoff, CLOSE_TIMEOUT, ConnectError, Connection, DEFAULT_CONNECT_TIMEOUT, Manager, Pool,
     PoolError, Refusal, close_channel, close_connection, close_pool, connect, describe_failure,
@@ -42,6 +42,9 @@ pub(crate) fn bounded(text: &str, max: usize) -> &str {
 #[must_use]
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
+        // An `@` the parser did not take as the end of a user name: the password holds an
+        // unencoded `/`, `?` or `#`, and would show in the path, query or fragment.
+        Ok(parsed) if parsed.username().is_empty() && has_userinfo(url) => masked(url),
         Ok(mut parsed) => {
             if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
                 return masked(url);
@@ -50,6 +53,13 @@ pub fn redact(url: &str) -> String {
         }
         Err(_) => masked(url),
     }
+}
+
+/// Whether `url` has an `@` after its scheme (a user name or password, whatever the parser
+/// made of it).
+pub(crate) fn has_userinfo(url: &str) -> bool {
+    url.split_once("://")
+        .is_some_and(|(_, rest)| rest.contains('@'))
 }
 
 /// Everything after the scheme hidden: for text that is not a URL one can take apart safely.
@@ -91,6 +101,10 @@ mod tests {
         // An unencoded '/' in the password is not a URI: nothing after the scheme is shown.
         assert_eq!(redact("amqp://u:se/cret@host/v"), "amqp://***");
         assert_eq!(redact("not a url"), "***");
+        // A password with an unencoded '/' after a numeric or empty prefix still parses, as a
+        // host and port: nothing after the scheme is shown.
+        assert_eq!(redact("amqp://u:/secret@h/v"), "amqp://***");
+        assert_eq!(redact("amqp://u:4711/x@h/"), "amqp://***");
         for hostile in [
             "amqp://u:s:e:c@h/",
             "amqp://:secret@h/",

@@ -137,6 +137,14 @@ fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
 
 /// A PEM file's bytes, at most [`MAX_PEM_BYTES`].
 fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
+    // Not a FIFO or a device, whose read could block the start for ever.
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => {
+            return Err(format!("{} is not a regular file", path.display()));
+        }
+        Err(e) => return Err(format!("cannot open {}: {e}", path.display())),
+        Ok(_) => {}
+    }
     let file =
         std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let mut bytes = Vec::new();

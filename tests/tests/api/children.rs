@@ -30,7 +30,18 @@ impl ChildConsumer {
     /// Starts `program` (a consumer binary: `test-consumer`, or the real `consumer`) with
     /// `args` added to the namespace's settings.
     pub fn spawn_program(app: &TestApp, program: &std::path::Path, args: &[&str]) -> Self {
+        Self::spawn_with_env(app, program, args, &[])
+    }
+
+    /// As [`Self::spawn_program`], with extra environment variables.
+    pub fn spawn_with_env(
+        app: &TestApp,
+        program: &std::path::Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let child = tokio::process::Command::new(program)
+            .envs(envs.iter().copied())
             .env("AMQP_URL", &app.common.amqp_url)
             .env("JOBS_NAMESPACE", &app.common.namespace)
             .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())

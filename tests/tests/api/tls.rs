@@ -1,5 +1,6 @@
 //! TLS to the broker: jobs end to end over `amqps://` with the test CA only and with a client
-//! certificate; a wrong CA and a plaintext port fail as TLS failures, never in plaintext.
+//! certificate; a wrong CA and a plaintext port fail as TLS failures, never in plaintext; and
+//! `http.fetch` fetches `https://` pages.
 //!
 //! Needs the TLS node of `scripts/rabbitmq-tls.sh` (`TLS_AMQP_URL`, `TLS_PLAIN_PORT_URL`,
 //! `TLS_CERT_DIR`; `scripts/test.sh` starts it next to a broker in `AMQP_URL`). Without it the
@@ -150,5 +151,72 @@ async fn a_wrong_ca_or_a_plaintext_port_fails_as_tls_and_says_why() {
     assert!(wrong_secs < 60.0 && plain_secs < 60.0);
     assert!(!readiness.is_ready());
     consumer.stop().await.unwrap();
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_fetch_fetches_https_pages() {
+    let Some(tls) = tls() else {
+        println!("skipped: TLS_CERT_DIR is not set (scripts/rabbitmq-tls.sh)");
+        return;
+    };
+    // Arrange: an HTTPS server with the test CA's server certificate (localhost), and a
+    // consumer process that trusts that CA (SSL_CERT_FILE, as on a real host)
+    let app = TestApp::new().await;
+    let root = std::env::temp_dir().join(format!("https-{}", app.common.namespace));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(
+        root.join("page.txt"),
+        "A page fetched over TLS. Second sentence.",
+    )
+    .unwrap();
+    let serve = "import http.server,ssl,sys\n\
+        ctx=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+        ctx.load_cert_chain(sys.argv[1],sys.argv[2])\n\
+        s=http.server.HTTPServer(('127.0.0.1',0),http.server.SimpleHTTPRequestHandler)\n\
+        s.socket=ctx.wrap_socket(s.socket,server_side=True)\n\
+        print(s.server_address[1],flush=True)\n\
+        s.serve_forever()";
+    let mut server = tokio::process::Command::new("python3")
+        .args(["-c", serve])
+        .arg(format!("{}/server.pem", tls.dir))
+        .arg(format!("{}/server.key", tls.dir))
+        .current_dir(&root)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = server.stdout.take().unwrap();
+    let port = within("the HTTPS server's port", async {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while stdout.read(&mut byte).await.unwrap() == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        String::from_utf8(line).unwrap()
+    })
+    .await;
+    let ca = format!("{}/ca.pem", tls.dir);
+    let consumer = ChildConsumer::spawn_with_env(
+        &app,
+        &binary("consumer"),
+        &[],
+        &[("SSL_CERT_FILE", ca.as_str())],
+    );
+
+    // Act
+    let url = format!("https://localhost:{}/page.txt", port.trim());
+    let id = app
+        .publish_job("http.fetch", serde_json::json!({ "url": url }))
+        .await;
+    let results = app.results(1).await;
+
+    // Assert
+    let result = results[0].json();
+    assert_eq!(result["job_id"], id.to_string());
+    assert_eq!(result["status"], "ok", "{result}");
+    consumer.terminate().await;
+    let _ = std::fs::remove_dir_all(&root);
     app.teardown().await;
 }
