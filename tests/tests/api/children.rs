@@ -201,3 +201,30 @@ impl Drop for Collector {
         self.task.abort();
     }
 }
+
+/// Runs the producer binary against `url` in `app`'s namespace with `args`; returns (exit
+/// success, its stderr, seconds taken).
+pub async fn run_producer(app: &TestApp, url: &str, args: &[&str]) -> (bool, String, f64) {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut child = tokio::process::Command::new(crate::helpers::binary("producer"))
+        .args(args)
+        .env("AMQP_URL", url)
+        .env("JOBS_NAMESPACE", &app.common.namespace)
+        .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut text = String::new();
+    let status = within("the producer to exit", async {
+        let _ = stderr.read_to_string(&mut text).await;
+        child.wait().await
+    })
+    .await
+    .unwrap();
+    (status.success(), text, started.elapsed().as_secs_f64())
+}

@@ -2,16 +2,13 @@
 //! whose configure, write and read permissions cover only its namespace runs jobs end to end,
 //! and may touch nothing else.
 
-use std::process::Stdio;
-
 use deadpool_lapin::lapin::{options::QueueDeclareOptions, types::FieldTable};
 use shared::amqp;
-use tokio::io::AsyncReadExt;
 use uuid::Uuid;
 
 use crate::{
-    children::ChildConsumer,
-    helpers::{TestApp, binary, broker_url, rabbitmqctl, within},
+    children::{ChildConsumer, run_producer},
+    helpers::{TestApp, binary, broker_url, rabbitmqctl},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,24 +53,7 @@ async fn a_least_privilege_user_runs_jobs_in_its_namespace() {
     let consumer = ChildConsumer::spawn_program(&app, &binary("consumer"), &[]);
 
     // Act: a --wait run as that user, and a declaration outside the namespace
-    let mut producer = tokio::process::Command::new(binary("producer"))
-        .args(["--count", "100", "--wait"])
-        .env("AMQP_URL", url.as_str())
-        .env("JOBS_NAMESPACE", &ns)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = producer.stderr.take().unwrap();
-    let mut summary = String::new();
-    let status = within("the producer to finish", async {
-        let _ = stderr.read_to_string(&mut summary).await;
-        producer.wait().await
-    })
-    .await
-    .unwrap();
+    let (ok, summary, _) = run_producer(&app, url.as_str(), &["--count", "100", "--wait"]).await;
     let (_pool, connection) = amqp::connect(url.as_str(), "least privilege probe")
         .await
         .unwrap();
@@ -87,7 +67,7 @@ async fn a_least_privilege_user_runs_jobs_in_its_namespace() {
         .await;
 
     // Assert
-    assert!(status.success(), "{summary}");
+    assert!(ok, "{summary}");
     assert!(summary.contains("results: ok 100"), "{summary}");
     let refused = outside.err().map(|e| e.to_string()).unwrap_or_default();
     assert!(refused.contains("ACCESS_REFUSED"), "{refused}");

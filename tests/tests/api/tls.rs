@@ -12,7 +12,7 @@ use consumer::{Readiness, Registry};
 use tokio::io::AsyncReadExt;
 
 use crate::{
-    children::ChildConsumer,
+    children::{ChildConsumer, run_producer},
     helpers::{TestApp, binary, within},
 };
 
@@ -39,31 +39,6 @@ impl Tls {
             .collect();
         format!("{base}?{}", query.join("&"))
     }
-}
-
-/// Runs the producer binary against `url` and returns (exit success, stderr, seconds taken).
-async fn run_producer(app: &TestApp, url: &str, args: &[&str]) -> (bool, String, f64) {
-    let started = std::time::Instant::now();
-    let mut child = tokio::process::Command::new(binary("producer"))
-        .args(args)
-        .env("AMQP_URL", url)
-        .env("JOBS_NAMESPACE", &app.common.namespace)
-        .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let mut text = String::new();
-    let status = within("the producer to exit", async {
-        let _ = stderr.read_to_string(&mut text).await;
-        child.wait().await
-    })
-    .await
-    .unwrap();
-    (status.success(), text, started.elapsed().as_secs_f64())
 }
 
 /// A namespace on the TLS node, reached over `amqps://` with the CA only.
