@@ -191,7 +191,7 @@ pub async fn start(
         request_timeout: settings.request_timeout(),
         listening,
     });
-    tokio::spawn(collect_results(
+    let collector = tokio::spawn(collect_results(
         Arc::clone(&ingest),
         listening_tx,
         shutdown.clone(),
@@ -222,7 +222,10 @@ pub async fn start(
         if let Err(error) = served {
             tracing::error!(%error, "the HTTP server stopped");
         }
-        // The publishing link ends with channel.close and connection.close.
+        // In order, once no request is in flight: the publishing link (channel.close, then
+        // connection.close); the results listener (its channel closed, its connection back in
+        // the pool, its queue left to expire); then every connection left in the pool, so
+        // that the broker logs no unexpected close. The returned task ends only then.
         if let Some((connection, channel)) = ingest.link.lock().await.take() {
             let close = async {
                 amqp::close_channel(&channel).await;
@@ -230,6 +233,8 @@ pub async fn start(
             };
             let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT, close).await;
         }
+        let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT * 2, collector).await;
+        let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT, amqp::close_pool(&ingest.pool)).await;
     });
     tracing::info!(%bound, "accepting jobs over HTTP");
     Ok((bound, task))
@@ -585,7 +590,4 @@ async fn collect_results(
         }
     }
     listener.close(None).await;
-    // The listener's connection is back in the pool: close it (and any other idle one) with
-    // connection.close, so that the broker logs no unexpected close.
-    let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT, amqp::close_pool(&ingest.pool)).await;
 }
