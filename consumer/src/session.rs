@@ -168,10 +168,20 @@ pub async fn run(
             .declare_retry_queues(&connection, &settings.retry_buckets())
             .await
     };
-    match declared.await {
-        Ok(_) => {}
-        Err(DeclareError::Amqp(error)) => return Err(classify(error)),
-        Err(refused) => return Err(SessionError::Topology(refused)),
+    // Bounded, like the take-over above: a connection the broker is closing (a node shutting
+    // down) can leave a declaration unanswered for ever; the session then ends and closes it.
+    match tokio::time::timeout(CONNECT_TIMEOUT, declared).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(DeclareError::Amqp(error))) => return Err(classify(error)),
+        Ok(Err(refused)) => return Err(SessionError::Topology(refused)),
+        Err(_) => {
+            // Out of the pool for good, so that the next session does not get it again.
+            let connection = amqp::Connection::take(connection);
+            amqp::close_connection(&connection, "no answer while declaring").await;
+            return Err(SessionError::Lost(format!(
+                "the broker did not answer within {CONNECT_TIMEOUT:?} while declaring the topology"
+            )));
+        }
     }
 
     let publish = amqp::confirm_channel(&connection).await.map_err(classify)?;

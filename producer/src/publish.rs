@@ -523,12 +523,29 @@ async fn open_link(
         broker = node.as_deref().unwrap_or(broker),
         "connected to the broker"
     );
-    if declare {
-        topology.declare(&connection).await?;
+    // Bounded: a connection the pool still thinks alive while the broker is closing it (a
+    // node shutting down) can leave a declaration unanswered for ever.
+    let setup = async {
+        if declare {
+            topology.declare(&connection).await?;
+        }
+        Ok::<_, crate::ProducerError>(amqp::confirm_channel(&connection).await?)
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, setup).await {
+        Ok(Ok(channel)) => Ok(Link {
+            connection,
+            channel,
+        }),
+        Ok(Err(error)) => Err(error),
+        Err(_) => {
+            // Out of the pool for good, so that it is not handed out again.
+            let connection = amqp::Connection::take(connection);
+            amqp::close_connection(&connection, "no answer while setting up").await;
+            Err(amqp::ConnectError::Timeout {
+                url: broker.to_owned(),
+                after: CONNECT_TIMEOUT,
+            }
+            .into())
+        }
     }
-    let channel = amqp::confirm_channel(&connection).await?;
-    Ok(Link {
-        connection,
-        channel,
-    })
 }
