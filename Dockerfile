@@ -18,7 +18,7 @@ RUN for crate in shared producer consumer tests; do \
     done \
  && echo 'fn main() {}' > producer/src/main.rs && echo 'fn main() {}' > consumer/src/main.rs \
  && mkdir -p bench/src && echo 'fn main() {}' > bench/src/main.rs \
- && mkdir -p consumer/examples && echo 'fn main() {}' > consumer/examples/custom_kind.rs \
+ && mkdir -p consumer/examples && echo 'fn main() {}' > consumer/examples/workflow.rs \
  && cargo build --release --locked -p producer -p consumer \
  && rm -rf shared producer consumer tests bench
 COPY . .

@@ -193,6 +193,7 @@ pub(crate) async fn consume(
                     finished_at: OffsetDateTime::now_utc(),
                     job_created_at: Some(job.created_at),
                     stages: Vec::new(),
+                    hops: 0,
                 };
                 let body = serde_json::to_vec(&result)?;
                 let publish = publish.clone();

@@ -82,6 +82,17 @@ pub const DEATH_HEADERS: [&str; 7] = [
 /// to retry or dead-letter it.
 #[must_use]
 pub fn properties(original: &BasicProperties) -> BasicProperties {
+    let copy = waiting_properties(original);
+    match original.expiration().clone() {
+        Some(expiration) => copy.with_expiration(expiration),
+        None => copy,
+    }
+}
+
+/// The properties of a copy that waits in the delay ladder: [`properties`] without an
+/// `expiration`, which would make the copy leave a level before its TTL (and so run early).
+#[must_use]
+pub fn waiting_properties(original: &BasicProperties) -> BasicProperties {
     let mut copy = BasicProperties::default();
     macro_rules! carry {
         ($($get:ident => $set:ident),* $(,)?) => {
@@ -98,7 +109,6 @@ pub fn properties(original: &BasicProperties) -> BasicProperties {
         priority => with_priority,
         correlation_id => with_correlation_id,
         reply_to => with_reply_to,
-        expiration => with_expiration,
         message_id => with_message_id,
         timestamp => with_timestamp,
         kind => with_type,
@@ -119,6 +129,22 @@ pub fn without(original: Option<&FieldTable>, lists: &[&[&str]]) -> Option<Field
     let mut kept = original.inner().clone();
     kept.retain(|key, _| !strip(key));
     Some(FieldTable::from(kept))
+}
+
+/// `table` without the delay ladder's level headers ([`shared::delay::is_level_header`]): a copy
+/// that waits again carries only its new levels.
+#[must_use]
+pub fn without_delay_levels(table: FieldTable) -> FieldTable {
+    if !table
+        .inner()
+        .keys()
+        .any(|k| shared::delay::is_level_header(k.as_str()))
+    {
+        return table;
+    }
+    let mut kept = table.inner().clone();
+    kept.retain(|key, _| !shared::delay::is_level_header(key.as_str()));
+    FieldTable::from(kept)
 }
 
 /// `original` with `ours` set on top, within `budget` encoded bytes: our headers always stay;

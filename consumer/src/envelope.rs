@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use shared::{
     headers::{CONTENT_TYPE_JSON, X_ATTEMPT, X_DELIVERY_COUNT},
     reason::Reason,
-    schema::{Job, MAX_KIND_LEN, SCHEMA_VERSION},
+    schema::{Job, MAX_KIND_LEN, MAX_HOPS, SCHEMA_VERSION, WORKFLOW_SCHEMA_VERSION, supported},
 };
 use uuid::Uuid;
 
@@ -68,12 +68,24 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
         Ok(job) => job,
         Err(error) => return Err(explain(text, &error, &delivery.properties)),
     };
-    if job.schema_version != SCHEMA_VERSION {
+    if !supported(job.schema_version) {
         return Err(Rejection {
             reason: unsupported_version(job.schema_version),
             job_id: Some(job.id),
             kind: Some(job.kind),
         });
+    }
+    if let Some(hop) = &job.hop {
+        if hop.count == 0 || hop.count > MAX_HOPS {
+            return Err(Rejection {
+                reason: Reason::new(format_args!(
+                    "hop.count {} is not between 1 and {MAX_HOPS}",
+                    hop.count
+                )),
+                job_id: Some(job.id),
+                kind: Some(hop.origin_kind.clone()),
+            });
+        }
     }
     if let Err(reason) = shared::schema::check_kind(&job.kind) {
         return Err(Rejection {
@@ -127,7 +139,7 @@ pub fn message_id(properties: &BasicProperties) -> Option<Uuid> {
 
 fn unsupported_version(found: impl std::fmt::Display) -> Reason {
     Reason::new(format_args!(
-        "unsupported schema_version {found} (this consumer speaks {SCHEMA_VERSION})"
+        "unsupported schema_version {found} (this consumer speaks {SCHEMA_VERSION} and {WORKFLOW_SCHEMA_VERSION})"
     ))
 }
 
@@ -159,7 +171,7 @@ fn explain(text: &str, error: &serde_json::Error, properties: &BasicProperties) 
         .and_then(|p| p.schema_version)
         .map(RawValue::get);
     let reason = match version {
-        Some(v) if v != SCHEMA_VERSION.to_string() => unsupported_version(v),
+        Some(v) if !v.parse().is_ok_and(supported) => unsupported_version(v),
         _ if error.is_syntax() || error.is_eof() => {
             Reason::new(format_args!("malformed JSON: {error}"))
         }
@@ -236,8 +248,8 @@ mod tests {
             (Vec::new(), "empty body"),
             (vec![b'"', 0xff, b'"'], "not valid UTF-8"),
             (
-                job("2", &id, "\"k\"").into_bytes(),
-                "unsupported schema_version 2",
+                job("3", &id, "\"k\"").into_bytes(),
+                "unsupported schema_version 3",
             ),
             (
                 job("0", &id, "\"k\"").into_bytes(),
@@ -264,7 +276,7 @@ mod tests {
 
     #[test]
     fn the_job_id_is_recovered_when_readable() {
-        let r = reason(job("2", &format!("\"{ID}\""), "\"k\"").as_bytes());
+        let r = reason(job("3", &format!("\"{ID}\""), "\"k\"").as_bytes());
         assert_eq!(r.job_id.unwrap().to_string(), ID);
         assert_eq!(r.kind.as_deref(), Some("k"));
 
@@ -293,7 +305,7 @@ mod tests {
             // The property: no panic, and every input is a job or a rejection with a reason.
             match open(&delivery(body, BasicProperties::default()), 4096) {
                 Ok(job) => {
-                    prop_assert_eq!(job.schema_version, SCHEMA_VERSION);
+                    prop_assert!(supported(job.schema_version));
                     prop_assert!(!job.kind.is_empty() && job.kind.len() <= MAX_KIND_LEN);
                 }
                 Err(rejection) => {

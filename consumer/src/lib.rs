@@ -19,6 +19,7 @@
 pub mod confirm;
 pub mod copy;
 pub mod envelope;
+pub mod hop;
 pub mod http;
 pub mod intake;
 pub mod kinds;
@@ -141,9 +142,7 @@ pub async fn run_with(
     {
         return Err(ConsumerError::WildcardKind(kind.to_owned()));
     }
-    settings
-        .topology(&registry)
-        .check_names(&settings.retry_buckets())?;
+    settings.topology(&registry).check_names(&[])?;
     let pool = amqp::pool(&settings.common.amqp_url, &connection_name(&settings))?;
     tracing::info!(
         brokers = %pool.manager().brokers().display(),

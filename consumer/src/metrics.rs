@@ -5,7 +5,10 @@
 //! |---|---|---|
 //! | `consumer_jobs_processed_total` | counter | `kind`: jobs completed with an `ok` result |
 //! | `consumer_jobs_failed_total` | counter | `kind`: jobs that ended with a `failed` result |
-//! | `consumer_jobs_retried_total` | counter | `kind`: attempts sent to a retry queue |
+//! | `consumer_jobs_retried_total` | counter | `kind`: attempts sent to wait in the delay ladder for a retry |
+//! | `consumer_jobs_delayed_total` | counter | `kind`: jobs that came before their `not_before` and were sent back to wait |
+//! | `consumer_hops_published_total` | counter | `kind`, `to`: continuations published to another kind |
+//! | `consumer_delayed_jobs_waiting` | gauge | messages in the delay ladder's queues (delayed jobs and retries of every kind), read from the broker every 15 s |
 //! | `consumer_jobs_dead_lettered_total` | counter | `kind`: messages published to `jobs.dead` |
 //! | `consumer_jobs_replayed_total` | counter | `kind`: repeats answered from the recent-results window |
 //! | `consumer_jobs_requeued_total` | counter | deliveries sent back because their outcome's publish was not confirmed (through a retry queue, or nacked) |
@@ -43,6 +46,12 @@ pub struct Metrics {
     pub failed: IntCounterVec,
     /// Attempts sent to a retry queue, by kind.
     pub retried: IntCounterVec,
+    /// Jobs sent back to wait for their `not_before`, by kind.
+    pub delayed: IntCounterVec,
+    /// Continuations published, by kind and the kind hopped to.
+    pub hops: IntCounterVec,
+    /// Messages waiting in the delay ladder (from the broker's queue depths).
+    pub delayed_waiting: IntGauge,
     /// Messages published to the dead-letter exchange, by kind.
     pub dead_lettered: IntCounterVec,
     /// Repeats answered from the recent-results window, by kind.
@@ -95,8 +104,25 @@ impl Metrics {
         );
         let retried = counter(
             "consumer_jobs_retried_total",
-            "Attempts sent to a retry queue.",
+            "Attempts sent to wait in the delay ladder for a retry.",
         );
+        let delayed = counter(
+            "consumer_jobs_delayed_total",
+            "Jobs that came before their not_before and were sent back to wait.",
+        );
+        let hops = IntCounterVec::new(
+            Opts::new(
+                "consumer_hops_published_total",
+                "Continuations published to another kind.",
+            ),
+            &["kind", "to"],
+        )
+        .expect("valid counter");
+        let delayed_waiting = IntGauge::new(
+            "consumer_delayed_jobs_waiting",
+            "Messages in the delay ladder's queues (delayed jobs and retries), read from the broker.",
+        )
+        .expect("valid gauge");
         let dead_lettered = counter(
             "consumer_jobs_dead_lettered_total",
             "Messages published to the dead-letter exchange.",
@@ -152,6 +178,8 @@ impl Metrics {
             Box::new(queue_depth.clone()),
             Box::new(reconnects.clone()),
             Box::new(blocked.clone()),
+            Box::new(hops.clone()),
+            Box::new(delayed_waiting.clone()),
         ] {
             registry.register(metric).expect("unique metric");
         }
@@ -160,6 +188,9 @@ impl Metrics {
             processed,
             failed,
             retried,
+            delayed,
+            hops,
+            delayed_waiting,
             dead_lettered,
             replayed,
             requeued,

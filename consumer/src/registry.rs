@@ -1,49 +1,60 @@
 //! Which chain runs for which kind.
 //!
 //! Chains have different types; the registry erases them behind one object-safe trait whose
-//! output is the last stage's output as JSON, ready for the result body.
+//! output is how the job ended ([`Finished`]): the last stage's output as JSON, ready for the
+//! result body, or the payload of a hop.
+//!
+//! Kinds register by name ([`Registry::register`], a chain from the raw payload), or by
+//! contract ([`Registry::serve`], a chain from the kind's payload type, which the registry
+//! decodes first): `serve::<ShipKind>(chain)` compiles only when the chain takes
+//! `ShipKind::Payload` and ends with `ShipKind::Output` (or a hop to a kind that does).
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
 use futures::future::BoxFuture;
-use serde::Serialize;
-use serde_json::value::RawValue;
-use shared::schema::{BENCH_SLEEP, HTTP_FETCH, TEXT_ANALYZE};
+use shared::{
+    schema::{BENCH_SLEEP, HTTP_FETCH, TEXT_ANALYZE},
+    workflow::Kind,
+};
 
-use crate::stage::{Chain, ChainFailure, Payload, StageError, Trace};
+pub use crate::hop::{Finish, Finished};
+use crate::stage::{Chain, ChainFailure, Decode, Payload, StageError, Trace, decode};
 
 /// Pseudo-stage blamed when a chain's output cannot be serialized.
 pub const ENCODE_STAGE: &str = "encode";
 
-/// A chain with its types erased: payload in, JSON out.
+/// A chain with its types erased: payload in, how the job ended out.
 pub trait ErasedChain: Send + Sync {
-    /// Runs the chain and serializes its output.
+    /// Runs the chain and serializes its output (or its hop's payload).
     fn run<'a>(
         &'a self,
         payload: Payload,
         trace: &'a mut Trace,
-    ) -> BoxFuture<'a, Result<Box<RawValue>, ChainFailure>>;
+    ) -> BoxFuture<'a, Result<Finished, ChainFailure>>;
 }
 
 impl<C> ErasedChain for C
 where
     C: Chain<Input = Payload>,
-    C::Output: Serialize,
+    C::Output: Finish,
 {
     fn run<'a>(
         &'a self,
         payload: Payload,
         trace: &'a mut Trace,
-    ) -> BoxFuture<'a, Result<Box<RawValue>, ChainFailure>> {
+    ) -> BoxFuture<'a, Result<Finished, ChainFailure>> {
         Box::pin(async move {
             let output = self.run_traced(payload, trace).await?;
-            serde_json::value::to_raw_value(&output).map_err(|e| ChainFailure {
+            output.finish().map_err(|e| ChainFailure {
                 stage: ENCODE_STAGE.into(),
                 error: StageError::permanent(format!("cannot serialize the output: {e}")),
             })
         })
     }
 }
+
+/// The chain [`Registry::serve`] registers: the kind's payload decoded, then the chain.
+type Served<K, C> = crate::stage::Then<Decode<<K as Kind>::Payload>, C>;
 
 /// Maps each kind this consumer serves to its chain.
 #[derive(Clone, Default)]
@@ -75,15 +86,31 @@ impl Registry {
             .register(BENCH_SLEEP, crate::kinds::bench_sleep::chain())
     }
 
-    /// Serves `kind` with `chain`, replacing any chain registered for it before.
+    /// Serves `kind` with `chain`, which takes the raw payload (usually `decode::<T>()`
+    /// first) and ends with a serializable output or a hop; replaces any chain registered for
+    /// the kind before.
     #[must_use]
     pub fn register<C>(mut self, kind: impl Into<String>, chain: C) -> Self
     where
         C: Chain<Input = Payload>,
-        C::Output: Serialize,
+        C::Output: Finish,
     {
         self.chains.insert(kind.into(), Arc::new(chain));
         self
+    }
+
+    /// Serves kind `K` by its contract: `chain` takes `K::Payload` (the registry decodes it
+    /// first, as stage `decode`) and ends with `K::Output`, or with a hop to a kind whose
+    /// output is `K::Output`. Anything else does not compile.
+    #[must_use]
+    pub fn serve<K, C>(self, chain: C) -> Self
+    where
+        K: Kind,
+        C: Chain<Input = K::Payload>,
+        C::Output: Finish<Final = K::Output>,
+        Served<K, C>: Chain<Input = Payload, Output = C::Output>,
+    {
+        self.register(K::NAME, decode::<K::Payload>().then(chain))
     }
 
     /// The chain for `kind`, if this consumer serves it.

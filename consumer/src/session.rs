@@ -164,9 +164,7 @@ pub async fn run(
     };
     let declared = async {
         topology.declare(&connection).await?;
-        topology
-            .declare_retry_queues(&connection, &settings.retry_buckets())
-            .await
+        topology.declare_delays(&connection).await
     };
     // Bounded, like the take-over above: a connection the broker is closing (a node shutting
     // down) can leave a declaration unanswered for ever; the session then ends and closes it.
@@ -324,6 +322,14 @@ pub async fn run(
         shared.metrics.clone(),
         watching.clone(),
     ));
+    if let Ok(probe) = connection.create_channel().await {
+        tokio::spawn(watch_ladder(
+            probe,
+            topology.names.clone(),
+            shared.metrics.clone(),
+            watching.clone(),
+        ));
+    }
     let _stop_watching = watching.drop_guard();
 
     let taken = intake::run(consumers, queue_tx, shutdown.clone(), lost.clone(), blocked).await;
@@ -374,6 +380,50 @@ pub async fn run(
         Err(_) => tracing::warn!("the broker did not confirm the connection's close"),
     }
     Ok(())
+}
+
+/// How often the delay ladder's depth is read for `consumer_delayed_jobs_waiting`.
+const LADDER_EVERY: Duration = Duration::from_secs(15);
+
+/// Sets `consumer_delayed_jobs_waiting` to the number of messages in the delay ladder's queues
+/// every [`LADDER_EVERY`] (passive declarations on `channel`, each bounded), until `stop`.
+async fn watch_ladder(
+    channel: lapin::Channel,
+    names: shared::topology::Names,
+    metrics: crate::metrics::Metrics,
+    stop: CancellationToken,
+) {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    loop {
+        let depths = futures::future::join_all((0..shared::delay::LEVELS).map(|level| {
+            let queue = names.delay_level(level);
+            let channel = channel.clone();
+            async move {
+                channel
+                    .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                    .await
+                    .map(|q| i64::from(q.message_count()))
+            }
+        }));
+        tokio::select! {
+            () = stop.cancelled() => break,
+            read = tokio::time::timeout(BROKER_REPLY_TIMEOUT, depths) => match read {
+                Ok(depths) if depths.iter().all(Result::is_ok) => {
+                    metrics.delayed_waiting.set(depths.into_iter().flatten().sum());
+                }
+                // A queue deleted under us closes the channel: stop until the next session.
+                _ => break,
+            },
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(LADDER_EVERY) => {}
+        }
+    }
+    let _ = channel.close(200, "ladder watch ended".into()).await;
 }
 
 /// Follows the broker's `connection.blocked` / `connection.unblocked` notices: the broker blocks

@@ -197,8 +197,8 @@ impl Settings {
         self.common.topology().with_kinds(&registry.kinds())
     }
 
-    /// Every retry queue delay this consumer publishes to: the retry buckets, and the wait of
-    /// a job whose kind nobody serves.
+    /// Every wait this consumer sends jobs to (in the delay ladder): the retry backoffs, and
+    /// the wait of a job whose kind nobody serves.
     #[must_use]
     pub fn retry_buckets(&self) -> Vec<Duration> {
         let mut buckets = self.retry_delays().buckets();
@@ -208,7 +208,7 @@ impl Settings {
         buckets
     }
 
-    /// The retry queue delays these settings ask for.
+    /// The retry backoff these settings ask for.
     #[must_use]
     pub fn retry_delays(&self) -> RetryDelays {
         RetryDelays {

@@ -21,6 +21,7 @@ use shared::{
     amqp::{PublishError, ReturnKey, check_confirmation, mandatory, result_properties},
     headers::{X_ATTEMPT, X_ATTEMPTS, X_ERROR, X_FAILED_STAGE, X_UNSERVED_SINCE},
     reason::{REASON_MAX_LEN, Reason},
+    delay::Plan,
     topology::Names,
 };
 use uuid::Uuid;
@@ -55,20 +56,29 @@ pub struct ResultMessage {
 pub enum Outcome {
     /// The chain succeeded: publish the `ok` result.
     Completed(ResultMessage),
-    /// A retryable failure with attempts left: publish the job to the retry queue for
-    /// `delay`, with `x-attempt` set and its kind as routing key; after the delay the broker
+    /// A retryable failure with attempts left: publish the job to the delay ladder for
+    /// `wait`, with `x-attempt` set and its kind as routing key; after the wait the broker
     /// routes it through the jobs exchange to its kind's queue.
     Retry {
         /// The job's kind: the copy's routing key.
         kind: String,
         /// The attempt number the copy will carry.
         next_attempt: u32,
-        /// The retry queue's delay (its bucket).
-        delay: Duration,
-        /// How long this copy waits, at most `delay`: the bucket less some jitter, so jobs that
-        /// failed together do not all come back at once.
+        /// How long the copy waits: the backoff less some jitter, so jobs that failed together
+        /// do not all come back at once.
         wait: Duration,
     },
+    /// A job whose `not_before` has not come yet (sent early, or due later than the ladder
+    /// holds in one pass): it goes back to the delay ladder for `wait`, unchanged.
+    Delayed {
+        /// The job's kind: the copy's routing key.
+        kind: String,
+        /// How long it still has to wait.
+        wait: Duration,
+    },
+    /// The chain ended with a hop: publish the continuation (a version-2 job of another
+    /// kind, same id) to the jobs exchange; a consumer serving that kind goes on with it.
+    Hopped(Continuation),
     /// A permanent failure: publish the dead letter and, when the job id is known, a
     /// `failed` result.
     Dead {
@@ -106,15 +116,28 @@ impl Outcome {
     pub fn largest_publish(&self, delivery: &Delivery) -> usize {
         match self {
             Self::Completed(result) => result.body.len(),
-            Self::Retry { .. } | Self::Deferred { .. } | Self::Unserved { .. } => {
-                delivery.data.len()
-            }
+            Self::Hopped(next) => next.body.len(),
+            Self::Retry { .. }
+            | Self::Delayed { .. }
+            | Self::Deferred { .. }
+            | Self::Unserved { .. } => delivery.data.len(),
             Self::Dead { result, .. } => result
                 .as_ref()
                 .map_or(0, |r| r.body.len())
                 .max(delivery.data.len()),
         }
     }
+}
+
+/// The next hop of a job: a job body for another kind.
+#[derive(Debug)]
+pub struct Continuation {
+    /// The job id, unchanged across hops.
+    pub job_id: Uuid,
+    /// The kind it hops to: the routing key.
+    pub kind: String,
+    /// The serialized [`shared::schema::Job`].
+    pub body: Arc<[u8]>,
 }
 
 /// Publishes outcomes on a confirm channel and settles deliveries.
@@ -169,6 +192,11 @@ impl Settler {
             }
             Outcome::Completed(_) => m.processed.with_label_values(&[kind]).inc(),
             Outcome::Retry { .. } => m.retried.with_label_values(&[kind]).inc(),
+            Outcome::Delayed { .. } => m.delayed.with_label_values(&[kind]).inc(),
+            Outcome::Hopped(next) => m
+                .hops
+                .with_label_values(&[kind, next.kind.as_str()])
+                .inc(),
             Outcome::Deferred { .. } => m.requeued.inc(),
             Outcome::Unserved { .. } => m.unserved.inc(),
             Outcome::Dead { result, .. } => {
@@ -190,18 +218,28 @@ impl Settler {
             Outcome::Retry {
                 kind,
                 next_attempt,
-                delay,
                 wait,
             } => {
                 let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(*next_attempt)))];
                 // The job ran, so it is served: a wait for a consumer it had is over.
                 let strip = &[&[X_UNSERVED_SINCE][..]];
-                self.publish_retry(delivery, kind, ours, strip, *delay, *wait)
+                self.publish_retry(delivery, kind, ours, strip, *wait)
             }
+            Outcome::Delayed { kind, wait } => {
+                let attempt = crate::envelope::attempt(&delivery.properties);
+                let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt)))];
+                self.publish_retry(delivery, kind, ours, &[], *wait)
+            }
+            Outcome::Hopped(next) => self.send(
+                &self.names.jobs_exchange,
+                routing_key(&next.kind),
+                Arc::clone(&next.body),
+                shared::amqp::job_properties(next.job_id),
+            ),
             Outcome::Deferred { delay } => self.retry_later(delivery, *delay),
             Outcome::Unserved { kind, delay, since } => {
                 let ours = vec![(X_UNSERVED_SINCE, AMQPValue::LongLongInt(*since))];
-                self.publish_retry(delivery, kind, ours, &[], *delay, *delay)
+                self.publish_retry(delivery, kind, ours, &[], *delay)
             }
             Outcome::Dead {
                 reason,
@@ -234,10 +272,15 @@ impl Settler {
         };
         match outcome {
             Outcome::Completed(r) => vec![result(r)],
-            Outcome::Retry { delay, .. }
-            | Outcome::Deferred { delay }
-            | Outcome::Unserved { delay, .. } => {
-                vec![ReturnKey::new(&self.names.retry_queue(*delay), original)]
+            Outcome::Hopped(next) => {
+                let id = ShortString::from(next.job_id.to_string());
+                vec![ReturnKey::new(&self.names.jobs_exchange, Some(&id))]
+            }
+            Outcome::Retry { wait, .. }
+            | Outcome::Delayed { wait, .. }
+            | Outcome::Deferred { delay: wait }
+            | Outcome::Unserved { delay: wait, .. } => {
+                vec![ReturnKey::new(&self.ladder_entry(*wait), original)]
             }
             Outcome::Dead { result: r, .. } => {
                 let mut keys = vec![ReturnKey::new(&self.names.dead_exchange, original)];
@@ -274,31 +317,44 @@ impl Settler {
         )
     }
 
-    /// Sends a copy of the job to the retry exchange of `delay` with routing key `kind`, our
-    /// headers `ours` set, the headers in `strip` left out (as are `CC`, `BCC` and the
-    /// broker's death headers: the copy must be routed by its kind alone) and a per-message
-    /// expiration of `wait`; the broker then dead-letters it to the jobs exchange, which
-    /// routes it by kind.
+    /// The exchange a copy that waits `wait` is published to: the delay ladder's level of the
+    /// wait's highest bit, or the jobs exchange for no wait at all.
+    fn ladder_entry(&self, wait: Duration) -> String {
+        match Plan::new(wait) {
+            Some(plan) => self.names.delay_level(plan.entry),
+            None => self.names.jobs_exchange.clone(),
+        }
+    }
+
+    /// Sends a copy of the job to the delay ladder for `wait` with routing key `kind`, our
+    /// headers `ours` and the ladder's level headers set, the headers in `strip` left out (as
+    /// are `CC`, `BCC`, the broker's death headers and any earlier level headers: the copy
+    /// must be routed by its kind and its new wait alone); once the wait is over the broker
+    /// dead-letters it to the jobs exchange, which routes it by kind.
     fn publish_retry(
         self: &Arc<Self>,
         delivery: &Delivery,
         kind: &str,
         ours: Vec<(&'static str, AMQPValue)>,
         strip: &[&[&str]],
-        delay: Duration,
         wait: Duration,
     ) -> Confirming {
         let mut lists: Vec<&[&str]> = vec![&copy::ROUTING_HEADERS, &copy::DEATH_HEADERS];
         lists.extend_from_slice(strip);
-        let original = copy::without(delivery.properties.headers().as_ref(), &lists);
+        let original = copy::without(delivery.properties.headers().as_ref(), &lists)
+            .map(copy::without_delay_levels);
+        let plan = Plan::new(wait);
+        let levels = plan.as_ref().map(Plan::headers).unwrap_or_default();
+        let mut ours: Vec<(&str, AMQPValue)> = ours;
+        ours.extend(levels.iter().map(|(k, v)| (k.as_str(), v.clone())));
         let (headers, dropped) = copy::bounded_headers(original.as_ref(), ours, self.header_budget);
         if !dropped.is_empty() {
             tracing::warn!(%dropped, "the retry copy leaves out headers");
         }
-        let properties = copy::properties(&delivery.properties)
-            .with_headers(headers)
-            .with_expiration(wait.as_millis().to_string().as_str().into());
-        let exchange = self.names.retry_queue(delay);
+        // No per-message expiration: the ladder's queues hold every message for their own TTL
+        // (one a client set would make the copy leave a level early).
+        let properties = copy::waiting_properties(&delivery.properties).with_headers(headers);
+        let exchange = self.ladder_entry(wait);
         self.send(
             &exchange,
             routing_key(kind),
@@ -315,7 +371,7 @@ impl Settler {
         let attempt = crate::envelope::attempt(&delivery.properties);
         let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt)))];
         let kind = delivery.routing_key.as_str();
-        self.publish_retry(delivery, kind, ours, &[], delay, delay)
+        self.publish_retry(delivery, kind, ours, &[], delay)
     }
 
     /// Publishes the original body byte for byte, with the original properties and the

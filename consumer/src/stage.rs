@@ -147,13 +147,25 @@ pub trait Chain: Send + Sync + 'static {
         trace: &'a mut Trace,
     ) -> impl Future<Output = Result<Self::Output, ChainFailure>> + Send + 'a;
 
-    /// Appends `next`, which must take this chain's output as its input.
+    /// Appends `next` (a stage, or a whole chain), which must take this chain's output as its
+    /// input.
     fn then<S>(self, next: S) -> Then<Self, S>
     where
         Self: Sized,
-        S: Stage<Input = Self::Output>,
+        S: Chain<Input = Self::Output>,
     {
         Then { first: self, next }
+    }
+
+    /// Ends the chain with a hop to kind `K`, served by whichever deployment serves it (see
+    /// [`crate::hop`]): this chain's output becomes the payload of `K`'s job, so it compiles
+    /// only when that output is `K::Payload`.
+    fn hop<K>(self) -> Then<Self, crate::hop::HopTo<K>>
+    where
+        Self: Sized,
+        K: shared::workflow::Kind<Payload = Self::Output>,
+    {
+        self.then(crate::hop::HopTo::new())
     }
 }
 
@@ -203,7 +215,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("a non-string panic payload")
 }
 
-/// Two chains run one after the other; built by [`Chain::then`].
+/// Two chains run one after the other; built by [`Chain::then`] and [`Chain::hop`].
 #[derive(Debug, Clone)]
 pub struct Then<A, B> {
     first: A,
@@ -213,7 +225,7 @@ pub struct Then<A, B> {
 impl<A, B> Chain for Then<A, B>
 where
     A: Chain,
-    B: Stage<Input = A::Output>,
+    B: Chain<Input = A::Output>,
 {
     type Input = A::Input;
     type Output = B::Output;

@@ -11,7 +11,7 @@ use shared::{
     headers::ENVELOPE_STAGE,
     reason::Reason,
     recent::{Body, Recent, repeat_key},
-    schema::{JobResult, SCHEMA_VERSION, StageTiming, Status},
+    schema::{HopState, Job, JobResult, MAX_HOPS, SCHEMA_VERSION, StageTiming, Status},
     topology::RetryDelays,
 };
 use time::OffsetDateTime;
@@ -24,8 +24,9 @@ use crate::{
     confirm::Settling,
     envelope::{self, Rejection},
     metrics::{Metrics, UNKNOWN_KIND},
+    hop::{Finished, HOP_STAGE},
     registry::{ENCODE_STAGE, Registry},
-    settle::{Outcome, ResultMessage, Settler},
+    settle::{Continuation, Outcome, ResultMessage, Settler},
     stage::{Payload, Trace},
     unserved::{Decision, Unserved},
 };
@@ -130,13 +131,24 @@ impl Worker {
             tracing::warn!(reason = %rejection.reason, "dead-lettering a message over the delivery limit");
             return (self.rejected(rejection, attempt), UNKNOWN_KIND);
         }
-        let job = match envelope::open(delivery, self.max_body_bytes) {
+        let mut job = match envelope::open(delivery, self.max_body_bytes) {
             Ok(job) => job,
             Err(rejection) => {
                 tracing::warn!(reason = %rejection.reason, "rejected a message that is not a valid job");
                 return (self.rejected(rejection, attempt), UNKNOWN_KIND);
             }
         };
+        if let Some(wait) = early(&job) {
+            let label = self.registry.get_with_kind(&job.kind).map_or(UNKNOWN_KIND, |(k, _)| k);
+            tracing::debug!(job_id = %job.id, kind = %job.kind, ?wait, "job not due yet; it waits again");
+            return (
+                Outcome::Delayed {
+                    kind: job.kind,
+                    wait,
+                },
+                label,
+            );
+        }
         let Some((label, chain)) = self.registry.get_with_kind(&job.kind) else {
             return (self.unserved_job(delivery, job, attempt), UNKNOWN_KIND);
         };
@@ -157,7 +169,8 @@ impl Worker {
             };
             return (Outcome::Completed(replay), label);
         }
-        let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt);
+        let lineage = Lineage::of(&mut job);
+        let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt, hop = lineage.hops);
         let mut trace = Trace::new(self.stage_timeout);
         let payload = Payload::new(job.payload.to_owned());
         let ran = chain
@@ -171,16 +184,19 @@ impl Worker {
                 .with_label_values(&[label, &timing.name])
                 .observe(timing.micros as f64 / 1e6);
         }
+        let stages = lineage.stages(stages);
         let _entered = span.enter();
         let outcome = match ran {
-            Ok(output) => {
+            Ok(Finished::Hop { kind, payload }) => self.hop(&job, &lineage, kind, payload, stages, attempt),
+            Ok(Finished::Output(output)) => {
                 let completed = result(
                     job.id,
-                    job.kind,
+                    lineage.kind(&job),
                     Some(job.created_at),
                     Ok(&output),
                     attempt,
                     stages,
+                    lineage.hops,
                 );
                 if completed.body.len() <= self.max_result_bytes {
                     tracing::debug!("job completed");
@@ -202,6 +218,7 @@ impl Worker {
                         Err(&reason),
                         attempt,
                         Vec::new(),
+                        lineage.hops,
                     );
                     Outcome::Dead {
                         result: Some(failed),
@@ -218,7 +235,6 @@ impl Worker {
                 Outcome::Retry {
                     kind: job.kind,
                     next_attempt: attempt + 1,
-                    delay,
                     wait: jittered(delay, job.id, attempt),
                 }
             }
@@ -235,11 +251,12 @@ impl Worker {
                 Outcome::Dead {
                     result: Some(result(
                         job.id,
-                        job.kind,
+                        lineage.kind(&job),
                         Some(job.created_at),
                         Err(&reason),
                         attempt,
                         stages,
+                        lineage.hops,
                     )),
                     reason,
                     stage: failure.stage.into_owned(),
@@ -248,6 +265,72 @@ impl Worker {
             }
         };
         (outcome, label)
+    }
+
+    /// The outcome of a chain that ended with a hop to `kind`: the continuation, or a failure
+    /// when the job has hopped [`MAX_HOPS`] times already or the continuation is too large.
+    fn hop(
+        &self,
+        job: &envelope::OpenedJob<'_>,
+        lineage: &Lineage,
+        kind: &'static str,
+        payload: Box<RawValue>,
+        stages: Vec<StageTiming>,
+        attempt: u32,
+    ) -> Outcome {
+        let count = lineage.hops.saturating_add(1);
+        let fail = |reason: Reason, stages: Vec<StageTiming>| {
+            tracing::warn!(%reason, "job failed");
+            Outcome::Dead {
+                result: Some(result(
+                    job.id,
+                    lineage.kind(job),
+                    Some(job.created_at),
+                    Err(&reason),
+                    attempt,
+                    stages,
+                    lineage.hops,
+                )),
+                reason,
+                stage: HOP_STAGE.to_owned(),
+                attempts: attempt,
+            }
+        };
+        if count > MAX_HOPS {
+            let reason = Reason::new(format_args!(
+                "the job hopped {} times, the most allowed ({MAX_HOPS}); its chains hop in a loop? (last hop: {} to {kind})",
+                lineage.hops, job.kind
+            ));
+            return fail(reason, stages);
+        }
+        let next = Job {
+            schema_version: shared::schema::WORKFLOW_SCHEMA_VERSION,
+            id: job.id,
+            kind: kind.to_owned(),
+            created_at: job.created_at,
+            payload,
+            not_before: None,
+            hop: Some(HopState {
+                count,
+                origin_kind: lineage.kind(job),
+                stages,
+            }),
+        };
+        let body = to_json(&next);
+        if body.len() > self.max_result_bytes {
+            let reason = Reason::new(format_args!(
+                "the hop to {kind} of {} bytes exceeds the largest this consumer publishes ({} bytes, --max-result-bytes)",
+                body.len(),
+                self.max_result_bytes
+            ));
+            return fail(reason, Vec::new());
+        }
+        tracing::debug!(to = kind, hop = count, "job hops");
+        Outcome::Hopped(Continuation {
+            job_id: job.id,
+            kind: next.kind,
+            body: body.into(),
+        })
     }
 
     /// A job of a kind not served here waits for a consumer that serves it, until it has
@@ -297,6 +380,7 @@ impl Worker {
                 Err(&reason),
                 attempt,
                 Vec::new(),
+                0,
             )
         });
         Outcome::Dead {
@@ -316,13 +400,18 @@ fn dead_with_result(
     stage: &str,
     attempt: u32,
 ) -> Outcome {
+    let (kind, hops) = match &job.hop {
+        Some(hop) => (hop.origin_kind.clone(), hop.count),
+        None => (job.kind, 0),
+    };
     let failed = result(
         job.id,
-        job.kind,
+        kind,
         Some(job.created_at),
         Err(&reason),
         attempt,
         Vec::new(),
+        hops,
     );
     Outcome::Dead {
         result: Some(failed),
@@ -339,6 +428,7 @@ fn result(
     output: Result<&RawValue, &Reason>,
     attempts: u32,
     stages: Vec<StageTiming>,
+    hops: u32,
 ) -> ResultMessage {
     let (status, output, error) = match output {
         Ok(output) => (Status::Ok, Some(output), None),
@@ -355,6 +445,7 @@ fn result(
         finished_at: OffsetDateTime::now_utc(),
         job_created_at,
         stages,
+        hops,
     };
     ResultMessage {
         job_id,
@@ -362,6 +453,59 @@ fn result(
         body: to_json(&body).into(),
         kind: body.kind,
         replayed: false,
+    }
+}
+
+/// How long a job that is not due yet still has to wait; `None` when it is due.
+fn early(job: &envelope::OpenedJob<'_>) -> Option<Duration> {
+    let due = job.not_before?;
+    let left = due - OffsetDateTime::now_utc();
+    if !left.is_positive() {
+        return None;
+    }
+    // Beyond what the ladder holds in one pass, it waits the longest and comes round again.
+    let left = Duration::try_from(left).unwrap_or(shared::delay::MAX_DELAY);
+    Some(left.min(shared::delay::MAX_DELAY))
+}
+
+/// Where a job stands in its workflow: the kind the producer sent, the hops so far and the
+/// stages of the earlier hops.
+struct Lineage {
+    origin: Option<String>,
+    hops: u32,
+    stages: Vec<StageTiming>,
+}
+
+impl Lineage {
+    /// Takes the hop state out of `job` (the payload stays).
+    fn of(job: &mut envelope::OpenedJob<'_>) -> Self {
+        match job.hop.take() {
+            Some(hop) => Self {
+                origin: Some(hop.origin_kind),
+                hops: hop.count,
+                stages: hop.stages,
+            },
+            None => Self {
+                origin: None,
+                hops: 0,
+                stages: Vec::new(),
+            },
+        }
+    }
+
+    /// The kind the final result carries: the one the producer sent.
+    fn kind(&self, job: &envelope::OpenedJob<'_>) -> String {
+        self.origin.clone().unwrap_or_else(|| job.kind.clone())
+    }
+
+    /// The stages of every hop: the earlier ones, then `these`.
+    fn stages(&self, these: Vec<StageTiming>) -> Vec<StageTiming> {
+        if self.stages.is_empty() {
+            return these;
+        }
+        let mut all = self.stages.clone();
+        all.extend(these);
+        all
     }
 }
 

@@ -88,6 +88,7 @@ pub async fn run(
         broker,
         topology.clone(),
         !settings.no_declare,
+        settings.delay.is_some() || settings.at.is_some(),
         &settings.kind,
         settings.window,
         settings.reconnect_timeout(),
@@ -112,7 +113,7 @@ pub async fn run(
     let mut written = wait::Results::new(results_out, std::sync::Arc::clone(&wanted));
     let mut listener = match settings.wait {
         true => {
-            let expires = settings.wait_timeout() + Duration::from_secs(300);
+            let expires = wait_timeout(&settings) + Duration::from_secs(300);
             let keep = Some(std::sync::Arc::clone(&wanted));
             Some(results::Listener::start(pool.clone(), &topology.names, expires, keep).await?)
         }
@@ -166,7 +167,11 @@ pub async fn run(
                 () = tokio::time::sleep_until(due.into()) => {}
             }
         }
-        let job = Job::new(settings.kind.as_str(), payload);
+        let mut job = Job::new(settings.kind.as_str(), payload);
+        let due = settings
+            .not_before(job.created_at)
+            .filter(|due| *due > job.created_at);
+        job = job.not_before(due);
         if settings.wait {
             wanted
                 .lock()
@@ -184,6 +189,7 @@ pub async fn run(
         let outgoing = publish::Outgoing {
             id: job.id,
             body: body.into(),
+            not_before: job.not_before,
         };
         if let Err(error) = publisher.send(outgoing, &mut settled).await {
             gave_up = Some(error);
@@ -222,7 +228,7 @@ pub async fn run(
     progress.finish_and_clear();
 
     if let Some(mut listener) = listener.take() {
-        let timeout = settings.wait_timeout();
+        let timeout = wait_timeout(&settings);
         written
             .finish(&mut listener.results, timeout, &mut summary, &shutdown)
             .await;
@@ -246,6 +252,17 @@ pub async fn run(
     // broker logs no unexpected close.
     let _ = tokio::time::timeout(publish::CLOSE_TIMEOUT, amqp::close_pool(&pool)).await;
     Ok(summary)
+}
+
+/// How long `--wait` waits after the last job is sent: `--wait-timeout`, plus the time until
+/// the jobs are due (`--delay`, or until `--at`).
+fn wait_timeout(settings: &Settings) -> Duration {
+    let now = time::OffsetDateTime::now_utc();
+    let until_due = settings
+        .not_before(now)
+        .and_then(|due| Duration::try_from(due - now).ok())
+        .unwrap_or_default();
+    settings.wait_timeout() + until_due
 }
 
 /// Says so when no consumer has ever declared a queue for `kind`: the jobs then wait in

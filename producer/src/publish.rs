@@ -54,6 +54,8 @@ pub struct Outgoing {
     pub id: Uuid,
     /// The JSON body.
     pub body: Arc<[u8]>,
+    /// When the job may run (its `not_before`): until then it waits in the delay ladder.
+    pub not_before: Option<time::OffsetDateTime>,
 }
 
 /// The fate of one job.
@@ -96,6 +98,8 @@ pub struct Publisher {
     broker: String,
     topology: Topology,
     declare: bool,
+    /// Whether the delay ladder is declared too (some jobs are delayed).
+    delays: bool,
     exchange: ShortString,
     routing_key: ShortString,
     window: usize,
@@ -145,6 +149,7 @@ impl Publisher {
         broker: String,
         topology: Topology,
         declare: bool,
+        delays: bool,
         kind: &str,
         window: usize,
         reconnect_timeout: Duration,
@@ -152,7 +157,7 @@ impl Publisher {
     ) -> Result<Self, crate::ProducerError> {
         let link = tokio::select! {
             () = shutdown.cancelled() => return Err(crate::ProducerError::Interrupted),
-            link = open_link(&pool, &broker, &topology, declare) => link?,
+            link = open_link(&pool, &broker, &topology, declare, delays) => link?,
         };
         Ok(Self {
             broker,
@@ -161,6 +166,7 @@ impl Publisher {
             pool,
             topology,
             declare,
+            delays,
             window,
             reconnect_timeout,
             link: Some(link),
@@ -278,9 +284,20 @@ impl Publisher {
             // once the job is written: a slow link delays writes without failing jobs, and a
             // broker that blocks publishers gets no more jobs queued (`make_room`), while
             // shutdown interrupts every wait in `next_confirm`.
-            let (exchange, routing_key) = (self.exchange.clone(), self.routing_key.clone());
+            let routing_key = self.routing_key.clone();
+            let mut exchange = self.exchange.clone();
+            let mut properties = job_properties(job.id);
+            if let Some(due) = job.not_before {
+                // The wait left now: a job sent again after a reconnect waits less.
+                let left = due - time::OffsetDateTime::now_utc();
+                let left = std::time::Duration::try_from(left).unwrap_or_default();
+                let (entry, headers) = shared::delay::route(&self.topology.names, left);
+                exchange = entry.as_str().into();
+                if let Some(headers) = headers {
+                    properties = properties.with_headers(headers);
+                }
+            }
             let body = Arc::clone(&job.body);
-            let properties = job_properties(job.id);
             let publish = async move {
                 match channel
                     .basic_publish(exchange, routing_key, mandatory(), &body, properties)
@@ -478,7 +495,7 @@ impl Publisher {
         loop {
             let opened = tokio::select! {
                 () = shutdown.cancelled() => return Err(Stopped::Interrupted),
-                opened = open_link(&self.pool, &self.broker, &self.topology, self.declare) => opened,
+                opened = open_link(&self.pool, &self.broker, &self.topology, self.declare, self.delays) => opened,
             };
             match opened {
                 Ok(link) => {
@@ -516,6 +533,7 @@ async fn open_link(
     broker: &str,
     topology: &Topology,
     declare: bool,
+    delays: bool,
 ) -> Result<Link, crate::ProducerError> {
     let connection = amqp::get_connection(pool, CONNECT_TIMEOUT).await?;
     let node = pool.manager().connected_to();
@@ -528,6 +546,9 @@ async fn open_link(
     let setup = async {
         if declare {
             topology.declare(&connection).await?;
+            if delays {
+                topology.declare_delays(&connection).await?;
+            }
         }
         Ok::<_, crate::ProducerError>(amqp::confirm_channel(&connection).await?)
     };

@@ -94,6 +94,17 @@ pub struct Settings {
     /// Do not declare the topology; publish to whatever exists (unroutable jobs then fail).
     #[arg(long, env = "PRODUCER_NO_DECLARE")]
     pub no_declare: bool,
+
+    /// Run every job no earlier than this long after it is sent: `90s`, `500ms`, `5m`, `2h`,
+    /// `30d` (at most about 388 days). The jobs wait in the broker's delay ladder.
+    #[arg(long, env = "PRODUCER_DELAY", value_parser = shared::delay::parse_delay,
+          conflicts_with = "at")]
+    pub delay: Option<Duration>,
+
+    /// Run every job no earlier than this time (RFC 3339, e.g. `2026-12-24T18:00:00Z`); a time
+    /// in the past runs them at once.
+    #[arg(long, env = "PRODUCER_AT", value_parser = parse_at)]
+    pub at: Option<time::OffsetDateTime>,
 }
 
 /// Long-running modes of the producer.
@@ -268,6 +279,18 @@ impl Settings {
             wait_timeout: DEFAULT_WAIT_TIMEOUT_SECS,
             reconnect_timeout: DEFAULT_RECONNECT_TIMEOUT_SECS,
             no_declare: false,
+            delay: None,
+            at: None,
+        }
+    }
+
+    /// When a job created `now` may run: `--at`, or `now + --delay`; `None` for at once.
+    #[must_use]
+    pub fn not_before(&self, now: time::OffsetDateTime) -> Option<time::OffsetDateTime> {
+        match (self.at, self.delay) {
+            (Some(at), _) => Some(at),
+            (None, Some(delay)) if !delay.is_zero() => Some(now + delay),
+            _ => None,
         }
     }
 
@@ -294,6 +317,19 @@ impl Settings {
     pub fn wait_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.wait_timeout)
     }
+}
+
+fn parse_at(value: &str) -> Result<time::OffsetDateTime, String> {
+    let at = time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("expected an RFC 3339 time such as 2026-12-24T18:00:00Z: {e}"))?;
+    let ahead = at - time::OffsetDateTime::now_utc();
+    if ahead > shared::delay::MAX_DELAY {
+        return Err(format!(
+            "{value} is further ahead than the longest delay there is, {} days",
+            shared::delay::MAX_DELAY.as_secs() / 86_400
+        ));
+    }
+    Ok(at)
 }
 
 fn parse_rate(value: &str) -> Result<f64, String> {

@@ -9,8 +9,6 @@
 //! value wanted), and tries again. Only a different queue type cannot be adopted: that is an
 //! error that names the queue, both types and what to do.
 
-use std::time::Duration;
-
 use deadpool_lapin::lapin::{
     self, Channel, Connection, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
@@ -155,44 +153,74 @@ impl Topology {
         Ok(adopted)
     }
 
-    /// Declares the retry queue of each of `delays` with the fanout exchange that feeds it,
-    /// adopting arguments as [`Topology::declare`] does.
+    /// Declares the delay ladder ([`crate::delay`]): one headers exchange and one queue per
+    /// level, the queue bound by its level header, each exchange's alternate exchange and each
+    /// queue's dead-letter exchange the level below. The [`crate::delay::LEVELS`] declarations
+    /// of each sort go out together (one round trip, not one per level); if one is refused,
+    /// the queues are declared again one by one, adopting arguments as [`Topology::declare`]
+    /// does.
     ///
     /// # Errors
     /// See [`DeclareError`].
-    pub async fn declare_retry_queues(
-        &self,
-        connection: &Connection,
-        delays: &[Duration],
-    ) -> Result<Vec<Adopted>, DeclareError> {
+    pub async fn declare_delays(&self, connection: &Connection) -> Result<Vec<Adopted>, DeclareError> {
+        let n = &self.names;
+        let levels = 0..crate::delay::LEVELS;
         let mut channel = connection.create_channel().await?;
-        let mut adopted = Vec::new();
-        for delay in delays {
-            let name = self.names.retry_queue(*delay);
-            let args = self.retry_queue_arguments();
-            channel = declare_queue(connection, channel, &name, args, &mut adopted).await?;
-            channel
-                .exchange_declare(
-                    short(&name),
-                    ExchangeKind::Fanout,
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            channel
-                .queue_bind(
-                    short(&name),
-                    short(&name),
-                    short(""),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+        let exchanges = levels.clone().map(|level| {
+            let mut args = FieldTable::default();
+            insert_str(&mut args, "alternate-exchange", &n.below(level));
+            channel.exchange_declare(
+                short(&n.delay_level(level)),
+                ExchangeKind::Headers,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+        });
+        for declared in futures::future::join_all(exchanges).await {
+            declared?;
         }
-        let _ = channel.close(200, "retry queues declared".into()).await;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let queues = levels.clone().map(|level| {
+            channel.queue_declare(
+                short(&n.delay_level(level)),
+                durable,
+                self.delay_queue_arguments(level),
+            )
+        });
+        let refused = futures::future::join_all(queues)
+            .await
+            .into_iter()
+            .any(|declared| declared.is_err());
+        let mut adopted = Vec::new();
+        if refused {
+            channel = connection.create_channel().await?;
+            for level in levels.clone() {
+                let args = self.delay_queue_arguments(level);
+                channel =
+                    declare_queue(connection, channel, &n.delay_level(level), args, &mut adopted)
+                        .await?;
+            }
+        }
+        let bindings = levels.map(|level| {
+            let name = n.delay_level(level);
+            channel.queue_bind(
+                short(&name),
+                short(&name),
+                short(""),
+                QueueBindOptions::default(),
+                crate::delay::binding_arguments(level),
+            )
+        });
+        for bound in futures::future::join_all(bindings).await {
+            bound?;
+        }
+        let _ = channel.close(200, "delay ladder declared".into()).await;
         Ok(adopted)
     }
 

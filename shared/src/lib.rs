@@ -3,6 +3,8 @@
 //! - [`schema`]: the JSON bodies on the wire (jobs and results), wire contract v1.
 //! - [`topology`]: exchange and queue names and their arguments.
 //! - [`declare`]: declaring them on a broker, adopting what an earlier build declared.
+//! - [`delay`]: the delay ladder that holds delayed jobs and retries.
+//! - [`workflow`]: kind contracts shared by deployments, for typed hops between them.
 //! - [`headers`]: AMQP header names and content types used on the wire.
 //! - [`amqp`]: connection pooling and the publish properties every message carries.
 //! - [`config`]: the settings both binaries share (broker URL, namespace, queue type, logs).
@@ -15,11 +17,13 @@
 pub mod amqp;
 pub mod config;
 pub mod declare;
+pub mod delay;
 pub mod headers;
 pub mod reason;
 pub mod recent;
 pub mod schema;
 pub mod telemetry;
+pub mod workflow;
 pub mod topology;
 
 /// Re-exported so that every crate uses the exact lapin version deadpool-lapin was built with.

@@ -1,8 +1,17 @@
-//! Wire contract v1: the JSON body of a job and of a result.
+//! The wire contract: the JSON body of a job and of a result.
 //!
 //! Jobs travel on the `jobs` exchange, results on `jobs.results` (see [`crate::topology`]).
-//! Both are JSON objects with a `schema_version` of [`SCHEMA_VERSION`]. Unknown fields are
-//! ignored so that a newer producer can add optional fields without breaking older consumers.
+//! Both are JSON objects with a `schema_version`. Unknown fields are ignored so that a newer
+//! producer can add optional fields without breaking older consumers.
+//!
+//! **Versions.** A plain job and every result are version 1 ([`SCHEMA_VERSION`]). A job that
+//! uses a workflow field (`not_before`, `hop`) is version 2 ([`WORKFLOW_SCHEMA_VERSION`]):
+//! a consumer that only speaks version 1 would ignore those fields (run a delayed job at once,
+//! or finish a hop as if it were the whole job), so it must not run such a job at all, and it
+//! does not: it refuses any version but 1 and dead-letters the job (`unsupported
+//! schema_version 2`), where it waits, whole, to be replayed. Consumers of this build speak
+//! both versions; jobs without those fields stay version 1, so older consumers keep running
+//! them during an upgrade.
 
 use std::borrow::Cow;
 
@@ -11,8 +20,22 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// The only schema version this build speaks.
+/// The schema version of plain jobs and of every result.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// The schema version of a job that carries `not_before` or `hop`: consumers that only speak
+/// version 1 refuse it instead of running it early or as if it were the whole job.
+pub const WORKFLOW_SCHEMA_VERSION: u32 = 2;
+
+/// Whether this build reads jobs of `version`.
+#[must_use]
+pub fn supported(version: u32) -> bool {
+    version == SCHEMA_VERSION || version == WORKFLOW_SCHEMA_VERSION
+}
+
+/// Most hops one job may take (A hops to B hops to C ...): a loop (A to B to A) ends with a
+/// failed result once it has hopped this many times.
+pub const MAX_HOPS: u32 = 32;
 
 /// The kind every build ships with: word statistics and a digest of a text.
 pub const TEXT_ANALYZE: &str = "text.analyze";
@@ -59,6 +82,30 @@ pub struct Job<P = Box<RawValue>> {
     pub created_at: OffsetDateTime,
     /// Kind-specific input.
     pub payload: P,
+    /// Version 2: the job must not run before this time (RFC 3339). It waits in the broker's
+    /// delay ladder until then ([`crate::delay`]); a consumer that gets it early sends it back
+    /// to wait. Absent: run at once.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub not_before: Option<OffsetDateTime>,
+    /// Version 2: set on the continuation of a job whose chain hopped to this kind from
+    /// another (see [`HopState`]). Absent on a job as a producer sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hop: Option<HopState>,
+}
+
+/// Where a hopped job comes from: what its final result must carry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopState {
+    /// Hops taken so far, 1 on the first continuation; at most [`MAX_HOPS`].
+    pub count: u32,
+    /// The kind the producer sent: the final result's `kind`.
+    pub origin_kind: String,
+    /// Every stage that ran in the earlier hops, in order.
+    pub stages: Vec<StageTiming>,
 }
 
 impl<P> Job<P> {
@@ -70,7 +117,19 @@ impl<P> Job<P> {
             kind: kind.into(),
             created_at: OffsetDateTime::now_utc(),
             payload,
+            not_before: None,
+            hop: None,
         }
+    }
+
+    /// The same job, not to run before `at` (a version-2 job); `None` leaves it as it is.
+    #[must_use]
+    pub fn not_before(mut self, at: Option<OffsetDateTime>) -> Self {
+        if at.is_some() {
+            self.not_before = at;
+            self.schema_version = WORKFLOW_SCHEMA_VERSION;
+        }
+        self
     }
 }
 
@@ -118,8 +177,17 @@ pub struct JobResult<O = Box<RawValue>> {
     /// written before the field existed still parse.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub job_created_at: Option<OffsetDateTime>,
-    /// Timing of every stage that ran.
+    /// Timing of every stage that ran, in every hop of the job.
     pub stages: Vec<StageTiming>,
+    /// How many times the job hopped to another kind before this result; absent (0) when it
+    /// did not.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hops: u32,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)]
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Payload of [`TEXT_ANALYZE`] jobs.
@@ -166,6 +234,19 @@ mod tests {
     }
 
     #[test]
+    fn a_delayed_job_is_version_2_and_a_plain_one_has_no_new_fields() {
+        let plain = serde_json::to_value(Job::new("k", 1)).unwrap();
+        assert_eq!(plain["schema_version"], 1);
+        assert!(plain.get("not_before").is_none() && plain.get("hop").is_none());
+        let at = OffsetDateTime::now_utc();
+        let delayed = Job::new("k", 1).not_before(Some(at));
+        let json = serde_json::to_value(&delayed).unwrap();
+        assert_eq!(json["schema_version"], 2);
+        let back: Job<u32> = serde_json::from_value(json).unwrap();
+        assert_eq!(back.not_before.map(|t| t.unix_timestamp()), Some(at.unix_timestamp()));
+    }
+
+    #[test]
     fn raw_payload_is_kept_verbatim() {
         let body = r#"{"schema_version":1,"id":"6f1c2a4e-8d2b-4b7e-9a53-0c9f4b1d2e3f","kind":"k","created_at":"2026-01-02T03:04:05Z","payload":{"b":1, "a":[2]},"extra":"ignored"}"#;
         let job: Job<&RawValue> = serde_json::from_str(body).unwrap();
@@ -188,6 +269,7 @@ mod tests {
                 name: "decode".into(),
                 micros: 12,
             }],
+            hops: 0,
         };
         let json = serde_json::to_value(&result).unwrap();
         assert_eq!(json["status"], "failed");

@@ -5,7 +5,7 @@
 //!                 │ no queue for the kind yet (alternate exchange)
 //!                 └──▶ [jobs.unrouted] ──#──▶ (jobs.work) ──▶ every consumer: runs the jobs of
 //!                                                  kinds it serves, sends the others to wait
-//! consumer ──▶ [jobs.retry.<ms>ms] fanout ──▶ (jobs.retry.<ms>ms) ──after <ms>──▶ [jobs], same kind
+//! consumer ──▶ [jobs.delay.<ttl>] headers ─▶ (jobs.delay.<ttl>) ─▶ ... ─after the delay─▶ [jobs], same kind
 //!          ├─▶ [jobs.results] topic ──#──▶ (jobs.results)
 //!          └─▶ [jobs.dlx] topic ──#──▶ (jobs.dead)
 //! ```
@@ -18,10 +18,13 @@
 //! retry queue and come back through the jobs exchange, into its kind's queue once one exists.
 //! A job never dies for its kind until it has waited `--unserved-ttl` (7 days by default).
 //!
-//! **Retries** wait in per-delay queues `jobs.retry.<ms>ms`, each fed by a fanout exchange of
-//! the same name: the copy keeps its kind as routing key, and after its `expiration` the
+//! **Delayed jobs and retries** wait in the delay ladder ([`crate::delay`]): a fixed set of
+//! [`crate::delay::LEVELS`] TTL queues `jobs.delay.<ttl>` that holds a message for any delay
+//! up to about a year; the copy keeps its kind as routing key, and once its delay is over the
 //! broker dead-letters it to the jobs exchange, which routes it by kind again. Nothing sleeps
-//! in a consumer while it holds a delivery.
+//! in a consumer while it holds a delivery. (Builds before the ladder used one queue per retry
+//! delay, `jobs.retry.<ms>ms`; those still dead-letter into the jobs exchange, and can be
+//! deleted once empty.)
 //!
 //! Every name is derived from one optional namespace, so tests and several deployments can
 //! share one broker: namespace `t1` gives `t1.jobs`, `t1.jobs.work`, and so on.
@@ -147,6 +150,23 @@ impl Names {
         format!("{}jobs.retry.{}ms", self.prefix, delay.as_millis())
     }
 
+    /// The exchange and queue of one level of the delay ladder, `jobs.delay.<ttl>` (see
+    /// [`crate::delay`]).
+    #[must_use]
+    pub fn delay_level(&self, level: u32) -> String {
+        format!("{}jobs.delay.{}", self.prefix, crate::delay::level_label(level))
+    }
+
+    /// Where a message that has waited `level` (or skips it) goes next: the level below, or
+    /// the jobs exchange after level 0.
+    #[must_use]
+    pub fn below(&self, level: u32) -> String {
+        match level {
+            0 => self.jobs_exchange.clone(),
+            _ => self.delay_level(level - 1),
+        }
+    }
+
     /// The shared-queue topology's work queue of a `--kinds` group, `jobs.work.<k1>+<k2>` (kinds sorted),
     /// or `None` for no group.
     #[must_use]
@@ -157,8 +177,8 @@ impl Names {
         (!kinds.is_empty()).then(|| format!("{}.{}", self.work_queue, kinds.join("+")))
     }
 
-    /// Every exchange of the namespace, the retry exchanges of `delays` included, for tools
-    /// that delete one.
+    /// Every exchange of the namespace, the delay ladder's and the (legacy) retry exchanges of
+    /// `delays` included, for tools that delete one.
     #[must_use]
     pub fn exchanges(&self, delays: &[Duration]) -> Vec<String> {
         [
@@ -169,17 +189,20 @@ impl Names {
         ]
         .into_iter()
         .cloned()
+        .chain((0..crate::delay::LEVELS).map(|k| self.delay_level(k)))
         .chain(delays.iter().map(|d| self.retry_queue(*d)))
         .collect()
     }
 
-    /// Every queue of the namespace: `jobs.work`, the results and dead letters, the queues of
-    /// `kinds` and the retry queues of `delays`, for tools that delete one.
+    /// Every queue of the namespace: `jobs.work`, the results and dead letters, the delay
+    /// ladder, the queues of `kinds` and the (legacy) retry queues of `delays`, for tools that
+    /// delete one.
     #[must_use]
     pub fn queues(&self, kinds: &[String], delays: &[Duration]) -> Vec<String> {
         [&self.work_queue, &self.results_queue, &self.dead_queue]
             .into_iter()
             .cloned()
+            .chain((0..crate::delay::LEVELS).map(|k| self.delay_level(k)))
             .chain(kinds.iter().map(|k| self.kind_queue(k)))
             .chain(delays.iter().map(|d| self.retry_queue(*d)))
             .collect()
@@ -300,17 +323,17 @@ impl Topology {
         args
     }
 
-    /// Arguments of a retry queue: dead-letter to the jobs exchange with the message's own
-    /// routing key (its kind). How long a message waits is its own `expiration`, not an
-    /// argument, so the retry delays can change without touching a queue.
+    /// Arguments of the delay ladder's queue of `level`: hold every message for the level's
+    /// TTL, then dead-letter it (routing key unchanged) to the level below.
     #[must_use]
-    pub fn retry_queue_arguments(&self) -> FieldTable {
+    pub fn delay_queue_arguments(&self, level: u32) -> FieldTable {
         let mut args = self.queue_arguments();
-        insert_str(
-            &mut args,
-            "x-dead-letter-exchange",
-            &self.names.jobs_exchange,
+        let ttl = u64::try_from(crate::delay::level_ttl(level).as_millis()).unwrap_or(u64::MAX);
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(ttl).unwrap_or(i64::MAX)),
         );
+        insert_str(&mut args, "x-dead-letter-exchange", &self.names.below(level));
         if self.queue_type == QueueType::Quorum {
             self.at_least_once_dead_lettering(&mut args);
         }

@@ -2,9 +2,13 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `POST /jobs` `{"kind", "payload", "id"?}` | 202 `{"id"}` once the broker confirmed the job |
+//! | `POST /jobs` `{"kind", "payload", "id"?, "delay"?, "not_before"?}` | 202 `{"id"}` once the broker confirmed the job |
 //! | `POST /jobs/batch` `[{...}, ...]` | 202 `{"ids": [...]}` once every job is confirmed |
-//! | `GET /jobs/{id}` | 200 with the result; 202 `{"status": "pending"}` if accepted here and not done; 404 otherwise |
+//! | `GET /jobs/{id}` | 200 with the result; 202 `{"status": "pending"}` (or `"delayed"` with `"until"`) if accepted here and not done; 404 otherwise |
+//!
+//! `delay` is seconds (a number) or a text such as `"90s"`, `"5m"`, `"30d"`; `not_before` an
+//! RFC 3339 time; at most one of them, and at most about 388 days ahead (422 otherwise). A
+//! delayed job waits in the broker's delay ladder ([`shared::delay`]), not here.
 //! | `GET /readyz` | 200 while connected (the body names the broker, password redacted), 503 otherwise |
 //!
 //! A body that is not such JSON gets 400, a kind not accepted 422, a body over the limit 413,
@@ -92,6 +96,8 @@ struct Ingest {
     results: Recent<Body>,
     /// Jobs accepted here, by id, with the key of what they asked for (kind and payload).
     accepted: Recent<Uuid>,
+    /// When the delayed jobs accepted here are due, by id.
+    delayed: Recent<time::OffsetDateTime>,
     tokens: auth::Tokens,
     /// One permit per request in flight.
     permits: Arc<Semaphore>,
@@ -108,6 +114,50 @@ struct NewJob {
     payload: Box<RawValue>,
     #[serde(default)]
     id: Option<Uuid>,
+    /// Seconds, or a text such as `"90s"`.
+    #[serde(default)]
+    delay: Option<serde_json::Value>,
+    /// An RFC 3339 time.
+    #[serde(default)]
+    not_before: Option<String>,
+}
+
+impl NewJob {
+    /// When the job may run, from `delay` or `not_before`, checked: `None` for at once.
+    fn due(&self, now: time::OffsetDateTime) -> Result<Option<time::OffsetDateTime>, Failure> {
+        let invalid = |message: String| Failure::new(StatusCode::UNPROCESSABLE_ENTITY, message);
+        let due = match (&self.delay, &self.not_before) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("give `delay` or `not_before`, not both".to_owned()));
+            }
+            (Some(delay), None) => {
+                let text = match delay {
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::String(s) => s.clone(),
+                    _ => String::new(),
+                };
+                let delay = shared::delay::parse_delay(&text)
+                    .map_err(|e| invalid(format!("delay: {e}")))?;
+                now + delay
+            }
+            (None, Some(at)) => {
+                let at = time::OffsetDateTime::parse(
+                    at,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map_err(|e| invalid(format!("not_before: not an RFC 3339 time: {e}")))?;
+                if at - now > shared::delay::MAX_DELAY {
+                    return Err(invalid(format!(
+                        "not_before: further ahead than the longest delay there is, {} days",
+                        shared::delay::MAX_DELAY.as_secs() / 86_400
+                    )));
+                }
+                at
+            }
+            (None, None) => return Ok(None),
+        };
+        Ok((due > now).then_some(due))
+    }
 }
 
 /// An HTTP error with a JSON body whose text is bounded ([`Reason`]).
@@ -186,6 +236,7 @@ pub async fn start(
             b.len()
         }),
         accepted: Recent::new(settings.result_cache),
+        delayed: Recent::new(settings.result_cache),
         tokens,
         permits: Arc::new(Semaphore::new(settings.max_in_flight)),
         request_timeout: settings.request_timeout(),
@@ -262,6 +313,7 @@ async fn admit(State(ingest): State<Arc<Ingest>>, request: Request, next: Next) 
 async fn post_job(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
     let job: NewJob = parse(&body)?;
     ingest.check_kind(&job.kind)?;
+    job.due(time::OffsetDateTime::now_utc())?;
     let id = ingest.publish(job).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
 }
@@ -275,8 +327,10 @@ async fn post_batch(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Re
         ));
     }
     for (i, job) in jobs.iter().enumerate() {
+        let now = time::OffsetDateTime::now_utc();
         ingest
             .check_kind(&job.kind)
+            .and_then(|()| job.due(now).map(drop))
             .map_err(|f| Failure::new(f.status, format_args!("job {i}: {}", f.message)))?;
     }
     let published: Vec<_> = futures::stream::iter(jobs.into_iter().map(|job| ingest.publish(job)))
@@ -320,6 +374,18 @@ async fn get_job(
             HeaderValue::from_static("application/json"),
         );
         return Ok(response);
+    }
+    if let Some(until) = ingest.delayed.get(&id) {
+        if until > time::OffsetDateTime::now_utc() {
+            let until = until
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            return Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({ "id": id, "status": "delayed", "until": until })),
+            )
+                .into_response());
+        }
     }
     if ingest.accepted.contains(&id) {
         return Ok((
@@ -392,7 +458,8 @@ impl Ingest {
 
     /// Publishes one job and waits for its confirm.
     async fn publish(&self, new: NewJob) -> Result<Uuid, Failure> {
-        let mut job = Job::new(new.kind, new.payload);
+        let due = new.due(time::OffsetDateTime::now_utc())?;
+        let mut job = Job::new(new.kind, new.payload).not_before(due);
         if let Some(id) = new.id {
             job.id = id;
         }
@@ -427,13 +494,24 @@ impl Ingest {
                 "the broker is reachable, but the results listener is not ready yet",
             ));
         }
+        let mut exchange = self.topology.names.jobs_exchange.clone();
+        let mut properties = job_properties(job.id);
+        if let Some(due) = job.not_before {
+            let left = std::time::Duration::try_from(due - time::OffsetDateTime::now_utc())
+                .unwrap_or_default();
+            let (entry, headers) = shared::delay::route(&self.topology.names, left);
+            exchange = entry;
+            if let Some(headers) = headers {
+                properties = properties.with_headers(headers);
+            }
+        }
         let confirm = channel
             .basic_publish(
-                self.topology.names.jobs_exchange.as_str().into(),
+                exchange.as_str().into(),
                 job.kind.as_str().into(),
                 mandatory(),
                 &body,
-                job_properties(job.id),
+                properties,
             )
             .await;
         let outcome = match confirm {
@@ -446,6 +524,9 @@ impl Ingest {
         match outcome {
             Ok(()) => {
                 self.accepted.insert(job.id, asked);
+                if let Some(due) = job.not_before {
+                    self.delayed.insert(job.id, due);
+                }
                 Ok(job.id)
             }
             Err(error) => {
@@ -478,6 +559,10 @@ impl Ingest {
                 .map_err(|e| e.to_string())?;
             self.topology
                 .declare(&connection)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.topology
+                .declare_delays(&connection)
                 .await
                 .map_err(|e| e.to_string())?;
             let channel = amqp::confirm_channel(&connection)

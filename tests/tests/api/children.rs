@@ -118,6 +118,8 @@ fn log_file(namespace: &str) -> Stdio {
 /// Counts every result of the namespace as it arrives.
 pub struct Collector {
     seen: Arc<Mutex<HashMap<Uuid, u32>>>,
+    /// The last `ok` result of each job.
+    bodies: Arc<Mutex<HashMap<Uuid, serde_json::Value>>>,
     failed: Arc<Mutex<Vec<Uuid>>>,
     total: watch::Receiver<usize>,
     task: JoinHandle<()>,
@@ -132,6 +134,8 @@ impl Collector {
         let counts = Arc::clone(&seen);
         let failed: Arc<Mutex<Vec<Uuid>>> = Arc::default();
         let failures = Arc::clone(&failed);
+        let bodies: Arc<Mutex<HashMap<Uuid, serde_json::Value>>> = Arc::default();
+        let kept = Arc::clone(&bodies);
         let task = tokio::spawn(async move {
             let _channel = channel;
             let mut n = 0;
@@ -145,12 +149,14 @@ impl Collector {
                     continue;
                 }
                 *counts.lock().unwrap().entry(id).or_default() += 1;
+                kept.lock().unwrap().insert(id, result);
                 n += 1;
                 tx.send_replace(n);
             }
         });
         Self {
             seen,
+            bodies,
             failed,
             total,
             task,
@@ -180,6 +186,11 @@ impl Collector {
     }
 
     /// (results received, distinct jobs, results beyond the first per job)
+    /// The last `ok` result of `id`.
+    pub fn body(&self, id: &Uuid) -> Option<serde_json::Value> {
+        self.bodies.lock().unwrap().get(id).cloned()
+    }
+
     /// Jobs whose result said `failed`.
     pub fn failed(&self) -> Vec<Uuid> {
         self.failed.lock().unwrap().clone()

@@ -587,6 +587,23 @@ impl TestApp {
         q.message_count()
     }
 
+    /// Whether `queue` exists (a passive declaration, on a channel of its own).
+    pub async fn queue_exists(&self, queue: &str) -> bool {
+        let channel = self.connection.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let exists = channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .is_ok();
+        if exists {
+            let _ = channel.close(200, "probed".into()).await;
+        }
+        exists
+    }
+
     /// The queue of `kind` in this namespace.
     pub fn kind_queue(&self, kind: &str) -> String {
         self.topology.names.kind_queue(kind)
@@ -604,6 +621,9 @@ impl TestApp {
             "test.count",
             "test.flaky",
             "test.overlap",
+            "order.ship",
+            "test.loop.a",
+            "test.loop.b",
         ]
         .into_iter()
         .chain(consumer::Registry::builtin().kinds())
@@ -722,6 +742,28 @@ pub fn sample(page: &str, series: &str) -> f64 {
             value.trim().parse::<f64>().ok()
         })
         .sum()
+}
+
+/// Path of one of the consumer crate's examples, built on first use.
+pub fn example(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(PathBuf::from))
+        .expect("the test executable lives in target/<profile>/deps");
+    let path = dir.join("examples").join(name);
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "consumer", "--example", name]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cannot run cargo to build the example");
+        assert!(status.success(), "cargo build of the example failed");
+    });
+    assert!(path.exists(), "{} does not exist after cargo build", path.display());
+    path
 }
 
 /// Path of a workspace binary, built on first use if `cargo test` did not build it.

@@ -221,3 +221,55 @@ async fn without_a_broker_the_answer_is_503_with_retry_after() {
     shutdown.cancel();
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_job_is_accepted_and_says_until_when_it_waits() {
+    // Arrange: no consumer; the job waits in the broker either way
+    let app = TestApp::new().await;
+    let shutdown = CancellationToken::new();
+    let base = serve(&app, None, &shutdown).await;
+
+    // Act
+    let reply = post(
+        &base,
+        "/jobs",
+        json!({"kind": "text.analyze", "payload": {"text": "later"}, "delay": "30d"}),
+    )
+    .await;
+
+    // Assert: 202, and `GET /jobs/{id}` says delayed until about 30 days from now
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.body["id"].as_str().unwrap().to_owned();
+    let status = http("GET", format!("{base}/jobs/{id}"), None).await;
+    assert_eq!(status.status, 202);
+    assert_eq!(status.body["status"], "delayed", "{}", status.body);
+    let until = time::OffsetDateTime::parse(
+        status.body["until"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let ahead = until - time::OffsetDateTime::now_utc();
+    assert!(ahead > time::Duration::days(29) && ahead <= time::Duration::days(30));
+    let mut waiting = 0;
+    for level in 0..shared::delay::LEVELS {
+        waiting += app.depth(&app.topology.names.delay_level(level)).await;
+    }
+    assert_eq!(waiting, 1);
+
+    // And bad delays are refused with the reason
+    for (body, expected) in [
+        (json!({"delay": 5, "not_before": "2030-01-01T00:00:00Z"}), "not both"),
+        (json!({"delay": "-1s"}), "expected a delay"),
+        (json!({"delay": "400d"}), "longer than"),
+        (json!({"not_before": "tomorrow"}), "RFC 3339"),
+    ] {
+        let mut job = json!({"kind": "text.analyze", "payload": {"text": "x"}});
+        job.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+        let reply = post(&base, "/jobs", job).await;
+        assert_eq!(reply.status, 422, "{}", reply.body);
+        let error = reply.body["error"].as_str().unwrap();
+        assert!(error.contains(expected), "{error}");
+    }
+    shutdown.cancel();
+    app.teardown().await;
+}

@@ -35,3 +35,4 @@ mod routing;
 mod shutdown;
 mod tls;
 mod upgrades;
+mod workflows;

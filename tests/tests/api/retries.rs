@@ -104,8 +104,8 @@ async fn retryable_failures_back_off_then_succeed_or_dead_letter() {
     assert_eq!(dead[0].header("x-attempt").as_deref(), Some("3"));
 
     // Nothing is left waiting anywhere
-    for delay in app.consumer_settings().retry_delays().buckets() {
-        assert_eq!(app.depth(&app.topology.names.retry_queue(delay)).await, 0);
+    for level in 0..shared::delay::LEVELS {
+        assert_eq!(app.depth(&app.topology.names.delay_level(level)).await, 0);
     }
     assert_eq!(app.depth(&app.topology.names.work_queue).await, 0);
     consumer.stop().await.unwrap();
