@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use deadpool_lapin::lapin::{
     BasicProperties, Channel,
     message::Delivery,
-    options::BasicNackOptions,
+    options::{BasicNackOptions, BasicPublishOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
 use shared::{
@@ -138,6 +138,10 @@ pub struct Continuation {
     pub kind: String,
     /// The serialized [`shared::schema::Job`].
     pub body: Arc<[u8]>,
+    /// The kind the producer sent: the progress event's routing key.
+    pub origin_kind: String,
+    /// The serialized [`shared::schema::Progress`] event.
+    pub progress: Arc<[u8]>,
 }
 
 /// Publishes outcomes on a confirm channel and settles deliveries.
@@ -230,12 +234,27 @@ impl Settler {
                 let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt)))];
                 self.publish_retry(delivery, kind, ours, &[], *wait)
             }
-            Outcome::Hopped(next) => self.send(
-                &self.names.jobs_exchange,
-                routing_key(&next.kind),
-                Arc::clone(&next.body),
-                shared::amqp::job_properties(next.job_id),
-            ),
+            Outcome::Hopped(next) => {
+                let continuation = self.send(
+                    &self.names.jobs_exchange,
+                    routing_key(&next.kind),
+                    Arc::clone(&next.body),
+                    shared::amqp::job_properties(next.job_id),
+                    mandatory(),
+                );
+                // Not mandatory, and its fate ignored: an event nobody reads is dropped.
+                let progress = self.send(
+                    &self.names.progress_exchange,
+                    routing_key(&next.origin_kind),
+                    Arc::clone(&next.progress),
+                    result_properties(next.job_id),
+                    BasicPublishOptions::default(),
+                );
+                Box::pin(async move {
+                    let (continuation, _) = futures::join!(continuation, progress);
+                    continuation
+                })
+            }
             Outcome::Deferred { delay } => self.retry_later(delivery, *delay),
             Outcome::Unserved { kind, delay, since } => {
                 let ours = vec![(X_UNSERVED_SINCE, AMQPValue::LongLongInt(*since))];
@@ -314,6 +333,7 @@ impl Settler {
             routing_key(&result.kind),
             Arc::clone(&result.body),
             properties,
+            mandatory(),
         )
     }
 
@@ -360,6 +380,7 @@ impl Settler {
             routing_key(kind),
             delivery.data.clone(),
             properties,
+            mandatory(),
         )
     }
 
@@ -412,6 +433,7 @@ impl Settler {
             delivery.routing_key.clone(),
             delivery.data.clone(),
             properties,
+            mandatory(),
         )
     }
 
@@ -421,6 +443,7 @@ impl Settler {
         routing_key: ShortString,
         body: impl AsRef<[u8]> + Send + 'static,
         properties: BasicProperties,
+        options: BasicPublishOptions,
     ) -> Confirming {
         let this = Arc::clone(self);
         let exchange = ShortString::from(exchange);
@@ -429,13 +452,7 @@ impl Settler {
             let published = async move {
                 let confirm = this
                     .channel
-                    .basic_publish(
-                        exchange,
-                        routing_key,
-                        mandatory(),
-                        body.as_ref(),
-                        properties,
-                    )
+                    .basic_publish(exchange, routing_key, options, body.as_ref(), properties)
                     .await?;
                 check_confirmation(confirm.await?)
             };

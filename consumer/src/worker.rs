@@ -11,7 +11,7 @@ use shared::{
     headers::ENVELOPE_STAGE,
     reason::Reason,
     recent::{Body, Recent, repeat_key},
-    schema::{HopState, Job, JobResult, MAX_HOPS, SCHEMA_VERSION, StageTiming, Status},
+    schema::{HopState, Job, JobResult, MAX_HOPS, Progress, SCHEMA_VERSION, StageTiming, Status},
     topology::RetryDelays,
 };
 use time::OffsetDateTime;
@@ -326,10 +326,21 @@ impl Worker {
             return fail(reason, Vec::new());
         }
         tracing::debug!(to = kind, hop = count, "job hops");
+        let origin_kind = lineage.kind(job);
+        let progress = to_json(&Progress {
+            schema_version: SCHEMA_VERSION,
+            job_id: job.id,
+            kind: origin_kind.clone(),
+            hop: count,
+            to: kind.to_owned(),
+            at: OffsetDateTime::now_utc(),
+        });
         Outcome::Hopped(Continuation {
             job_id: job.id,
             kind: next.kind,
             body: body.into(),
+            origin_kind,
+            progress: progress.into(),
         })
     }
 

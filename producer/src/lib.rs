@@ -115,7 +115,7 @@ pub async fn run(
         true => {
             let expires = wait_timeout(&settings) + Duration::from_secs(300);
             let keep = Some(std::sync::Arc::clone(&wanted));
-            Some(results::Listener::start(pool.clone(), &topology.names, expires, keep).await?)
+            Some(results::Listener::start(pool.clone(), &topology.names, expires, keep, false).await?)
         }
         false => None,
     };

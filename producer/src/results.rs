@@ -55,8 +55,11 @@ pub struct Arrived {
     pub job_id: Uuid,
     /// Whether the result says `ok`.
     pub ok: bool,
-    /// The result body, JSON.
+    /// The result body, JSON; or, when `progress` is set, a [`shared::schema::Progress`].
     pub body: Vec<u8>,
+    /// Whether this is a progress event (a hop), not a result: only a listener started with
+    /// progress events gets them.
+    pub progress: bool,
     /// Its share of [`BUFFER_BYTES`], given back when the result is dropped.
     _bytes: Option<OwnedSemaphorePermit>,
 }
@@ -69,6 +72,7 @@ impl Arrived {
             job_id,
             ok,
             body,
+            progress: false,
             _bytes: None,
         }
     }
@@ -86,7 +90,8 @@ pub struct Listener {
 
 impl Listener {
     /// Declares and binds the private queue, then consumes it in the background, reconnecting
-    /// through `pool` whenever the connection drops.
+    /// through `pool` whenever the connection drops. With `progress`, the queue is bound to
+    /// the progress exchange too, and its events arrive among the results, marked.
     ///
     /// # Errors
     /// Fails when the first connection or declaration fails (for example, when the results
@@ -96,9 +101,14 @@ impl Listener {
         names: &Names,
         expires: Duration,
         wanted: Wanted,
+        progress: bool,
     ) -> Result<Self, lapin::Error> {
         let queue = format!("{}.wait.{}", names.results_queue, Uuid::new_v4().simple());
-        let exchange = names.results_exchange.clone();
+        let mut exchanges = vec![names.results_exchange.clone()];
+        if progress {
+            exchanges.push(names.progress_exchange.clone());
+        }
+        let exchange = exchanges;
         let (tx, results) = mpsc::channel(BUFFER);
         let stop = CancellationToken::new();
         // Given a cluster (several brokers), the queue must outlive the loss of a node.
@@ -111,6 +121,7 @@ impl Listener {
         let task_queue = queue.clone();
         let task_stop = stop.clone();
         let filter = Filter {
+            progress: progress.then(|| names.progress_exchange.clone()),
             wanted,
             bytes: Arc::new(Semaphore::new(BUFFER_BYTES / 1024)),
         };
@@ -167,7 +178,7 @@ impl Listener {
 async fn subscribe(
     connection: &lapin::Connection,
     queue: &str,
-    exchange: &str,
+    exchanges: &[String],
     expires: Duration,
     replicated: bool,
 ) -> Result<Channel, lapin::Error> {
@@ -195,21 +206,25 @@ async fn subscribe(
         ..QueueDeclareOptions::default()
     };
     channel.queue_declare(queue.into(), durable, args).await?;
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            MATCH_ALL.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    for exchange in exchanges {
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.as_str().into(),
+                MATCH_ALL.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     Ok(channel)
 }
 
 /// Forwards results until the channel fails (`true`: reconnect) or nobody listens (`false`).
 /// Which results to keep, and the byte budget of those kept.
 struct Filter {
+    /// The progress exchange, when the listener takes its events.
+    progress: Option<String>,
     wanted: Wanted,
     bytes: Arc<Semaphore>,
 }
@@ -264,7 +279,15 @@ async fn forward(
         // Acked once handed over (the buffer is bounded, so a slow reader holds the acks back
         // and the prefetch stops the broker): a result lost with the connection comes again.
         let acker = delivery.acker.clone();
-        match parse(&delivery.data) {
+        let progress = filter
+            .progress
+            .as_deref()
+            .is_some_and(|p| delivery.exchange.as_str() == p);
+        let parsed = match progress {
+            true => parse_progress(&delivery.data).map(|id| (id, true)),
+            false => parse(&delivery.data),
+        };
+        match parsed {
             Some((job_id, ok)) if filter.keeps(&job_id) => {
                 let kib = u32::try_from(delivery.data.len() / 1024 + 1)
                     .unwrap_or(u32::MAX)
@@ -275,6 +298,7 @@ async fn forward(
                 let arrived = Arrived {
                     job_id,
                     ok,
+                    progress,
                     body: delivery.data,
                     _bytes: Some(bytes),
                 };
@@ -295,6 +319,12 @@ async fn forward(
     }
     tracing::warn!("results listener: connection lost; reconnecting");
     true
+}
+
+fn parse_progress(body: &[u8]) -> Option<Uuid> {
+    serde_json::from_slice::<shared::schema::Progress>(body)
+        .ok()
+        .map(|p| p.job_id)
 }
 
 fn parse(body: &[u8]) -> Option<(Uuid, bool)> {

@@ -94,6 +94,7 @@ impl Topology {
             (&n.unrouted_exchange, FieldTable::default()),
             (&n.jobs_exchange, jobs_args),
             (&n.results_exchange, FieldTable::default()),
+            (&n.progress_exchange, FieldTable::default()),
             (&n.dead_exchange, FieldTable::default()),
         ];
         for (exchange, args) in exchanges {

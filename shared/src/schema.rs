@@ -190,6 +190,26 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// A progress event on the `jobs.progress` exchange: a job hopped to another kind. Readers
+/// that show where a job stands (`GET /jobs/{id}`) bind a queue to it; nothing depends on
+/// receiving one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Progress {
+    /// Always [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// The job; also `message_id`.
+    pub job_id: Uuid,
+    /// The kind the producer sent; also the routing key.
+    pub kind: String,
+    /// Hops taken so far, this one included.
+    pub hop: u32,
+    /// The kind it hopped to.
+    pub to: String,
+    /// When it hopped (RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
 /// Payload of [`TEXT_ANALYZE`] jobs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TextPayload {

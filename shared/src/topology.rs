@@ -109,6 +109,10 @@ pub struct Names {
     pub results_queue: String,
     /// Topic exchange dead letters are published to.
     pub dead_exchange: String,
+    /// Topic exchange of progress events (a job hopped to another kind); routing key = the
+    /// job's kind. No queue of the topology is bound to it: readers (`producer serve`) bind
+    /// their own, and an event nobody reads is dropped.
+    pub progress_exchange: String,
     /// Durable queue holding every dead letter, bound to [`Names::dead_exchange`] with `#`.
     pub dead_queue: String,
     /// The namespace prefix (`<ns>.`, or empty).
@@ -132,6 +136,7 @@ impl Names {
             results_exchange: name("jobs.results"),
             results_queue: name("jobs.results"),
             dead_exchange: name("jobs.dlx"),
+            progress_exchange: name("jobs.progress"),
             dead_queue: name("jobs.dead"),
             prefix,
         }
@@ -186,6 +191,7 @@ impl Names {
             &self.unrouted_exchange,
             &self.results_exchange,
             &self.dead_exchange,
+            &self.progress_exchange,
         ]
         .into_iter()
         .cloned()

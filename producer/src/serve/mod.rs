@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `POST /jobs` `{"kind", "payload", "id"?, "delay"?, "not_before"?}` | 202 `{"id"}` once the broker confirmed the job |
 //! | `POST /jobs/batch` `[{...}, ...]` | 202 `{"ids": [...]}` once every job is confirmed |
-//! | `GET /jobs/{id}` | 200 with the result; 202 `{"status": "pending"}` (or `"delayed"` with `"until"`) if accepted here and not done; 404 otherwise |
+//! | `GET /jobs/{id}` | 200 with the result; 202 `{"status": "pending"}` (with `"hop"` and `"at_kind"` once it hopped, or `"status": "delayed"` with `"until"`) if not done; 404 if unknown here |
 //!
 //! `delay` is seconds (a number) or a text such as `"90s"`, `"5m"`, `"30d"`; `not_before` an
 //! RFC 3339 time; at most one of them, and at most about 388 days ahead (422 otherwise). A
@@ -96,6 +96,8 @@ struct Ingest {
     results: Recent<Body>,
     /// Jobs accepted here, by id, with the key of what they asked for (kind and payload).
     accepted: Recent<Uuid>,
+    /// The last progress event ([`shared::schema::Progress`]) of the jobs that hopped, by id.
+    hops: Recent<Body>,
     /// When the delayed jobs accepted here are due, by id.
     delayed: Recent<time::OffsetDateTime>,
     tokens: auth::Tokens,
@@ -237,6 +239,7 @@ pub async fn start(
         }),
         accepted: Recent::new(settings.result_cache),
         delayed: Recent::new(settings.result_cache),
+        hops: Recent::new(settings.result_cache),
         tokens,
         permits: Arc::new(Semaphore::new(settings.max_in_flight)),
         request_timeout: settings.request_timeout(),
@@ -386,6 +389,14 @@ async fn get_job(
             )
                 .into_response());
         }
+    }
+    if let Some(event) = ingest.hops.get(&id) {
+        let event: serde_json::Value = serde_json::from_slice(&event).unwrap_or_default();
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "id": id, "status": "pending", "hop": event["hop"], "at_kind": event["to"], "since": event["at"] })),
+        )
+            .into_response());
     }
     if ingest.accepted.contains(&id) {
         return Ok((
@@ -645,7 +656,8 @@ async fn collect_results(
         // exist before the private results queue is bound to it.
         let started = match ingest.channel().await {
             Ok(_) => {
-                results::Listener::start(ingest.pool.clone(), &ingest.topology.names, expires, None)
+                let names = &ingest.topology.names;
+                results::Listener::start(ingest.pool.clone(), names, expires, None, true)
                     .await
                     .map_err(|e| e.to_string())
             }
@@ -669,6 +681,7 @@ async fn collect_results(
         tokio::select! {
             () = shutdown.cancelled() => break,
             arrived = listener.results.recv() => match arrived {
+                Some(event) if event.progress => ingest.hops.insert(event.job_id, event.body.into()),
                 Some(result) => ingest.results.insert(result.job_id, result.body.into()),
                 None => break,
             },

@@ -624,6 +624,8 @@ impl TestApp {
             "order.ship",
             "test.loop.a",
             "test.loop.b",
+            "test.hop.first",
+            "test.hop.slow",
         ]
         .into_iter()
         .chain(consumer::Registry::builtin().kinds())

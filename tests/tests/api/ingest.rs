@@ -273,3 +273,99 @@ async fn a_delayed_job_is_accepted_and_says_until_when_it_waits() {
     shutdown.cancel();
     app.teardown().await;
 }
+
+struct HopFirst;
+impl shared::workflow::Kind for HopFirst {
+    const NAME: &'static str = "test.hop.first";
+    type Payload = u64;
+    type Output = u64;
+}
+
+struct HopSlow;
+impl shared::workflow::Kind for HopSlow {
+    const NAME: &'static str = "test.hop.slow";
+    type Payload = u64;
+    type Output = u64;
+}
+
+/// Passes the number of milliseconds on.
+struct Pass;
+impl consumer::stage::Stage for Pass {
+    type Input = u64;
+    type Output = u64;
+    fn name(&self) -> &'static str {
+        "pass"
+    }
+    async fn run(&self, ms: u64) -> Result<u64, consumer::stage::StageError> {
+        Ok(ms)
+    }
+}
+
+/// Sleeps that many milliseconds.
+struct Nap;
+impl consumer::stage::Stage for Nap {
+    type Input = u64;
+    type Output = u64;
+    fn name(&self) -> &'static str {
+        "nap"
+    }
+    async fn run(&self, ms: u64) -> Result<u64, consumer::stage::StageError> {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(ms)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_says_which_hop_a_job_is_at_then_returns_its_final_result() {
+    // Arrange: a kind that hops to a slow one
+    use consumer::stage::Chain;
+    let app = TestApp::new().await;
+    let registry = Registry::new()
+        .serve::<HopFirst, _>(Pass.hop::<HopSlow>())
+        .serve::<HopSlow, _>(Nap);
+    let consumer = app.spawn_consumer(app.consumer_settings(), registry);
+    let shutdown = CancellationToken::new();
+    let mut settings = ServeSettings::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    settings.accept_kinds = vec!["test.hop.first".to_owned()];
+    let (addr, _task) = producer::serve::start(&app.common, &settings, shutdown.clone())
+        .await
+        .unwrap();
+    let base = format!("http://{addr}");
+
+    // Act
+    let reply = post(&base, "/jobs", json!({"kind": "test.hop.first", "payload": 3000})).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.body["id"].as_str().unwrap().to_owned();
+
+    // Assert: while the slow kind runs, GET says the job is at hop 1, in test.hop.slow
+    let pending = within("GET to show the hop", async {
+        loop {
+            let reply = http("GET", format!("{base}/jobs/{id}"), None).await;
+            assert_eq!(reply.status, 202, "{}", reply.body);
+            if reply.body.get("hop").is_some() {
+                return reply.body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(pending["status"], "pending");
+    assert_eq!(pending["hop"], 1);
+    assert_eq!(pending["at_kind"], "test.hop.slow");
+
+    // Then the final result: the original kind, both hops' stages
+    let result = result_of(&base, &id).await;
+    assert_eq!(result["kind"], "test.hop.first");
+    assert_eq!(result["hops"], 1);
+    assert_eq!(result["output"], 3000);
+    let stages: Vec<&str> = result["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["decode", "pass", "hop", "decode", "nap"]);
+    shutdown.cancel();
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
