@@ -27,6 +27,9 @@ pub struct Rejection {
     pub kind: Option<String>,
 }
 
+/// Most stages a continuation may carry from its earlier hops.
+pub const MAX_HOP_STAGES: usize = 1024;
+
 /// The job in a delivery, borrowing its payload from the body.
 pub type OpenedJob<'a> = Job<&'a RawValue>;
 
@@ -76,14 +79,43 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
         });
     }
     if let Some(hop) = &job.hop {
-        if hop.count == 0 || hop.count > MAX_HOPS {
+        let broken = if hop.count == 0 || hop.count > MAX_HOPS {
+            Some(Reason::new(format_args!(
+                "hop.count {} is not between 1 and {MAX_HOPS}",
+                hop.count
+            )))
+        } else if let Err(reason) = shared::schema::check_kind(&hop.origin_kind) {
+            Some(Reason::new(format_args!("hop.origin_kind: {reason}")))
+        } else if hop.stages.len() > MAX_HOP_STAGES
+            || hop.stages.iter().any(|s| s.name.len() > MAX_KIND_LEN)
+        {
+            Some(Reason::new(format_args!(
+                "hop.stages holds {} stages; at most {MAX_HOP_STAGES}, with names of at most {MAX_KIND_LEN} bytes",
+                hop.stages.len()
+            )))
+        } else {
+            None
+        };
+        if let Some(reason) = broken {
+            return Err(Rejection {
+                reason,
+                job_id: Some(job.id),
+                kind: None,
+            });
+        }
+    }
+    if let Some(due) = job.not_before {
+        let ahead = due - time::OffsetDateTime::now_utc();
+        // A day of slack over what producers accept: clocks differ.
+        if ahead > shared::delay::MAX_AHEAD + std::time::Duration::from_secs(86_400) {
             return Err(Rejection {
                 reason: Reason::new(format_args!(
-                    "hop.count {} is not between 1 and {MAX_HOPS}",
-                    hop.count
+                    "not_before is {} days ahead; at most {} days are accepted",
+                    ahead.whole_days(),
+                    shared::delay::MAX_AHEAD.as_secs() / 86_400
                 )),
                 job_id: Some(job.id),
-                kind: Some(hop.origin_kind.clone()),
+                kind: Some(job.kind),
             });
         }
     }
@@ -283,6 +315,33 @@ mod tests {
         let props = BasicProperties::default().with_message_id(ShortString::from(ID));
         let r = open(&delivery(b"{", props), 1024).unwrap_err();
         assert_eq!(r.job_id.unwrap().to_string(), ID);
+    }
+
+    #[test]
+    fn workflow_fields_from_the_network_are_bounded() {
+        let with = |extra: &str| {
+            let body = format!(
+                r#"{{"schema_version":2,"id":"{ID}","kind":"k","created_at":"2026-01-01T00:00:00Z","payload":{{}},{extra}}}"#
+            );
+            open(&delivery(body.as_bytes(), BasicProperties::default()), 1 << 20)
+                .map(drop)
+                .map_err(|r| r.reason)
+        };
+        let stage = r#"{"name":"s","micros":1}"#;
+        let many = vec![stage; MAX_HOP_STAGES + 1].join(",");
+        let cases = [
+            (r#""hop":{"count":0,"origin_kind":"a","stages":[]}"#.to_owned(), "hop.count 0"),
+            (r#""hop":{"count":33,"origin_kind":"a","stages":[]}"#.to_owned(), "hop.count 33"),
+            (r#""hop":{"count":1,"origin_kind":"","stages":[]}"#.to_owned(), "hop.origin_kind"),
+            (format!(r#""hop":{{"count":1,"origin_kind":"a","stages":[{many}]}}"#), "hop.stages holds 1025"),
+            (r#""not_before":"9999-01-01T00:00:00Z""#.to_owned(), "days ahead"),
+        ];
+        for (extra, expected) in cases {
+            let reason = with(&extra).unwrap_err();
+            assert!(reason.as_str().contains(expected), "{expected}: {reason}");
+        }
+        let fine = with(r#""hop":{"count":1,"origin_kind":"a","stages":[]},"not_before":"2026-01-01T00:00:00Z""#);
+        assert!(fine.is_ok());
     }
 
     #[test]

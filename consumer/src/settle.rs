@@ -242,7 +242,9 @@ impl Settler {
                     shared::amqp::job_properties(next.job_id),
                     mandatory(),
                 );
-                // Not mandatory, and its fate ignored: an event nobody reads is dropped.
+                // Sent once the continuation is confirmed, so it never tells of a hop that did
+                // not happen; not mandatory, and its fate ignored: an event nobody reads is
+                // dropped.
                 let progress = self.send(
                     &self.names.progress_exchange,
                     routing_key(&next.origin_kind),
@@ -251,8 +253,9 @@ impl Settler {
                     BasicPublishOptions::default(),
                 );
                 Box::pin(async move {
-                    let (continuation, _) = futures::join!(continuation, progress);
-                    continuation
+                    continuation.await?;
+                    let _ = progress.await;
+                    Ok(())
                 })
             }
             Outcome::Deferred { delay } => self.retry_later(delivery, *delay),

@@ -160,10 +160,12 @@ impl Worker {
         let key = repeat_key(job.id, &job.kind, job.payload.get().as_bytes());
         if let Some(body) = self.recent.get(&key) {
             tracing::info!(job_id = %job.id, kind = %job.kind, "repeat of a completed job; publishing its result again");
+            // Routed by the kind the producer sent, as the first publish of the result was.
+            let kind = job.hop.map_or(job.kind, |hop| hop.origin_kind);
             let replay = ResultMessage {
                 job_id: job.id,
                 repeat_key: key,
-                kind: job.kind,
+                kind,
                 body,
                 replayed: true,
             };
@@ -317,11 +319,13 @@ impl Worker {
             }),
         };
         let body = to_json(&next);
-        if body.len() > self.max_result_bytes {
+        // A continuation is a job: the consumer of the next kind refuses one over its body
+        // limit unread (assumed to be this one's), which would lose the job's origin.
+        let limit = self.max_result_bytes.min(self.max_body_bytes);
+        if body.len() > limit {
             let reason = Reason::new(format_args!(
-                "the hop to {kind} of {} bytes exceeds the largest this consumer publishes ({} bytes, --max-result-bytes)",
+                "the hop to {kind} of {} bytes exceeds the largest job this consumer publishes ({limit} bytes, --max-body-bytes and --max-result-bytes)",
                 body.len(),
-                self.max_result_bytes
             ));
             return fail(reason, Vec::new());
         }

@@ -113,7 +113,10 @@ pub async fn run(
     let mut written = wait::Results::new(results_out, std::sync::Arc::clone(&wanted));
     let mut listener = match settings.wait {
         true => {
-            let expires = wait_timeout(&settings) + Duration::from_secs(300);
+            // RabbitMQ's largest x-expires is 2^32 - 1 ms; the listener's consumer keeps the
+            // queue alive anyway (x-expires counts only while it is unused).
+            let expires = (wait_timeout(&settings) + Duration::from_secs(300))
+                .min(Duration::from_millis(u64::from(u32::MAX)));
             let keep = Some(std::sync::Arc::clone(&wanted));
             Some(results::Listener::start(pool.clone(), &topology.names, expires, keep, false).await?)
         }

@@ -96,7 +96,7 @@ pub struct Settings {
     pub no_declare: bool,
 
     /// Run every job no earlier than this long after it is sent: `90s`, `500ms`, `5m`, `2h`,
-    /// `30d` (at most about 388 days). The jobs wait in the broker's delay ladder.
+    /// `30d` (at most 366 days). The jobs wait in the broker's delay ladder.
     #[arg(long, env = "PRODUCER_DELAY", value_parser = shared::delay::parse_delay,
           conflicts_with = "at")]
     pub delay: Option<Duration>,
@@ -323,10 +323,10 @@ fn parse_at(value: &str) -> Result<time::OffsetDateTime, String> {
     let at = time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
         .map_err(|e| format!("expected an RFC 3339 time such as 2026-12-24T18:00:00Z: {e}"))?;
     let ahead = at - time::OffsetDateTime::now_utc();
-    if ahead > shared::delay::MAX_DELAY {
+    if ahead > shared::delay::MAX_AHEAD {
         return Err(format!(
             "{value} is further ahead than the longest delay there is, {} days",
-            shared::delay::MAX_DELAY.as_secs() / 86_400
+            shared::delay::MAX_AHEAD.as_secs() / 86_400
         ));
     }
     Ok(at)

@@ -207,6 +207,18 @@ impl Topology {
                     declare_queue(connection, channel, &n.delay_level(level), args, &mut adopted)
                         .await?;
             }
+            // A level with another TTL or dead-letter exchange would let jobs out early (or
+            // into the wrong level): never adopted.
+            if let Some(wrong) = adopted.first() {
+                return Err(DeclareError::Unsettled {
+                    queue: wrong.queue.clone(),
+                    last: Reason::new(format_args!(
+                        "the delay ladder's queue has {} = {}, and must have {}: delete it so \
+                         that it is declared again (move its messages first if it has any)",
+                        wrong.argument, wrong.found, wrong.wanted
+                    )),
+                });
+            }
         }
         let bindings = levels.map(|level| {
             let name = n.delay_level(level);

@@ -32,12 +32,19 @@ use deadpool_lapin::lapin::types::{AMQPValue, FieldTable};
 /// The smallest step of a delay: delays are rounded up to a multiple of it.
 pub const UNIT: Duration = Duration::from_millis(250);
 
-/// Levels of the ladder, and so its number of queues (and exchanges).
-pub const LEVELS: u32 = 27;
+/// Levels of the ladder, and so its number of queues (and exchanges). The top level's TTL,
+/// `2^24 × 250 ms` = 4,194,304 s, is the largest power of two under RabbitMQ's limit on
+/// `x-message-ttl` (2^32 - 1 ms, about 49.7 days).
+pub const LEVELS: u32 = 25;
 
-/// The longest delay the ladder holds in one pass: `(2^LEVELS - 1) × UNIT`, about 388 days.
+/// The longest delay the ladder holds in one pass: `(2^LEVELS - 1) × UNIT`, about 97 days.
 /// A job due later goes round again (the consumer sends an early job back to wait).
 pub const MAX_DELAY: Duration = Duration::from_millis(((1u64 << LEVELS) - 1) * 250);
+
+/// The furthest ahead a job may be scheduled: 366 days (the ladder takes it round up to four
+/// times). Producers refuse more, and a consumer dead-letters a job due later than this (a
+/// `not_before` in the year 9999 would otherwise come round for ever).
+pub const MAX_AHEAD: Duration = Duration::from_secs(366 * 86_400);
 
 /// Prefix of the header that says a message waits in a level (`delay-<level>`); no `x-`,
 /// which a headers exchange leaves out of matching.
@@ -52,7 +59,7 @@ pub fn level_ttl(level: u32) -> Duration {
     UNIT * (1u32 << level.min(LEVELS - 1))
 }
 
-/// The name part of a level: its TTL, `250ms`, `500ms`, `1s`, `2s`, ... `16777216s`.
+/// The name part of a level: its TTL, `250ms`, `500ms`, `1s`, `2s`, ... `4194304s`.
 #[must_use]
 pub fn level_label(level: u32) -> String {
     let ttl = level_ttl(level);
@@ -157,7 +164,7 @@ pub fn route(names: &crate::topology::Names, wait: Duration) -> (String, Option<
 }
 
 /// Parses a delay as people write it: `90s`, `1.5s`, `500ms`, `5m`, `2h`, `30d`, or a plain
-/// number of seconds; from 0 to [`MAX_DELAY`].
+/// number of seconds; from 0 to [`MAX_AHEAD`].
 ///
 /// # Errors
 /// Says what was expected.
@@ -177,12 +184,12 @@ pub fn parse_delay(value: &str) -> Result<Duration, String> {
     };
     let seconds = number.parse::<f64>().map(|n| n * scale);
     match seconds {
-        Ok(s) if s.is_finite() && s >= 0.0 && s <= MAX_DELAY.as_secs_f64() => {
+        Ok(s) if s.is_finite() && s >= 0.0 && s <= MAX_AHEAD.as_secs_f64() => {
             Ok(Duration::from_secs_f64(s))
         }
-        Ok(s) if s.is_finite() && s > MAX_DELAY.as_secs_f64() => Err(format!(
+        Ok(s) if s.is_finite() && s > MAX_AHEAD.as_secs_f64() => Err(format!(
             "a delay of {value:?} is longer than the longest there is, {} days",
-            MAX_DELAY.as_secs() / 86_400
+            MAX_AHEAD.as_secs() / 86_400
         )),
         _ => Err(format!(
             "expected a delay such as 90s, 500ms, 5m, 2h or 30d, got {value:?}"
@@ -223,7 +230,7 @@ mod tests {
 
     #[test]
     fn thirty_days_fit_and_longer_is_capped() {
-        assert!(MAX_DELAY > Duration::from_secs(380 * 86_400));
+        assert!(MAX_DELAY > Duration::from_secs(97 * 86_400));
         let month = Plan::new(Duration::from_secs(30 * 86_400)).unwrap();
         assert!(month.levels.iter().all(|k| *k < LEVELS));
         let huge = Plan::new(Duration::from_secs(u64::MAX)).unwrap();
@@ -235,7 +242,9 @@ mod tests {
     fn labels_and_headers() {
         assert_eq!(level_label(0), "250ms");
         assert_eq!(level_label(2), "1s");
-        assert_eq!(level_label(LEVELS - 1), "16777216s");
+        assert_eq!(level_label(LEVELS - 1), "4194304s");
+        // RabbitMQ refuses an x-message-ttl over 2^32 - 1 ms.
+        assert!(level_ttl(LEVELS - 1).as_millis() <= u128::from(u32::MAX));
         assert!(is_level_header("delay-12"));
         assert!(!is_level_header("delay-"));
         assert!(!is_level_header("x-delay-1"));

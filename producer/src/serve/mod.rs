@@ -7,7 +7,7 @@
 //! | `GET /jobs/{id}` | 200 with the result; 202 `{"status": "pending"}` (with `"hop"` and `"at_kind"` once it hopped, or `"status": "delayed"` with `"until"`) if not done; 404 if unknown here |
 //!
 //! `delay` is seconds (a number) or a text such as `"90s"`, `"5m"`, `"30d"`; `not_before` an
-//! RFC 3339 time; at most one of them, and at most about 388 days ahead (422 otherwise). A
+//! RFC 3339 time; at most one of them, and at most 366 days ahead (422 otherwise). A
 //! delayed job waits in the broker's delay ladder ([`shared::delay`]), not here.
 //! | `GET /readyz` | 200 while connected (the body names the broker, password redacted), 503 otherwise |
 //!
@@ -148,10 +148,10 @@ impl NewJob {
                     &time::format_description::well_known::Rfc3339,
                 )
                 .map_err(|e| invalid(format!("not_before: not an RFC 3339 time: {e}")))?;
-                if at - now > shared::delay::MAX_DELAY {
+                if at - now > shared::delay::MAX_AHEAD {
                     return Err(invalid(format!(
                         "not_before: further ahead than the longest delay there is, {} days",
-                        shared::delay::MAX_DELAY.as_secs() / 86_400
+                        shared::delay::MAX_AHEAD.as_secs() / 86_400
                     )));
                 }
                 at
@@ -603,6 +603,21 @@ impl Ingest {
         }
     }
 
+    /// Keeps a progress event unless a later hop of the same job is already known (events
+    /// of one job can arrive out of order).
+    fn note_hop(&self, event: results::Arrived) {
+        let hop = |body: &[u8]| {
+            serde_json::from_slice::<shared::schema::Progress>(body).map_or(0, |p| p.hop)
+        };
+        let newer = self
+            .hops
+            .get(&event.job_id)
+            .is_none_or(|known| hop(&known) <= hop(&event.body));
+        if newer {
+            self.hops.insert(event.job_id, event.body.into());
+        }
+    }
+
     async fn forget_link_if_dead(&self) {
         let mut link = self.link.lock().await;
         if let Some((connection, channel)) = link.as_ref() {
@@ -681,7 +696,7 @@ async fn collect_results(
         tokio::select! {
             () = shutdown.cancelled() => break,
             arrived = listener.results.recv() => match arrived {
-                Some(event) if event.progress => ingest.hops.insert(event.job_id, event.body.into()),
+                Some(event) if event.progress => ingest.note_hop(event),
                 Some(result) => ingest.results.insert(result.job_id, result.body.into()),
                 None => break,
             },
