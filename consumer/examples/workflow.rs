@@ -198,7 +198,11 @@ mod tests {
             .run(payload(r#"{"sku": "A1", "qty": 3}"#), &mut trace)
             .await
             .expect("a hop");
-        let Finished::Hop { kind, payload: next } = ended else {
+        let Finished::Hop {
+            kind,
+            payload: next,
+        } = ended
+        else {
             panic!("expected a hop, got {ended:?}");
         };
         assert_eq!(kind, "order.ship");
@@ -251,8 +255,7 @@ mod tests {
         assert_eq!(parcel.net_cents, 750);
         let failure = run(r#"{"sku": "ZZ", "qty": 1}"#)
             .await
-            .err()
-            .expect("unknown sku");
+            .expect_err("unknown sku");
         assert_eq!(failure.stage, "price");
         assert!(!failure.error.is_retryable());
     }

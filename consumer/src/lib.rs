@@ -1,14 +1,15 @@
 //! The consumer: runs every job from the work queue through its kind's chain of stages.
 //!
-//! The data flow, one file per step:
+//! The data flow, one file per step (`flow/`), and what runs a job (`chain/`):
 //!
 //! ```text
 //! broker ──▶ intake ──▶ bounded queue ──▶ worker × concurrency ──▶ settle ──▶ confirm ──▶ ack
-//!  (prefetch)  intake.rs   (async-channel)    worker.rs          (publish)   confirm.rs
-//!                                               │ envelope.rs: size, UTF-8, JSON, schema, kind
+//!  (prefetch)  flow/intake.rs (async-channel) flow/worker.rs     (publish)   flow/confirm.rs
+//!                                               │ flow/envelope.rs: size, UTF-8, JSON, schema, kind
 //!                                               │ shared::recent: a repeat of a completed job?
-//!                                               │ registry.rs: kind → chain
-//!                                               └ stage.rs:    decode → analyze → digest
+//!                                               │ chain/registry.rs: kind → chain
+//!                                               │ chain/stage.rs:    decode → analyze → digest
+//!                                               └ chain/hop.rs:      ... → hop to another kind
 //! ```
 //!
 //! `settle` publishes the result (or retry copy, or dead letter) and the worker moves on;
@@ -16,22 +17,17 @@
 //! what it produced is safely stored. `session.rs` owns one connection's life; `run` starts a
 //! new session whenever a connection is lost.
 
-pub mod confirm;
-pub mod copy;
-pub mod envelope;
-pub mod hop;
+pub mod chain;
+pub mod flow;
 pub mod http;
-pub mod intake;
 pub mod kinds;
 pub mod metrics;
 pub mod readiness;
-pub mod registry;
 pub mod session;
 pub mod settings;
-pub mod settle;
-pub mod stage;
-pub mod unserved;
-pub mod worker;
+
+pub use chain::{hop, registry, stage};
+pub use flow::{confirm, copy, envelope, intake, settle, unserved, worker};
 
 use std::{sync::Arc, time::Duration};
 

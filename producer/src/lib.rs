@@ -118,7 +118,10 @@ pub async fn run(
             let expires = (wait_timeout(&settings) + Duration::from_secs(300))
                 .min(Duration::from_millis(u64::from(u32::MAX)));
             let keep = Some(std::sync::Arc::clone(&wanted));
-            Some(results::Listener::start(pool.clone(), &topology.names, expires, keep, false).await?)
+            Some(
+                results::Listener::start(pool.clone(), &topology.names, expires, keep, false)
+                    .await?,
+            )
         }
         false => None,
     };

@@ -163,7 +163,10 @@ impl Topology {
     ///
     /// # Errors
     /// See [`DeclareError`].
-    pub async fn declare_delays(&self, connection: &Connection) -> Result<Vec<Adopted>, DeclareError> {
+    pub async fn declare_delays(
+        &self,
+        connection: &Connection,
+    ) -> Result<Vec<Adopted>, DeclareError> {
         let n = &self.names;
         let levels = 0..crate::delay::LEVELS;
         let mut channel = connection.create_channel().await?;
@@ -203,9 +206,14 @@ impl Topology {
             channel = connection.create_channel().await?;
             for level in levels.clone() {
                 let args = self.delay_queue_arguments(level);
-                channel =
-                    declare_queue(connection, channel, &n.delay_level(level), args, &mut adopted)
-                        .await?;
+                channel = declare_queue(
+                    connection,
+                    channel,
+                    &n.delay_level(level),
+                    args,
+                    &mut adopted,
+                )
+                .await?;
             }
             // A level with another TTL or dead-letter exchange would let jobs out early (or
             // into the wrong level): never adopted.

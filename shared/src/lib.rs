@@ -23,8 +23,8 @@ pub mod reason;
 pub mod recent;
 pub mod schema;
 pub mod telemetry;
-pub mod workflow;
 pub mod topology;
+pub mod workflow;
 
 /// Re-exported so that every crate uses the exact lapin version deadpool-lapin was built with.
 pub use deadpool_lapin::lapin;

@@ -263,7 +263,10 @@ mod tests {
         let json = serde_json::to_value(&delayed).unwrap();
         assert_eq!(json["schema_version"], 2);
         let back: Job<u32> = serde_json::from_value(json).unwrap();
-        assert_eq!(back.not_before.map(|t| t.unix_timestamp()), Some(at.unix_timestamp()));
+        assert_eq!(
+            back.not_before.map(|t| t.unix_timestamp()),
+            Some(at.unix_timestamp())
+        );
     }
 
     #[test]

@@ -159,7 +159,11 @@ impl Names {
     /// [`crate::delay`]).
     #[must_use]
     pub fn delay_level(&self, level: u32) -> String {
-        format!("{}jobs.delay.{}", self.prefix, crate::delay::level_label(level))
+        format!(
+            "{}jobs.delay.{}",
+            self.prefix,
+            crate::delay::level_label(level)
+        )
     }
 
     /// Where a message that has waited `level` (or skips it) goes next: the level below, or
@@ -339,7 +343,11 @@ impl Topology {
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(i64::try_from(ttl).unwrap_or(i64::MAX)),
         );
-        insert_str(&mut args, "x-dead-letter-exchange", &self.names.below(level));
+        insert_str(
+            &mut args,
+            "x-dead-letter-exchange",
+            &self.names.below(level),
+        );
         if self.queue_type == QueueType::Quorum {
             self.at_least_once_dead_lettering(&mut args);
         }

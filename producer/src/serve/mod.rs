@@ -143,11 +143,9 @@ impl NewJob {
                 now + delay
             }
             (None, Some(at)) => {
-                let at = time::OffsetDateTime::parse(
-                    at,
-                    &time::format_description::well_known::Rfc3339,
-                )
-                .map_err(|e| invalid(format!("not_before: not an RFC 3339 time: {e}")))?;
+                let at =
+                    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                        .map_err(|e| invalid(format!("not_before: not an RFC 3339 time: {e}")))?;
                 if at - now > shared::delay::MAX_AHEAD {
                     return Err(invalid(format!(
                         "not_before: further ahead than the longest delay there is, {} days",

@@ -761,10 +761,16 @@ pub fn example(name: &str) -> PathBuf {
         if dir.ends_with("release") {
             build.arg("--release");
         }
-        let status = build.status().expect("cannot run cargo to build the example");
+        let status = build
+            .status()
+            .expect("cannot run cargo to build the example");
         assert!(status.success(), "cargo build of the example failed");
     });
-    assert!(path.exists(), "{} does not exist after cargo build", path.display());
+    assert!(
+        path.exists(),
+        "{} does not exist after cargo build",
+        path.display()
+    );
     path
 }
 

@@ -258,13 +258,18 @@ async fn a_delayed_job_is_accepted_and_says_until_when_it_waits() {
 
     // And bad delays are refused with the reason
     for (body, expected) in [
-        (json!({"delay": 5, "not_before": "2030-01-01T00:00:00Z"}), "not both"),
+        (
+            json!({"delay": 5, "not_before": "2030-01-01T00:00:00Z"}),
+            "not both",
+        ),
         (json!({"delay": "-1s"}), "expected a delay"),
         (json!({"delay": "400d"}), "longer than"),
         (json!({"not_before": "tomorrow"}), "RFC 3339"),
     ] {
         let mut job = json!({"kind": "text.analyze", "payload": {"text": "x"}});
-        job.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+        job.as_object_mut()
+            .unwrap()
+            .extend(body.as_object().unwrap().clone());
         let reply = post(&base, "/jobs", job).await;
         assert_eq!(reply.status, 422, "{}", reply.body);
         let error = reply.body["error"].as_str().unwrap();
@@ -333,7 +338,12 @@ async fn get_says_which_hop_a_job_is_at_then_returns_its_final_result() {
     let base = format!("http://{addr}");
 
     // Act
-    let reply = post(&base, "/jobs", json!({"kind": "test.hop.first", "payload": 3000})).await;
+    let reply = post(
+        &base,
+        "/jobs",
+        json!({"kind": "test.hop.first", "payload": 3000}),
+    )
+    .await;
     assert_eq!(reply.status, 202, "{}", reply.body);
     let id = reply.body["id"].as_str().unwrap().to_owned();
 

@@ -180,7 +180,10 @@ async fn a_job_delayed_by_30_days_is_accepted_and_waits_in_the_ladder() {
     // And a delay beyond the ladder is refused up front, with the reason
     let (ok, stderr, _) = run_producer(&app, &url, &["-n", "1", "--delay", "400d"]).await;
     assert!(!ok);
-    assert!(stderr.contains("longer than the longest there is"), "{stderr}");
+    assert!(
+        stderr.contains("longer than the longest there is"),
+        "{stderr}"
+    );
     app.teardown().await;
 }
 
@@ -232,7 +235,12 @@ async fn a_two_deployment_workflow_ends_every_job_with_one_final_result_despite_
             .map(|s| s["name"].as_str().unwrap())
             .collect();
         assert_eq!(stages, ["decode", "price", "hop", "decode", "ship"]);
-        assert!(result["output"]["tracking"].as_str().unwrap().starts_with("TRK-"));
+        assert!(
+            result["output"]["tracking"]
+                .as_str()
+                .unwrap()
+                .starts_with("TRK-")
+        );
     }
     assert_eq!(app.depth(&app.kind_queue("order.ship")).await, 0);
     assert_eq!(app.depth(&app.topology.names.dead_queue).await, 0);

@@ -19,9 +19,9 @@ use deadpool_lapin::lapin::{
 };
 use shared::{
     amqp::{PublishError, ReturnKey, check_confirmation, mandatory, result_properties},
+    delay::Plan,
     headers::{X_ATTEMPT, X_ATTEMPTS, X_ERROR, X_FAILED_STAGE, X_UNSERVED_SINCE},
     reason::{REASON_MAX_LEN, Reason},
-    delay::Plan,
     topology::Names,
 };
 use uuid::Uuid;
@@ -197,10 +197,7 @@ impl Settler {
             Outcome::Completed(_) => m.processed.with_label_values(&[kind]).inc(),
             Outcome::Retry { .. } => m.retried.with_label_values(&[kind]).inc(),
             Outcome::Delayed { .. } => m.delayed.with_label_values(&[kind]).inc(),
-            Outcome::Hopped(next) => m
-                .hops
-                .with_label_values(&[kind, next.kind.as_str()])
-                .inc(),
+            Outcome::Hopped(next) => m.hops.with_label_values(&[kind, next.kind.as_str()]).inc(),
             Outcome::Deferred { .. } => m.requeued.inc(),
             Outcome::Unserved { .. } => m.unserved.inc(),
             Outcome::Dead { result, .. } => {

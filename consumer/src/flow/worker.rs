@@ -23,8 +23,8 @@ use uuid::Uuid;
 use crate::{
     confirm::Settling,
     envelope::{self, Rejection},
-    metrics::{Metrics, UNKNOWN_KIND},
     hop::{Finished, HOP_STAGE},
+    metrics::{Metrics, UNKNOWN_KIND},
     registry::{ENCODE_STAGE, Registry},
     settle::{Continuation, Outcome, ResultMessage, Settler},
     stage::{Payload, Trace},
@@ -139,7 +139,10 @@ impl Worker {
             }
         };
         if let Some(wait) = early(&job) {
-            let label = self.registry.get_with_kind(&job.kind).map_or(UNKNOWN_KIND, |(k, _)| k);
+            let label = self
+                .registry
+                .get_with_kind(&job.kind)
+                .map_or(UNKNOWN_KIND, |(k, _)| k);
             tracing::debug!(job_id = %job.id, kind = %job.kind, ?wait, "job not due yet; it waits again");
             return (
                 Outcome::Delayed {
@@ -189,7 +192,9 @@ impl Worker {
         let stages = lineage.stages(stages);
         let _entered = span.enter();
         let outcome = match ran {
-            Ok(Finished::Hop { kind, payload }) => self.hop(&job, &lineage, kind, payload, stages, attempt),
+            Ok(Finished::Hop { kind, payload }) => {
+                self.hop(&job, &lineage, kind, payload, stages, attempt)
+            }
             Ok(Finished::Output(output)) => {
                 let completed = result(
                     job.id,

@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use shared::{
     headers::{CONTENT_TYPE_JSON, X_ATTEMPT, X_DELIVERY_COUNT},
     reason::Reason,
-    schema::{Job, MAX_KIND_LEN, MAX_HOPS, SCHEMA_VERSION, WORKFLOW_SCHEMA_VERSION, supported},
+    schema::{Job, MAX_HOPS, MAX_KIND_LEN, SCHEMA_VERSION, WORKFLOW_SCHEMA_VERSION, supported},
 };
 use uuid::Uuid;
 
@@ -323,24 +323,44 @@ mod tests {
             let body = format!(
                 r#"{{"schema_version":2,"id":"{ID}","kind":"k","created_at":"2026-01-01T00:00:00Z","payload":{{}},{extra}}}"#
             );
-            open(&delivery(body.as_bytes(), BasicProperties::default()), 1 << 20)
-                .map(drop)
-                .map_err(|r| r.reason)
+            open(
+                &delivery(body.as_bytes(), BasicProperties::default()),
+                1 << 20,
+            )
+            .map(drop)
+            .map_err(|r| r.reason)
         };
         let stage = r#"{"name":"s","micros":1}"#;
         let many = vec![stage; MAX_HOP_STAGES + 1].join(",");
         let cases = [
-            (r#""hop":{"count":0,"origin_kind":"a","stages":[]}"#.to_owned(), "hop.count 0"),
-            (r#""hop":{"count":33,"origin_kind":"a","stages":[]}"#.to_owned(), "hop.count 33"),
-            (r#""hop":{"count":1,"origin_kind":"","stages":[]}"#.to_owned(), "hop.origin_kind"),
-            (format!(r#""hop":{{"count":1,"origin_kind":"a","stages":[{many}]}}"#), "hop.stages holds 1025"),
-            (r#""not_before":"9999-01-01T00:00:00Z""#.to_owned(), "days ahead"),
+            (
+                r#""hop":{"count":0,"origin_kind":"a","stages":[]}"#.to_owned(),
+                "hop.count 0",
+            ),
+            (
+                r#""hop":{"count":33,"origin_kind":"a","stages":[]}"#.to_owned(),
+                "hop.count 33",
+            ),
+            (
+                r#""hop":{"count":1,"origin_kind":"","stages":[]}"#.to_owned(),
+                "hop.origin_kind",
+            ),
+            (
+                format!(r#""hop":{{"count":1,"origin_kind":"a","stages":[{many}]}}"#),
+                "hop.stages holds 1025",
+            ),
+            (
+                r#""not_before":"9999-01-01T00:00:00Z""#.to_owned(),
+                "days ahead",
+            ),
         ];
         for (extra, expected) in cases {
             let reason = with(&extra).unwrap_err();
             assert!(reason.as_str().contains(expected), "{expected}: {reason}");
         }
-        let fine = with(r#""hop":{"count":1,"origin_kind":"a","stages":[]},"not_before":"2026-01-01T00:00:00Z""#);
+        let fine = with(
+            r#""hop":{"count":1,"origin_kind":"a","stages":[]},"not_before":"2026-01-01T00:00:00Z""#,
+        );
         assert!(fine.is_ok());
     }
 
