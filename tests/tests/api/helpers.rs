@@ -626,6 +626,8 @@ impl TestApp {
             "test.loop.b",
             "test.hop.first",
             "test.hop.slow",
+            "test.front",
+            "test.back",
         ]
         .into_iter()
         .chain(consumer::Registry::builtin().kinds())

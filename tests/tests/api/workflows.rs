@@ -300,3 +300,109 @@ async fn a_hop_loop_ends_with_a_failed_result_after_the_hop_limit() {
     consumer.stop().await.unwrap();
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_wait_returns_the_results_of_delayed_jobs_once_they_are_due() {
+    // Arrange
+    let app = TestApp::new().await;
+    let consumer = app.spawn_consumer(app.consumer_settings(), Registry::builtin());
+    let url = broker_url().await;
+
+    // Act
+    let (ok, stderr, secs) =
+        run_producer(&app, &url, &["-n", "20", "--delay", "2s", "--wait"]).await;
+
+    // Assert: every result, and none before the delay
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("results: ok 20, failed 0, missing 0"),
+        "{stderr}"
+    );
+    assert!(secs >= 2.0, "the results came after {secs:.2} s");
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
+
+struct Front;
+impl Kind for Front {
+    const NAME: &'static str = "test.front";
+    type Payload = u32;
+    type Output = u32;
+}
+
+struct Back;
+impl Kind for Back {
+    const NAME: &'static str = "test.back";
+    type Payload = u32;
+    type Output = u32;
+}
+
+/// Fails retryably on the first attempt at payload 1, permanently at payload 2.
+struct Picky {
+    calls: std::sync::Mutex<HashMap<u32, u32>>,
+}
+impl Stage for Picky {
+    type Input = u32;
+    type Output = u32;
+    fn name(&self) -> &'static str {
+        "picky"
+    }
+    async fn run(&self, n: u32) -> Result<u32, StageError> {
+        let call = {
+            let mut calls = self.calls.lock().unwrap();
+            let call = calls.entry(n).or_default();
+            *call += 1;
+            *call
+        };
+        match (n, call) {
+            (1, 1) => Err(StageError::retryable("not yet")),
+            (2, _) => Err(StageError::permanent("never")),
+            _ => Ok(n * 10),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_dead_letters_work_per_hop() {
+    // Arrange: test.front hops to test.back, which retries once or fails for good
+    let app = TestApp::new().await;
+    let picky = Picky {
+        calls: std::sync::Mutex::default(),
+    };
+    let registry = Registry::new()
+        .serve::<Front, _>(Bump.hop::<Back>())
+        .serve::<Back, _>(picky);
+    let consumer = app.spawn_consumer(app.consumer_settings(), registry);
+
+    // Act: 0 + 1 = 1 retries in the second hop; 1 + 1 = 2 fails there for good
+    let retried = app.publish_job(Front::NAME, json!(0)).await;
+    let doomed = app.publish_job(Front::NAME, json!(1)).await;
+
+    // Assert: the final results carry the original kind, the second hop's attempts and hops
+    let results = app.results(2).await;
+    let by_id: HashMap<String, serde_json::Value> = results
+        .iter()
+        .map(|r| (r.json()["job_id"].as_str().unwrap().to_owned(), r.json()))
+        .collect();
+    let ok = &by_id[&retried.to_string()];
+    assert_eq!(ok["status"], "ok", "{ok}");
+    assert_eq!(ok["kind"], Front::NAME);
+    assert_eq!(
+        (ok["attempts"].as_u64(), ok["hops"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(ok["output"], 10);
+    let failed = &by_id[&doomed.to_string()];
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["kind"], Front::NAME);
+    assert_eq!(failed["hops"], 1);
+    // The dead letter is the continuation: replaying it resumes at the second hop
+    let dead = app.dead_letters(1).await;
+    assert_eq!(dead[0].header("x-failed-stage").as_deref(), Some("picky"));
+    let body = dead[0].json();
+    assert_eq!(body["kind"], Back::NAME);
+    assert_eq!(body["schema_version"], 2);
+    assert_eq!(body["hop"]["origin_kind"], Front::NAME);
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
