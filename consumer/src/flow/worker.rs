@@ -255,20 +255,7 @@ impl Worker {
                     Reason::new(&failure.error)
                 };
                 tracing::warn!(stage = %failure.stage, error = %reason, "job failed");
-                Outcome::Dead {
-                    result: Some(result(
-                        job.id,
-                        lineage.kind(&job),
-                        Some(job.created_at),
-                        Err(&reason),
-                        attempt,
-                        stages,
-                        lineage.hops,
-                    )),
-                    reason,
-                    stage: failure.stage.into_owned(),
-                    attempts: attempt,
-                }
+                lineage.failed(&job, reason, &failure.stage, attempt, stages)
             }
         };
         (outcome, label)
@@ -288,20 +275,7 @@ impl Worker {
         let count = lineage.hops.saturating_add(1);
         let fail = |reason: Reason, stages: Vec<StageTiming>| {
             tracing::warn!(%reason, "job failed");
-            Outcome::Dead {
-                result: Some(result(
-                    job.id,
-                    lineage.kind(job),
-                    Some(job.created_at),
-                    Err(&reason),
-                    attempt,
-                    stages,
-                    lineage.hops,
-                )),
-                reason,
-                stage: HOP_STAGE.to_owned(),
-                attempts: attempt,
-            }
+            lineage.failed(job, reason, HOP_STAGE, attempt, stages)
         };
         if count > MAX_HOPS {
             let reason = Reason::new(format_args!(
@@ -516,6 +490,32 @@ impl Lineage {
     /// The kind the final result carries: the one the producer sent.
     fn kind(&self, job: &envelope::OpenedJob<'_>) -> String {
         self.origin.clone().unwrap_or_else(|| job.kind.clone())
+    }
+
+    /// The job failed for good in `stage`: its dead letter, and a `failed` result that carries
+    /// the original kind, the stages of every hop so far and the hop count.
+    fn failed(
+        &self,
+        job: &envelope::OpenedJob<'_>,
+        reason: Reason,
+        stage: &str,
+        attempt: u32,
+        stages: Vec<StageTiming>,
+    ) -> Outcome {
+        Outcome::Dead {
+            result: Some(result(
+                job.id,
+                self.kind(job),
+                Some(job.created_at),
+                Err(&reason),
+                attempt,
+                stages,
+                self.hops,
+            )),
+            reason,
+            stage: stage.to_owned(),
+            attempts: attempt,
+        }
     }
 
     /// The stages of every hop: the earlier ones, then `these`.

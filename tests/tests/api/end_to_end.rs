@@ -104,12 +104,7 @@ async fn run_end_to_end(queue_type: QueueType, n: usize) {
         assert!(seen.insert(result["job_id"].as_str().unwrap().to_owned()));
         let digest = result["output"]["sha256"].as_str().unwrap();
         assert_eq!(result["output"], by_digest[digest], "output mismatch");
-        let stages: Vec<&str> = result["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap())
-            .collect();
+        let stages = crate::helpers::stage_names(result);
         assert_eq!(stages, ["decode", "analyze", "digest"]);
     }
 

@@ -751,22 +751,35 @@ pub fn sample(page: &str, series: &str) -> f64 {
 /// Path of one of the consumer crate's examples, built on first use.
 pub fn example(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
+    built(
+        &BUILT,
+        &format!("examples/{name}"),
+        &["-p", "consumer", "--example", name],
+    )
+}
+
+/// Path of a workspace binary, built on first use if `cargo test` did not build it.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    built(&BUILT, name, &["-p", "producer", "-p", "consumer"])
+}
+
+/// `target/<profile>/<path>`, after one `cargo build <args>` per `once` (in this profile).
+fn built(once: &OnceLock<()>, path: &str, args: &[&str]) -> PathBuf {
     let dir = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent()?.parent().map(PathBuf::from))
         .expect("the test executable lives in target/<profile>/deps");
-    let path = dir.join("examples").join(name);
-    BUILT.get_or_init(|| {
+    let path = dir.join(path);
+    once.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "consumer", "--example", name]);
+        build.args(["build", "--quiet"]).args(args);
         if dir.ends_with("release") {
             build.arg("--release");
         }
-        let status = build
-            .status()
-            .expect("cannot run cargo to build the example");
-        assert!(status.success(), "cargo build of the example failed");
+        let status = build.status().expect("cannot run cargo to build");
+        assert!(status.success(), "cargo build {args:?} failed");
     });
     assert!(
         path.exists(),
@@ -776,30 +789,12 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
-/// Path of a workspace binary, built on first use if `cargo test` did not build it.
-pub fn binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let dir = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent()?.parent().map(PathBuf::from))
-        .expect("the test executable lives in target/<profile>/deps");
-    let path = dir.join(name);
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "--quiet", "-p", "producer", "-p", "consumer"]);
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build
-            .status()
-            .expect("cannot run cargo to build the binaries");
-        assert!(status.success(), "cargo build of the binaries failed");
-    });
-    assert!(
-        path.exists(),
-        "{} does not exist after cargo build",
-        path.display()
-    );
-    path
+/// The names of a result's stages, in order.
+pub fn stage_names(result: &Value) -> Vec<&str> {
+    result["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| s["name"].as_str().expect("a stage name"))
+        .collect()
 }

@@ -368,12 +368,7 @@ async fn get_says_which_hop_a_job_is_at_then_returns_its_final_result() {
     assert_eq!(result["kind"], "test.hop.first");
     assert_eq!(result["hops"], 1);
     assert_eq!(result["output"], 3000);
-    let stages: Vec<&str> = result["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
+    let stages = crate::helpers::stage_names(&result);
     assert_eq!(stages, ["decode", "pass", "hop", "decode", "nap"]);
     shutdown.cancel();
     consumer.stop().await.unwrap();

@@ -55,6 +55,18 @@ impl TestApp {
     }
 }
 
+/// A kind contract whose payload and output are numbers.
+macro_rules! number_kind {
+    ($kind:ident, $name:literal) => {
+        struct $kind;
+        impl Kind for $kind {
+            const NAME: &'static str = $name;
+            type Payload = u32;
+            type Output = u32;
+        }
+    };
+}
+
 /// A small deterministic generator (xorshift), so a failure can be replayed.
 fn randoms(mut seed: u64) -> impl FnMut() -> u64 {
     move || {
@@ -228,12 +240,7 @@ async fn a_two_deployment_workflow_ends_every_job_with_one_final_result_despite_
         let result = collector.body(id).expect("a result");
         assert_eq!(result["kind"], "order.quote", "{result}");
         assert_eq!(result["hops"], 1, "{result}");
-        let stages: Vec<&str> = result["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap())
-            .collect();
+        let stages = crate::helpers::stage_names(&result);
         assert_eq!(stages, ["decode", "price", "hop", "decode", "ship"]);
         assert!(
             result["output"]["tracking"]
@@ -249,19 +256,9 @@ async fn a_two_deployment_workflow_ends_every_job_with_one_final_result_despite_
     app.teardown().await;
 }
 
-struct LoopA;
-impl Kind for LoopA {
-    const NAME: &'static str = "test.loop.a";
-    type Payload = u32;
-    type Output = u32;
-}
+number_kind!(LoopA, "test.loop.a");
 
-struct LoopB;
-impl Kind for LoopB {
-    const NAME: &'static str = "test.loop.b";
-    type Payload = u32;
-    type Output = u32;
-}
+number_kind!(LoopB, "test.loop.b");
 
 struct Bump;
 impl Stage for Bump {
@@ -323,19 +320,9 @@ async fn producer_wait_returns_the_results_of_delayed_jobs_once_they_are_due() {
     app.teardown().await;
 }
 
-struct Front;
-impl Kind for Front {
-    const NAME: &'static str = "test.front";
-    type Payload = u32;
-    type Output = u32;
-}
+number_kind!(Front, "test.front");
 
-struct Back;
-impl Kind for Back {
-    const NAME: &'static str = "test.back";
-    type Payload = u32;
-    type Output = u32;
-}
+number_kind!(Back, "test.back");
 
 /// Fails retryably on the first attempt at payload 1, permanently at payload 2.
 struct Picky {
