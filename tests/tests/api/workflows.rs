@@ -77,6 +77,26 @@ fn randoms(mut seed: u64) -> impl FnMut() -> u64 {
     }
 }
 
+/// Prints a figure, and appends it (with the broker it was measured on) to
+/// `target/tmp/workflow-figures.txt`, which CI prints at the end of its run.
+fn report(line: &str) {
+    use std::io::Write;
+    let broker = match std::env::var("AMQP_URL") {
+        Ok(_) => "the broker in AMQP_URL".to_owned(),
+        Err(_) => std::env::var("TEST_RABBITMQ_IMAGE")
+            .unwrap_or_else(|_| "the public rabbitmq image".to_owned()),
+    };
+    eprintln!("{line}");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("workflow-figures.txt");
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(file, "[{broker}] {line}");
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -118,10 +138,10 @@ async fn delayed_jobs_run_no_earlier_than_due_and_within_two_seconds_after() {
         .collect();
     late.sort_by(f64::total_cmp);
     let (p50, p99, max) = (percentile(&late, 0.5), percentile(&late, 0.99), late[199]);
-    eprintln!(
+    report(&format!(
         "delay accuracy (actual - due) over 200 jobs: min {:.3} s, p50 {p50:.3} s, p99 {p99:.3} s, max {max:.3} s; ladder queues: {LEVELS}",
         late[0]
-    );
+    ));
     assert!(late[0] >= 0.0, "a job ran {:.3} s early", -late[0]);
     assert!(max <= 2.0, "a job ran {max:.3} s late");
     for level in 0..LEVELS {
@@ -158,11 +178,11 @@ async fn a_consumer_killed_while_jobs_are_delayed_loses_none() {
 
     // Assert: every job has a result
     let (results, distinct, duplicates) = collector.counts();
-    eprintln!(
+    report(&format!(
         "delayed crash test: sent {}, results {results}, distinct {distinct}, lost {}, duplicates {duplicates} ({before_kill} results before the SIGKILL)",
         ids.len(),
         ids.len() - distinct
-    );
+    ));
     assert_eq!(distinct, ids.len());
     assert!(collector.failed().is_empty());
     restarted.terminate().await;
@@ -229,11 +249,11 @@ async fn a_two_deployment_workflow_ends_every_job_with_one_final_result_despite_
 
     // Assert: one final result per job, with the original id and kind, both hops' stages
     let (results, distinct, duplicates) = collector.counts();
-    eprintln!(
+    report(&format!(
         "hop crash test: sent {}, results {results}, distinct {distinct}, lost {}, duplicates {duplicates}",
         ids.len(),
         ids.len() - distinct
-    );
+    ));
     assert_eq!(distinct, ids.len());
     assert!(collector.failed().is_empty());
     for id in &ids {
