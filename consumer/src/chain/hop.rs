@@ -117,6 +117,13 @@ pub enum Finished {
         /// Its payload.
         payload: Box<RawValue>,
     },
+    /// The payloads of the child jobs to spawn, in order (see [`crate::chain::fan`]).
+    FanOut {
+        /// The children's kind.
+        kind: &'static str,
+        /// One payload per child.
+        payloads: Vec<Box<RawValue>>,
+    },
 }
 
 /// What a chain's output can end a job with: any serializable value (the job's output), or

@@ -12,6 +12,7 @@
 use std::{collections::HashMap, fmt, sync::Arc};
 
 use futures::future::BoxFuture;
+use serde_json::value::RawValue;
 use shared::{
     schema::{BENCH_SLEEP, HTTP_FETCH, TEXT_ANALYZE},
     workflow::Kind,
@@ -25,12 +26,33 @@ pub const ENCODE_STAGE: &str = "encode";
 
 /// A chain with its types erased: payload in, how the job ended out.
 pub trait ErasedChain: Send + Sync {
-    /// Runs the chain and serializes its output (or its hop's payload).
+    /// Runs the chain and serializes its output (or its hop's payload, or its children's).
     fn run<'a>(
         &'a self,
         payload: Payload,
         trace: &'a mut Trace,
     ) -> BoxFuture<'a, Result<Finished, ChainFailure>>;
+
+    /// Runs the join of a chain that fanned out, and what follows it, on the children's
+    /// outcomes in spawn order (outputs as JSON). A chain without a join fails permanently.
+    fn resume<'a>(
+        &'a self,
+        children: Vec<Result<Box<RawValue>, crate::chain::fan::ChildFailure>>,
+        trace: &'a mut Trace,
+    ) -> BoxFuture<'a, Result<Finished, ChainFailure>> {
+        let _ = (children, trace);
+        Box::pin(async {
+            Err(ChainFailure {
+                stage: crate::chain::fan::JOIN_STAGE.into(),
+                error: StageError::permanent("this kind's chain has no join"),
+            })
+        })
+    }
+
+    /// The kind of the children this chain spawns, if it fans out.
+    fn fans_out(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 impl<C> ErasedChain for C
@@ -92,8 +114,7 @@ impl Registry {
     #[must_use]
     pub fn register<C>(mut self, kind: impl Into<String>, chain: C) -> Self
     where
-        C: Chain<Input = Payload>,
-        C::Output: Finish,
+        C: ErasedChain + 'static,
     {
         self.chains.insert(kind.into(), Arc::new(chain));
         self

@@ -157,6 +157,17 @@ pub trait Chain: Send + Sync + 'static {
         Then { first: self, next }
     }
 
+    /// Spawns one child job of kind `K` per element of this chain's output (which must be
+    /// `Vec<K::Payload>`); finish with [`crate::chain::fan::FanOut::join`].
+    fn fan_out<K>(self) -> crate::chain::fan::FanOut<Self, K>
+    where
+        Self: Sized,
+        K: shared::workflow::Kind,
+        Self: Chain<Output = Vec<K::Payload>>,
+    {
+        crate::chain::fan::FanOut::new(self)
+    }
+
     /// Ends the chain with a hop to kind `K`, served by whichever deployment serves it (see
     /// [`crate::hop`]): this chain's output becomes the payload of `K`'s job, so it compiles
     /// only when that output is `K::Payload`.

@@ -195,6 +195,15 @@ impl Worker {
             Ok(Finished::Hop { kind, payload }) => {
                 self.hop(&job, &lineage, kind, payload, stages, attempt)
             }
+            // The runtime half of fan-out / fan-in is not built yet (issue 16, branch
+            // issue-16): a chain that fans out fails for good instead of losing its children.
+            Ok(Finished::FanOut { kind, .. }) => lineage.failed(
+                &job,
+                Reason::new(format_args!("fanning out to {kind} is not supported yet")),
+                crate::chain::fan::JOIN_STAGE,
+                attempt,
+                stages,
+            ),
             Ok(Finished::Output(output)) => {
                 let completed = result(
                     job.id,
