@@ -256,8 +256,10 @@ pub async fn run(
         tags.push(tag);
     }
 
+    let (channels, mut channel_requests) = crate::flow::channels::Channels::new();
     let settler = Arc::new(Settler::new(
         publish,
+        channels,
         topology.names.clone(),
         shared.metrics.clone(),
         copy::header_budget(connection.configuration().frame_max()),
@@ -332,7 +334,14 @@ pub async fn run(
     }
     let _stop_watching = watching.drop_guard();
 
-    let taken = intake::run(consumers, queue_tx, shutdown.clone(), lost.clone(), blocked).await;
+    // Channels on demand (fan-in probes and drains), served next to the intake and the drain
+    // below, since the connection belongs to this function.
+    let serving = crate::flow::channels::serve(&connection, &mut channel_requests);
+    tokio::pin!(serving);
+    let taken = tokio::select! {
+        taken = intake::run(consumers, queue_tx, shutdown.clone(), lost.clone(), blocked) => taken,
+        () = &mut serving => Err(intake::IntakeError::Ended),
+    };
     if let Err(error) = taken {
         lost.cancel();
         let reason = ending
@@ -364,7 +373,13 @@ pub async fn run(
         Err(_) => tracing::warn!("the broker did not confirm the consumers' cancellation"),
     }
     shared.workers.close();
-    if tokio::time::timeout(settings.shutdown_timeout(), shared.workers.wait())
+    let finished = async {
+        tokio::select! {
+            () = shared.workers.wait() => {}
+            () = &mut serving => {}
+        }
+    };
+    if tokio::time::timeout(settings.shutdown_timeout(), finished)
         .await
         .is_err()
     {

@@ -30,3 +30,6 @@ pub const ENVELOPE_STAGE: &str = "envelope";
 /// When a job of a kind nobody served was first sent to wait, in milliseconds since the Unix
 /// epoch; the job is dead-lettered once it has waited `--unserved-ttl`.
 pub const X_UNSERVED_SINCE: &str = "x-unserved-since";
+
+/// On a child's outcome in a fan-out's mailbox: the child's index.
+pub const X_FANIN_INDEX: &str = "x-fanin-index";

@@ -27,11 +27,18 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// version 1 refuse it instead of running it early or as if it were the whole job.
 pub const WORKFLOW_SCHEMA_VERSION: u32 = 2;
 
+/// The schema version of a job that carries `fanout` or `fanin` (a child of a fan-out, or a
+/// check of its join): consumers that only speak versions 1 and 2 refuse it.
+pub const FANOUT_SCHEMA_VERSION: u32 = 3;
+
 /// Whether this build reads jobs of `version`.
 #[must_use]
 pub fn supported(version: u32) -> bool {
-    version == SCHEMA_VERSION || version == WORKFLOW_SCHEMA_VERSION
+    (SCHEMA_VERSION..=FANOUT_SCHEMA_VERSION).contains(&version)
 }
+
+/// Most children one fan-out may spawn.
+pub const MAX_CHILDREN: u32 = 65_534;
 
 /// Most hops one job may take (A hops to B hops to C ...): a loop (A to B to A) ends with a
 /// failed result once it has hopped this many times.
@@ -95,6 +102,101 @@ pub struct Job<P = Box<RawValue>> {
     /// another (see [`HopState`]). Absent on a job as a producer sent it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hop: Option<HopState>,
+    /// Version 3: set on a child of a fan-out; its outcome goes to the fan-out's mailbox
+    /// instead of `jobs.results`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fanout: Option<ChildOf>,
+    /// Version 3: set on a check of a fan-out's join (a job of the parent's kind): join if
+    /// every child has an outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fanin: Option<FanInCheck>,
+}
+
+/// Which fan-out a child belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildOf {
+    /// The fan-out's id: `<parent job id>.<parent's hop count>`; names its mailbox queue.
+    pub id: String,
+    /// The parent job's id.
+    pub job_id: Uuid,
+    /// The parent job's kind: the kind of the check the last child sends.
+    pub kind: String,
+    /// The child's place in spawn order, from 0.
+    pub index: u32,
+    /// How many children the fan-out spawned.
+    pub n: u32,
+}
+
+/// A check of a fan-out's join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FanInCheck {
+    /// The fan-out's id.
+    pub id: String,
+    /// `true` for the check the last child sends (it never re-arms); `false` for the periodic
+    /// one, which re-arms itself through the delay ladder until the join ran.
+    pub trigger: bool,
+    /// How many periodic checks came before this one (its backoff).
+    #[serde(default)]
+    pub round: u32,
+    /// How many children the fan-out spawned.
+    pub n: u32,
+    /// When the fan-out gives up waiting (RFC 3339).
+    #[serde(with = "time::serde::rfc3339")]
+    pub deadline: OffsetDateTime,
+}
+
+/// Why a child failed for good, as its outcome says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildFailure {
+    /// The stage that failed (`envelope` when the child could not be read).
+    pub stage: String,
+    /// What went wrong.
+    pub error: String,
+}
+
+impl std::fmt::Display for ChildFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "stage {} failed: {}", self.stage, self.error)
+    }
+}
+
+impl std::error::Error for ChildFailure {}
+
+/// One child's outcome, a message in its fan-out's mailbox (header `x-fanin-index`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChildOutcome<O = Box<RawValue>> {
+    /// The child's index.
+    pub index: u32,
+    /// Its output, when it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<O>,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ChildFailure>,
+}
+
+/// The first message in a fan-out's mailbox: what the join needs to finish the parent job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FANOUT_SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// The parent job's id.
+    pub job_id: Uuid,
+    /// The parent job's kind (the join runs in a consumer serving it).
+    pub kind: String,
+    /// The parent job's `created_at`.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// The parent's hop state, when it had hopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hop: Option<HopState>,
+    /// The stages that ran before the fan-out.
+    pub stages: Vec<StageTiming>,
+    /// How many children.
+    pub n: u32,
+    /// When the fan-out gives up waiting (RFC 3339): the parent then fails.
+    #[serde(with = "time::serde::rfc3339")]
+    pub deadline: OffsetDateTime,
 }
 
 /// Where a hopped job comes from: what its final result must carry.
@@ -119,6 +221,8 @@ impl<P> Job<P> {
             payload,
             not_before: None,
             hop: None,
+            fanout: None,
+            fanin: None,
         }
     }
 

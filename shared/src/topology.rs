@@ -176,6 +176,12 @@ impl Names {
         }
     }
 
+    /// The mailbox of a fan-out, `jobs.fanin.<id>`: its manifest and its children's outcomes.
+    #[must_use]
+    pub fn fanin_queue(&self, id: &str) -> String {
+        format!("{}jobs.fanin.{id}", self.prefix)
+    }
+
     /// The shared-queue topology's work queue of a `--kinds` group, `jobs.work.<k1>+<k2>` (kinds sorted),
     /// or `None` for no group.
     #[must_use]

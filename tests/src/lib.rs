@@ -1,1 +1,4 @@
-//! Integration tests live in `tests/api`; this library is intentionally empty.
+//! Integration tests live in `tests/api`; this library holds the test-only kinds that both
+//! the in-process tests and the `test-consumer` binary serve.
+
+pub mod fan;

@@ -55,22 +55,7 @@ use crate::{
 /// The name of the join pseudo-stage in results and dead letters.
 pub const JOIN_STAGE: &str = "join";
 
-/// Why a child failed for good: the stage and its error.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ChildFailure {
-    /// The stage that failed (`envelope` when the child could not be read).
-    pub stage: String,
-    /// What went wrong.
-    pub error: String,
-}
-
-impl std::fmt::Display for ChildFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "stage {} failed: {}", self.stage, self.error)
-    }
-}
-
-impl std::error::Error for ChildFailure {}
+pub use shared::schema::ChildFailure;
 
 /// A join's input: every child's output, or its failure, in spawn order.
 pub type Children<T> = Vec<Result<T, ChildFailure>>;

@@ -12,9 +12,11 @@
 //! - [`copy`]: the bounded headers of a copy of a delivery;
 //! - [`confirm`]: awaits the broker's confirms, then acks.
 
+pub mod channels;
 pub mod confirm;
 pub mod copy;
 pub mod envelope;
+pub mod fanin;
 pub mod intake;
 pub mod settle;
 pub mod unserved;

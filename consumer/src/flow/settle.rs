@@ -20,13 +20,13 @@ use deadpool_lapin::lapin::{
 use shared::{
     amqp::{PublishError, ReturnKey, check_confirmation, mandatory, result_properties},
     delay::Plan,
-    headers::{X_ATTEMPT, X_ATTEMPTS, X_ERROR, X_FAILED_STAGE, X_UNSERVED_SINCE},
+    headers::{X_ATTEMPT, X_ATTEMPTS, X_ERROR, X_FAILED_STAGE, X_FANIN_INDEX, X_UNSERVED_SINCE},
     reason::{REASON_MAX_LEN, Reason},
     topology::Names,
 };
 use uuid::Uuid;
 
-use crate::{copy, metrics::Metrics};
+use crate::{copy, flow::channels::Channels, flow::fanin, metrics::Metrics};
 
 /// Resolves once the broker has confirmed every publish of one outcome.
 pub type Confirming = BoxFuture<'static, Result<(), PublishError>>;
@@ -76,6 +76,36 @@ pub enum Outcome {
         /// How long it still has to wait.
         wait: Duration,
     },
+    /// The chain fanned out: declare the mailbox, publish the manifest, the children and the
+    /// first periodic check, all confirmed.
+    Spawn(Spawn),
+    /// A child of a fan-out ended: put its outcome in the mailbox, and send a check when the
+    /// mailbox looks complete.
+    ChildDone(ChildDone),
+    /// A check joined: publish what the join produced for the parent (`outcome`), then delete
+    /// the mailbox drained on `drain`.
+    Joined {
+        /// The parent's outcome.
+        outcome: Box<Outcome>,
+        /// The channel the mailbox's messages are unacked on.
+        drain: Channel,
+        /// The mailbox.
+        mailbox: String,
+    },
+    /// A periodic check found the fan-out incomplete: publish the next one through the delay
+    /// ladder.
+    Rearm {
+        /// The parent's kind: the check's routing key.
+        kind: String,
+        /// The parent job's id.
+        job_id: Uuid,
+        /// The next check's body.
+        body: Arc<[u8]>,
+        /// How long it waits.
+        wait: Duration,
+    },
+    /// Nothing to publish (a check of a fan-out that already joined): just ack.
+    Done,
     /// The chain ended with a hop: publish the continuation (a version-2 job of another
     /// kind, same id) to the jobs exchange; a consumer serving that kind goes on with it.
     Hopped(Continuation),
@@ -116,6 +146,17 @@ impl Outcome {
     pub fn largest_publish(&self, delivery: &Delivery) -> usize {
         match self {
             Self::Completed(result) => result.body.len(),
+            Self::Spawn(spawn) => spawn
+                .children
+                .iter()
+                .map(|(_, body)| body.len())
+                .max()
+                .unwrap_or(0)
+                .max(spawn.manifest.len()),
+            Self::ChildDone(done) => done.body.len().max(done.trigger.len()),
+            Self::Joined { outcome, .. } => outcome.largest_publish(delivery),
+            Self::Rearm { body, .. } => body.len(),
+            Self::Done => 0,
             Self::Hopped(next) => next.body.len(),
             Self::Retry { .. }
             | Self::Delayed { .. }
@@ -127,6 +168,44 @@ impl Outcome {
                 .max(delivery.data.len()),
         }
     }
+}
+
+/// What spawning a fan-out publishes.
+#[derive(Debug)]
+pub struct Spawn {
+    /// The parent job's id.
+    pub job_id: Uuid,
+    /// The parent's kind (the checks' routing key).
+    pub kind: String,
+    /// The mailbox queue.
+    pub mailbox: String,
+    /// The manifest's body.
+    pub manifest: Arc<[u8]>,
+    /// The children's kind.
+    pub child_kind: &'static str,
+    /// Each child's id and body.
+    pub children: Vec<(Uuid, Arc<[u8]>)>,
+    /// The first periodic check's body.
+    pub tick: Arc<[u8]>,
+}
+
+/// What a child of a fan-out publishes when it ends.
+#[derive(Debug)]
+pub struct ChildDone {
+    /// The parent job's id.
+    pub job_id: Uuid,
+    /// The parent's kind.
+    pub kind: String,
+    /// The mailbox queue.
+    pub mailbox: String,
+    /// The child's index.
+    pub index: u32,
+    /// How many children.
+    pub n: u32,
+    /// The outcome's body.
+    pub body: Arc<[u8]>,
+    /// The body of the check to send if the mailbox looks complete.
+    pub trigger: Arc<[u8]>,
 }
 
 /// The next hop of a job: a job body for another kind.
@@ -148,6 +227,8 @@ pub struct Continuation {
 #[derive(Debug, Clone)]
 pub struct Settler {
     channel: Channel,
+    /// More channels, for probes and drains.
+    channels: Channels,
     names: Names,
     metrics: Metrics,
     /// Largest header table a copy of a delivery may carry (see [`copy::header_budget`]).
@@ -164,6 +245,7 @@ impl Settler {
     #[must_use]
     pub fn new(
         channel: Channel,
+        channels: Channels,
         names: Names,
         metrics: Metrics,
         header_budget: usize,
@@ -171,11 +253,24 @@ impl Settler {
     ) -> Self {
         Self {
             channel,
+            channels,
             names,
             metrics,
             header_budget,
             results_ttl,
         }
+    }
+
+    /// More channels on the session's connection.
+    #[must_use]
+    pub fn channels(&self) -> &Channels {
+        &self.channels
+    }
+
+    /// The names of the topology.
+    #[must_use]
+    pub fn names(&self) -> &Names {
+        &self.names
     }
 
     /// Whether the publish channel is still open. The broker closes a channel for a publish it
@@ -197,6 +292,8 @@ impl Settler {
             Outcome::Completed(_) => m.processed.with_label_values(&[kind]).inc(),
             Outcome::Retry { .. } => m.retried.with_label_values(&[kind]).inc(),
             Outcome::Delayed { .. } => m.delayed.with_label_values(&[kind]).inc(),
+            Outcome::Spawn(_) | Outcome::ChildDone(_) | Outcome::Rearm { .. } | Outcome::Done => {}
+            Outcome::Joined { outcome, .. } => self.count(outcome, kind),
             Outcome::Hopped(next) => m.hops.with_label_values(&[kind, next.kind.as_str()]).inc(),
             Outcome::Deferred { .. } => m.requeued.inc(),
             Outcome::Unserved { .. } => m.unserved.inc(),
@@ -231,6 +328,51 @@ impl Settler {
                 let ours = vec![(X_ATTEMPT, AMQPValue::LongLongInt(i64::from(attempt)))];
                 self.publish_retry(delivery, kind, ours, &[], *wait)
             }
+            Outcome::Spawn(spawn) => self.spawn(spawn),
+            Outcome::ChildDone(done) => self.child_done(done),
+            Outcome::Joined {
+                outcome,
+                drain,
+                mailbox,
+            } => {
+                let published = self.publish(delivery, outcome);
+                let (drain, mailbox) = (drain.clone(), mailbox.clone());
+                Box::pin(async move {
+                    let published = published.await;
+                    if published.is_ok() {
+                        // The join's outcome is stored: the mailbox is done with. (If this
+                        // fails, the next check finds it and joins again: at least once.)
+                        let delete = drain.queue_delete(
+                            mailbox.as_str().into(),
+                            deadpool_lapin::lapin::options::QueueDeleteOptions::default(),
+                        );
+                        let _ = tokio::time::timeout(CONFIRM_TIMEOUT, delete).await;
+                    }
+                    // Unacked outcomes of a failed publish go back to the mailbox.
+                    let _ = drain.close(200, "fan-in joined".into()).await;
+                    published
+                })
+            }
+            Outcome::Rearm {
+                kind,
+                job_id,
+                body,
+                wait,
+            } => {
+                let (exchange, headers) = shared::delay::route(&self.names, *wait);
+                let mut properties = shared::amqp::job_properties(*job_id);
+                if let Some(headers) = headers {
+                    properties = properties.with_headers(headers);
+                }
+                self.send(
+                    &exchange,
+                    routing_key(kind),
+                    Arc::clone(body),
+                    properties,
+                    mandatory(),
+                )
+            }
+            Outcome::Done => Box::pin(async { Ok(()) }),
             Outcome::Hopped(next) => {
                 let continuation = self.send(
                     &self.names.jobs_exchange,
@@ -295,6 +437,33 @@ impl Settler {
                 let id = ShortString::from(next.job_id.to_string());
                 vec![ReturnKey::new(&self.names.jobs_exchange, Some(&id))]
             }
+            Outcome::Spawn(spawn) => {
+                let id = ShortString::from(spawn.job_id.to_string());
+                let mut keys = vec![
+                    ReturnKey::new("", Some(&id)),
+                    ReturnKey::new(&self.ladder_entry(fanin::backoff(0)), Some(&id)),
+                ];
+                keys.extend(spawn.children.iter().map(|(child, _)| {
+                    ReturnKey::new(
+                        &self.names.jobs_exchange,
+                        Some(&ShortString::from(child.to_string())),
+                    )
+                }));
+                keys
+            }
+            Outcome::ChildDone(done) => {
+                let id = ShortString::from(done.job_id.to_string());
+                vec![
+                    ReturnKey::new("", Some(&id)),
+                    ReturnKey::new(&self.names.jobs_exchange, Some(&id)),
+                ]
+            }
+            Outcome::Joined { outcome, .. } => self.return_keys(delivery, outcome),
+            Outcome::Rearm { job_id, wait, .. } => {
+                let id = ShortString::from(job_id.to_string());
+                vec![ReturnKey::new(&self.ladder_entry(*wait), Some(&id))]
+            }
+            Outcome::Done => Vec::new(),
             Outcome::Retry { wait, .. }
             | Outcome::Delayed { wait, .. }
             | Outcome::Deferred { delay: wait }
@@ -335,6 +504,110 @@ impl Settler {
             properties,
             mandatory(),
         )
+    }
+
+    /// Spawns a fan-out: the mailbox first (declared on the publish channel: its arguments are
+    /// fixed, so a refusal means a broken broker and ends the session), then the manifest, the
+    /// children and the first check, all in flight at once.
+    fn spawn(self: &Arc<Self>, spawn: &Spawn) -> Confirming {
+        let this = Arc::clone(self);
+        let mailbox = spawn.mailbox.clone();
+        let manifest = self.send(
+            "",
+            routing_key(&spawn.mailbox),
+            Arc::clone(&spawn.manifest),
+            shared::amqp::job_properties(spawn.job_id),
+            mandatory(),
+        );
+        let children: Vec<Confirming> = spawn
+            .children
+            .iter()
+            .map(|(id, body)| {
+                self.send(
+                    &self.names.jobs_exchange,
+                    routing_key(spawn.child_kind),
+                    Arc::clone(body),
+                    shared::amqp::job_properties(*id),
+                    mandatory(),
+                )
+            })
+            .collect();
+        let (exchange, headers) = shared::delay::route(&self.names, fanin::backoff(0));
+        let mut properties = shared::amqp::job_properties(spawn.job_id);
+        if let Some(headers) = headers {
+            properties = properties.with_headers(headers);
+        }
+        let tick = self.send(
+            &exchange,
+            routing_key(&spawn.kind),
+            Arc::clone(&spawn.tick),
+            properties,
+            mandatory(),
+        );
+        Box::pin(async move {
+            let durable = deadpool_lapin::lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            let declare = this.channel.queue_declare(
+                mailbox.as_str().into(),
+                durable,
+                fanin::mailbox_arguments(),
+            );
+            match tokio::time::timeout(CONFIRM_TIMEOUT, declare).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => return Err(error.into()),
+                Err(_) => return Err(PublishError::TimedOut(CONFIRM_TIMEOUT)),
+            }
+            let (manifest, tick, children) =
+                futures::join!(manifest, tick, futures::future::join_all(children));
+            manifest.and(tick)?;
+            children.into_iter().collect()
+        })
+    }
+
+    /// A child's end: its outcome into the mailbox (a mailbox that is gone means the fan-out
+    /// joined already), then, when the mailbox looks complete, a check at once.
+    fn child_done(self: &Arc<Self>, done: &ChildDone) -> Confirming {
+        let mut headers = FieldTable::default();
+        headers.insert(X_FANIN_INDEX.into(), AMQPValue::LongUInt(done.index));
+        let outcome = self.send(
+            "",
+            routing_key(&done.mailbox),
+            Arc::clone(&done.body),
+            shared::amqp::job_properties(done.job_id).with_headers(headers),
+            mandatory(),
+        );
+        let trigger = self.send(
+            &self.names.jobs_exchange,
+            routing_key(&done.kind),
+            Arc::clone(&done.trigger),
+            shared::amqp::job_properties(done.job_id),
+            mandatory(),
+        );
+        let (channels, mailbox, n) = (self.channels.clone(), done.mailbox.clone(), done.n);
+        Box::pin(async move {
+            match outcome.await {
+                Ok(()) => {}
+                Err(PublishError::Returned { returned, .. }) if returned.exchange.is_empty() => {
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
+            }
+            // On a channel of its own: probing a mailbox the join just deleted closes it.
+            let Ok(probe) = channels.open().await else {
+                return Ok(());
+            };
+            let depth = fanin::depth(&probe, &mailbox).await;
+            if probe.status().connected() {
+                let _ = probe.close(200, "probed".into()).await;
+            }
+            if depth.is_some_and(|d| d > n) {
+                // Only shortens the wait: the periodic check joins anyway.
+                let _ = trigger.await;
+            }
+            Ok(())
+        })
     }
 
     /// The exchange a copy that waits `wait` is published to: the delay ladder's level of the

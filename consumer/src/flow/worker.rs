@@ -11,7 +11,10 @@ use shared::{
     headers::ENVELOPE_STAGE,
     reason::Reason,
     recent::{Body, Recent, repeat_key},
-    schema::{HopState, Job, JobResult, MAX_HOPS, Progress, SCHEMA_VERSION, StageTiming, Status},
+    schema::{
+        ChildFailure, ChildOf, FANOUT_SCHEMA_VERSION, FanInCheck, HopState, Job, JobResult,
+        MAX_CHILDREN, MAX_HOPS, Manifest, Progress, SCHEMA_VERSION, StageTiming, Status,
+    },
     topology::RetryDelays,
 };
 use time::OffsetDateTime;
@@ -21,12 +24,14 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
+    chain::fan::JOIN_STAGE,
     confirm::Settling,
     envelope::{self, Rejection},
+    flow::fanin,
     hop::{Finished, HOP_STAGE},
     metrics::{Metrics, UNKNOWN_KIND},
     registry::{ENCODE_STAGE, Registry},
-    settle::{Continuation, Outcome, ResultMessage, Settler},
+    settle::{ChildDone, Continuation, Outcome, ResultMessage, Settler, Spawn},
     stage::{Payload, Trace},
     unserved::{Decision, Unserved},
 };
@@ -156,6 +161,9 @@ impl Worker {
             return (self.unserved_job(delivery, job, attempt), UNKNOWN_KIND);
         };
 
+        if let Some(check) = job.fanin.take() {
+            return (self.check(&job, check, chain, attempt).await, label);
+        }
         if let Some(reason) = self.refused.get(&job.id) {
             tracing::warn!(job_id = %job.id, kind = %job.kind, %reason, "the broker refused this job's result before; dead-lettering it");
             return (dead_with_result(job, reason, ENCODE_STAGE, attempt), label);
@@ -195,15 +203,16 @@ impl Worker {
             Ok(Finished::Hop { kind, payload }) => {
                 self.hop(&job, &lineage, kind, payload, stages, attempt)
             }
-            // The runtime half of fan-out / fan-in is not built yet (issue 16, branch
-            // issue-16): a chain that fans out fails for good instead of losing its children.
-            Ok(Finished::FanOut { kind, .. }) => lineage.failed(
-                &job,
-                Reason::new(format_args!("fanning out to {kind} is not supported yet")),
-                crate::chain::fan::JOIN_STAGE,
-                attempt,
-                stages,
-            ),
+            Ok(Finished::FanOut { kind, payloads }) => {
+                self.spawn(&job, &lineage, kind, payloads, stages, attempt)
+            }
+            Ok(Finished::Output(output)) if job.fanout.is_some() => {
+                let child = job
+                    .fanout
+                    .as_ref()
+                    .map(|c| self.child_done(&job, c, Ok(&output)));
+                child.unwrap_or(Outcome::Done)
+            }
             Ok(Finished::Output(output)) => {
                 let completed = result(
                     job.id,
@@ -253,6 +262,18 @@ impl Worker {
                     next_attempt: attempt + 1,
                     wait: jittered(delay, job.id, attempt),
                 }
+            }
+            Err(failure) if job.fanout.is_some() => {
+                let error = ChildFailure {
+                    stage: failure.stage.to_string(),
+                    error: Reason::new(&failure.error).into_string(),
+                };
+                tracing::warn!(stage = %failure.stage, %error, "child job failed");
+                let child = job
+                    .fanout
+                    .as_ref()
+                    .map(|c| self.child_done(&job, c, Err(error)));
+                child.unwrap_or(Outcome::Done)
             }
             Err(failure) => {
                 let reason = if failure.error.is_retryable() {
@@ -305,6 +326,9 @@ impl Worker {
                 origin_kind: lineage.kind(job),
                 stages,
             }),
+            // A child's chain that hops keeps its place in the fan-out.
+            fanout: job.fanout.clone(),
+            fanin: None,
         };
         let body = to_json(&next);
         // A continuation is a job: the consumer of the next kind refuses one over its body
@@ -334,6 +358,224 @@ impl Worker {
             origin_kind,
             progress: progress.into(),
         })
+    }
+
+    /// The outcome of a chain that fanned out: the mailbox, manifest, children and first check
+    /// to publish, or a failure when the fan-out is empty, too wide or too large.
+    fn spawn(
+        &self,
+        job: &envelope::OpenedJob<'_>,
+        lineage: &Lineage,
+        kind: &'static str,
+        payloads: Vec<Box<RawValue>>,
+        stages: Vec<StageTiming>,
+        attempt: u32,
+    ) -> Outcome {
+        let n = u32::try_from(payloads.len()).unwrap_or(u32::MAX);
+        if n == 0 || n > MAX_CHILDREN {
+            let reason = Reason::new(format_args!(
+                "a fan-out spawns 1 to {MAX_CHILDREN} children, not {}",
+                payloads.len()
+            ));
+            return lineage.failed(job, reason, JOIN_STAGE, attempt, stages);
+        }
+        let id = fanin::fanout_id(job.id, lineage.hops);
+        let now = OffsetDateTime::now_utc();
+        let deadline = now + fanin::DEADLINE;
+        let manifest = Manifest {
+            schema_version: FANOUT_SCHEMA_VERSION,
+            job_id: job.id,
+            kind: job.kind.clone(),
+            created_at: job.created_at,
+            hop: (lineage.hops > 0).then(|| HopState {
+                count: lineage.hops,
+                origin_kind: lineage.kind(job),
+                stages: Vec::new(),
+            }),
+            stages,
+            n,
+            deadline,
+        };
+        let mut children = Vec::with_capacity(payloads.len());
+        for (index, payload) in (0..n).zip(payloads) {
+            let child = Job {
+                schema_version: FANOUT_SCHEMA_VERSION,
+                id: Uuid::new_v4(),
+                kind: kind.to_owned(),
+                created_at: now,
+                payload,
+                not_before: None,
+                hop: None,
+                fanout: Some(ChildOf {
+                    id: id.clone(),
+                    job_id: job.id,
+                    kind: job.kind.clone(),
+                    index,
+                    n,
+                }),
+                fanin: None,
+            };
+            let body = to_json(&child);
+            if body.len() > self.max_body_bytes {
+                let reason = Reason::new(format_args!(
+                    "child {index} of {n} is {} bytes, over --max-body-bytes ({})",
+                    body.len(),
+                    self.max_body_bytes
+                ));
+                return lineage.failed(job, reason, JOIN_STAGE, attempt, manifest.stages);
+            }
+            children.push((child.id, body.into()));
+        }
+        let check = FanInCheck {
+            id: id.clone(),
+            trigger: false,
+            round: 0,
+            n,
+            deadline,
+        };
+        tracing::debug!(children = n, to = kind, "job fans out");
+        Outcome::Spawn(Spawn {
+            job_id: job.id,
+            kind: job.kind.clone(),
+            mailbox: self.settler.names().fanin_queue(&id),
+            manifest: to_json(&manifest).into(),
+            child_kind: kind,
+            children,
+            tick: fanin::check_body(job.id, &job.kind, job.created_at, check).into(),
+        })
+    }
+
+    /// A child of a fan-out ended: its outcome goes to the mailbox.
+    fn child_done(
+        &self,
+        job: &envelope::OpenedJob<'_>,
+        child: &ChildOf,
+        outcome: Result<&RawValue, ChildFailure>,
+    ) -> Outcome {
+        let trigger = FanInCheck {
+            id: child.id.clone(),
+            trigger: true,
+            round: 0,
+            n: child.n,
+            deadline: job.created_at + fanin::DEADLINE,
+        };
+        Outcome::ChildDone(ChildDone {
+            job_id: child.job_id,
+            kind: child.kind.clone(),
+            mailbox: self.settler.names().fanin_queue(&child.id),
+            index: child.index,
+            n: child.n,
+            body: fanin::outcome_body(child.index, outcome),
+            trigger: fanin::check_body(child.job_id, &child.kind, job.created_at, trigger).into(),
+        })
+    }
+
+    /// A check of a fan-out: joins when the mailbox holds the manifest and every child's
+    /// outcome (or the deadline passed), else re-arms (a periodic check) or ends (the last
+    /// child's trigger).
+    async fn check(
+        &self,
+        job: &envelope::OpenedJob<'_>,
+        check: FanInCheck,
+        chain: &dyn crate::registry::ErasedChain,
+        attempt: u32,
+    ) -> Outcome {
+        let mailbox = self.settler.names().fanin_queue(&check.id);
+        let rearm = |check: &FanInCheck| {
+            if check.trigger {
+                return Outcome::Done;
+            }
+            let next = FanInCheck {
+                round: check.round.saturating_add(1),
+                ..check.clone()
+            };
+            Outcome::Rearm {
+                kind: job.kind.clone(),
+                job_id: job.id,
+                wait: fanin::backoff(next.round),
+                body: fanin::check_body(job.id, &job.kind, job.created_at, next).into(),
+            }
+        };
+        let channel = match self.settler.channels().open().await {
+            Ok(channel) => channel,
+            Err(error) => {
+                tracing::warn!(%error, "no channel for a fan-in check");
+                return rearm(&check);
+            }
+        };
+        let Some(depth) = fanin::depth(&channel, &mailbox).await else {
+            // Gone: the join ran (or the mailbox expired).
+            return Outcome::Done;
+        };
+        let expired = OffsetDateTime::now_utc() > check.deadline;
+        if depth <= check.n && !expired {
+            let _ = channel.close(200, "fan-in not complete".into()).await;
+            return rearm(&check);
+        }
+        let mut drained = fanin::drain(channel, &mailbox, check.n, depth).await;
+        if !drained.complete(check.n) && !expired {
+            drained.give_back().await;
+            return rearm(&check);
+        }
+        let Some(manifest) = drained.manifest.take() else {
+            tracing::error!(%mailbox, "a fan-out past its deadline has no manifest; leaving it to expire");
+            drained.give_back().await;
+            return Outcome::Done;
+        };
+        let children = drained.children(check.n);
+        let mut trace = Trace::new(self.stage_timeout);
+        let ran = chain.resume(children, &mut trace).await;
+        let mut stages = manifest.stages.clone();
+        stages.extend(trace.into_timings());
+        let (kind, hops) = match &manifest.hop {
+            Some(hop) => (hop.origin_kind.clone(), hop.count),
+            None => (manifest.kind.clone(), 0),
+        };
+        let failed = |reason: Reason, stage: &str, stages: Vec<StageTiming>| Outcome::Dead {
+            result: Some(result(
+                manifest.job_id,
+                kind.clone(),
+                Some(manifest.created_at),
+                Err(&reason),
+                attempt,
+                stages,
+                hops,
+            )),
+            reason,
+            stage: stage.to_owned(),
+            attempts: attempt,
+        };
+        let outcome = match ran {
+            Ok(Finished::Output(output)) => Outcome::Completed(result(
+                manifest.job_id,
+                kind.clone(),
+                Some(manifest.created_at),
+                Ok(&output),
+                attempt,
+                stages,
+                hops,
+            )),
+            Ok(_) => failed(
+                Reason::new("a join that hops or fans out again is not supported yet"),
+                JOIN_STAGE,
+                stages,
+            ),
+            Err(failure) if failure.error.is_retryable() => {
+                tracing::warn!(stage = %failure.stage, error = %failure.error, "the join failed; it runs again at the next check");
+                drained.give_back().await;
+                return rearm(&check);
+            }
+            Err(failure) => failed(Reason::new(&failure.error), &failure.stage, stages),
+        };
+        let Some(drain) = drained.channel.take() else {
+            return outcome;
+        };
+        tracing::debug!(job_id = %manifest.job_id, children = check.n, "fan-in joined");
+        Outcome::Joined {
+            outcome: Box::new(outcome),
+            drain,
+            mailbox,
+        }
     }
 
     /// A job of a kind not served here waits for a consumer that serves it, until it has

@@ -1,7 +1,8 @@
 //! The real consumer (built-in kinds, `bench.sleep` included) with a test-only kind, for tests
 //! that must run the consumer as a child process (to SIGKILL it, or to let a stage abort it):
 //!
-//! - `test.abort`: aborts the whole process when the payload is `{"abort": true}`.
+//! - `test.abort`: aborts the whole process when the payload is `{"abort": true}`;
+//! - `test.fan.parent` and `test.fan.square`: a fan-out and its join ([`tests::fan`]).
 //!
 //! Settings are the consumer's own (flags and environment variables).
 
@@ -42,8 +43,9 @@ impl Stage for AbortOnMarker {
 async fn main() -> std::process::ExitCode {
     let settings = Settings::parse();
     shared::telemetry::init(settings.common.log_format);
-    let registry =
-        Registry::builtin().register("test.abort", decode::<AbortPayload>().then(AbortOnMarker));
+    let registry = tests::fan::register(
+        Registry::builtin().register("test.abort", decode::<AbortPayload>().then(AbortOnMarker)),
+    );
     let shutdown = CancellationToken::new();
     tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
     match consumer::run(settings, registry, shutdown).await {

@@ -628,6 +628,8 @@ impl TestApp {
             "test.hop.slow",
             "test.front",
             "test.back",
+            "test.fan.parent",
+            "test.fan.square",
         ]
         .into_iter()
         .chain(consumer::Registry::builtin().kinds())

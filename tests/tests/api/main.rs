@@ -16,6 +16,7 @@ mod cluster;
 mod concurrency;
 mod crashes;
 mod end_to_end;
+mod fanout;
 mod first_hour;
 mod helpers;
 mod hostile;

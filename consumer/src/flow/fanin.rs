@@ -1,0 +1,233 @@
+//! Fan-out / fan-in at run time (see `notes/issue-16-plan.md`): a parent spawns its children
+//! with a mailbox queue `jobs.fanin.<id>`; each child puts its outcome there; a check (a job of
+//! the parent's kind) drains the mailbox once it holds the manifest and every child's outcome,
+//! runs the join, publishes the parent's result and deletes the mailbox.
+//!
+//! Every state is in the broker: the mailbox holds the outcomes, the periodic check waits in
+//! the delay ladder and re-arms itself until the join ran (a check is acked only once its
+//! successor is confirmed), and the last child sends a check at once to cut the latency. The
+//! mailbox has a single active consumer, so one check drains it at a time; a check that dies
+//! mid-drain gives the outcomes back with its channel.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use deadpool_lapin::lapin::{
+    Channel,
+    options::{
+        BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+        QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable},
+};
+use futures::StreamExt;
+use serde_json::value::RawValue;
+use shared::{
+    headers::X_FANIN_INDEX,
+    schema::{ChildFailure, ChildOutcome, FANOUT_SCHEMA_VERSION, FanInCheck, Job, Manifest},
+};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// How long a fan-out waits for its children before the join runs with the missing ones as
+/// failures.
+pub const DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// Longest wait between two periodic checks.
+pub const RECHECK_MAX: Duration = Duration::from_secs(10);
+/// A drain ends when no message came for this long.
+pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+/// Longest a drain may take.
+pub const DRAIN_MAX: Duration = Duration::from_secs(30);
+
+/// The id of the fan-out of job `job_id` at hop `hops`: deterministic, so that a redelivered
+/// parent finds the same mailbox.
+#[must_use]
+pub fn fanout_id(job_id: Uuid, hops: u32) -> String {
+    format!("{job_id}.{hops}")
+}
+
+/// The mailbox's arguments: classic, one active consumer, gone an hour after the deadline.
+#[must_use]
+pub fn mailbox_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    let expires = (DEADLINE + Duration::from_secs(3600)).as_millis();
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt(i64::try_from(expires).unwrap_or(i64::MAX)),
+    );
+    args
+}
+
+/// How long the periodic check of `round` waits: 1 s, 2 s, 4 s, 8 s, then [`RECHECK_MAX`].
+#[must_use]
+pub fn backoff(round: u32) -> Duration {
+    (Duration::from_secs(1) * 2u32.saturating_pow(round.min(8))).min(RECHECK_MAX)
+}
+
+/// The body of a check job of the parent's `kind`.
+#[must_use]
+pub fn check_body(
+    job_id: Uuid,
+    kind: &str,
+    created_at: OffsetDateTime,
+    check: FanInCheck,
+) -> Vec<u8> {
+    let job = Job {
+        schema_version: FANOUT_SCHEMA_VERSION,
+        id: job_id,
+        kind: kind.to_owned(),
+        created_at,
+        payload: serde_json::Value::Null,
+        not_before: None,
+        hop: None,
+        fanout: None,
+        fanin: Some(check),
+    };
+    serde_json::to_vec(&job).unwrap_or_default()
+}
+
+/// What a drain found in a mailbox.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// The manifest, if it was there.
+    pub manifest: Option<Manifest>,
+    /// The first outcome of each index.
+    pub outcomes: BTreeMap<u32, ChildOutcome>,
+    /// The channel the messages are unacked on (cancel and close it to give them back).
+    pub channel: Option<Channel>,
+    /// The delivery tag of the last message taken.
+    pub last_tag: Option<u64>,
+}
+
+impl Drained {
+    /// Whether the manifest and all `n` outcomes are in hand.
+    #[must_use]
+    pub fn complete(&self, n: u32) -> bool {
+        self.manifest.is_some() && self.outcomes.len() == n as usize
+    }
+
+    /// The children's outcomes in index order, a missing one as a failure.
+    #[must_use]
+    pub fn children(&mut self, n: u32) -> Vec<Result<Box<RawValue>, ChildFailure>> {
+        (0..n)
+            .map(|i| match self.outcomes.remove(&i) {
+                Some(ChildOutcome {
+                    ok: Some(output), ..
+                }) => Ok(output),
+                Some(ChildOutcome { error: Some(e), .. }) => Err(e),
+                Some(_) => Err(ChildFailure {
+                    stage: "fanin".into(),
+                    error: "an outcome with neither output nor error".into(),
+                }),
+                None => Err(ChildFailure {
+                    stage: "fanin".into(),
+                    error: "no outcome before the fan-out's deadline".into(),
+                }),
+            })
+            .collect()
+    }
+
+    /// Gives every message back to the mailbox (nack with requeue), and closes the channel.
+    pub async fn give_back(&mut self) {
+        if let Some(channel) = self.channel.take() {
+            if let Some(tag) = self.last_tag {
+                let requeue = BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                };
+                let _ = channel.basic_nack(tag, requeue).await;
+            }
+            let _ = channel.close(200, "fan-in check done".into()).await;
+        }
+    }
+}
+
+/// Drains `mailbox` on `channel` until the manifest and `n` distinct outcomes are in hand, no
+/// message came for [`DRAIN_IDLE`], or [`DRAIN_MAX`] passed. The messages stay unacked on the
+/// channel (returned in [`Drained`]).
+pub async fn drain(channel: Channel, mailbox: &str, n: u32, count: u32) -> Drained {
+    let mut drained = Drained::default();
+    let prefetch = u16::try_from(count.max(1)).unwrap_or(u16::MAX);
+    if channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .is_err()
+    {
+        return drained;
+    }
+    let tag = format!("fanin-{}", Uuid::new_v4().simple());
+    let consumer = channel
+        .basic_consume(
+            mailbox.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    let Ok(mut consumer) = consumer else {
+        return drained;
+    };
+    let started = tokio::time::Instant::now();
+    while !drained.complete(n) && started.elapsed() < DRAIN_MAX {
+        let Ok(Some(Ok(delivery))) = tokio::time::timeout(DRAIN_IDLE, consumer.next()).await else {
+            break;
+        };
+        drained.last_tag = Some(delivery.delivery_tag);
+        let index = crate::envelope::integer_header(&delivery.properties, X_FANIN_INDEX);
+        match index {
+            Some(index) => {
+                if let Ok(outcome) = serde_json::from_slice::<ChildOutcome>(&delivery.data) {
+                    if u32::try_from(index).is_ok_and(|i| i == outcome.index && i < n) {
+                        drained.outcomes.entry(outcome.index).or_insert(outcome);
+                    }
+                }
+            }
+            None => {
+                if drained.manifest.is_none() {
+                    drained.manifest = serde_json::from_slice(&delivery.data).ok();
+                }
+            }
+        }
+    }
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    drained.channel = Some(channel);
+    drained
+}
+
+/// The mailbox's depth (ready messages), or `None` when it does not exist (the channel is then
+/// closed by the broker).
+pub async fn depth(channel: &Channel, mailbox: &str) -> Option<u32> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(mailbox.into(), passive, FieldTable::default())
+        .await
+        .ok()
+        .map(|q| q.message_count())
+}
+
+/// A child's outcome as its mailbox message body.
+#[must_use]
+pub fn outcome_body(index: u32, outcome: Result<&RawValue, ChildFailure>) -> Arc<[u8]> {
+    let outcome = match outcome {
+        Ok(output) => ChildOutcome {
+            index,
+            ok: Some(output),
+            error: None,
+        },
+        Err(error) => ChildOutcome {
+            index,
+            ok: None,
+            error: Some(error),
+        },
+    };
+    serde_json::to_vec(&outcome).unwrap_or_default().into()
+}

@@ -1,0 +1,97 @@
+//! Fan-out / fan-in: a parent spawns children, and the join gets every child's outcome in
+//! spawn order, once, through crashes.
+
+use std::time::Duration;
+
+use consumer::Registry;
+use serde_json::json;
+
+use crate::{
+    children::{ChildConsumer, Collector},
+    helpers::TestApp,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_joins_its_children_in_order_and_sees_a_failed_one() {
+    // Arrange
+    let app = TestApp::new().await;
+    let consumer = app.spawn_consumer(
+        app.consumer_settings(),
+        tests::fan::register(Registry::new()),
+    );
+
+    // Act: 50 children, and 18 of which child 17 fails for good
+    let wide = app.publish_job("test.fan.parent", json!(50)).await;
+    let failing = app.publish_job("test.fan.parent", json!(18)).await;
+
+    // Assert
+    let results = app.results(2).await;
+    for result in results {
+        let json = result.json();
+        assert_eq!(json["status"], "ok", "{json}");
+        assert_eq!(json["kind"], "test.fan.parent");
+        let out = &json["output"];
+        assert_eq!(out["in_order"], true, "{json}");
+        if json["job_id"] == wide.to_string() {
+            assert_eq!(out["n"], 50);
+            assert_eq!(out["sum"], (0..50u64).map(|i| i * i).sum::<u64>());
+            assert_eq!(out["failed"], json!([]));
+        } else {
+            assert_eq!(json["job_id"], failing.to_string());
+            assert_eq!(out["failed"], json!([17]));
+        }
+        let stages = crate::helpers::stage_names(&json);
+        assert_eq!(stages, ["decode", "split", "sum"]);
+    }
+    // Nothing is left: no mailbox, nothing dead
+    for id in [wide, failing] {
+        let mailbox = app.topology.names.fanin_queue(&format!("{id}.0"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!app.queue_exists(&mailbox).await, "{mailbox} is left");
+    }
+    assert_eq!(app.depth(&app.topology.names.dead_queue).await, 0);
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_parents_of_fifty_children_survive_two_sigkills() {
+    // Arrange: two consumer processes
+    let app = TestApp::new().await;
+    let steady = ChildConsumer::spawn(&app, &[]);
+    let mut flaky = ChildConsumer::spawn(&app, &[]);
+    let mut collector = Collector::start(&app).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Act: 100 parents of 50 children; SIGKILL one consumer twice, restarting it each time
+    let ids = app
+        .publish_many("test.fan.parent", (0..100).map(|_| json!(50)))
+        .await;
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        flaky.kill().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        flaky = ChildConsumer::spawn(&app, &[]);
+    }
+    collector.wait_for_all(&ids).await;
+
+    // Assert: every parent has the exact join output
+    let (results, distinct, duplicates) = collector.counts();
+    eprintln!(
+        "fan-out crash test: parents {}, children {}, results {results}, distinct {distinct}, lost {}, duplicates {duplicates}",
+        ids.len(),
+        ids.len() * 50,
+        ids.len() - distinct
+    );
+    assert!(collector.failed().is_empty());
+    let expected = (0..50u64).map(|i| i * i).sum::<u64>();
+    for id in &ids {
+        let result = collector.body(id).expect("a result");
+        assert_eq!(result["output"]["sum"], expected, "{result}");
+        assert_eq!(result["output"]["in_order"], true, "{result}");
+    }
+    assert_eq!(app.depth(&app.topology.names.dead_queue).await, 0);
+    steady.terminate().await;
+    flaky.terminate().await;
+    app.teardown().await;
+}
