@@ -8,6 +8,8 @@
 //! | `consumer_jobs_retried_total` | counter | `kind`: attempts sent to wait in the delay ladder for a retry |
 //! | `consumer_jobs_delayed_total` | counter | `kind`: jobs that came before their `not_before` and were sent back to wait |
 //! | `consumer_hops_published_total` | counter | `kind`, `to`: continuations published to another kind |
+//! | `consumer_children_spawned_total` | counter | `kind`: child jobs spawned by fan-outs of this kind |
+//! | `consumer_joins_completed_total` | counter | `kind`: fan-outs of this kind joined (their parent's outcome published) |
 //! | `consumer_delayed_jobs_waiting` | gauge | messages in the delay ladder's queues (delayed jobs and retries of every kind), read from the broker every 15 s |
 //! | `consumer_jobs_dead_lettered_total` | counter | `kind`: messages published to `jobs.dead` |
 //! | `consumer_jobs_replayed_total` | counter | `kind`: repeats answered from the recent-results window |
@@ -50,6 +52,10 @@ pub struct Metrics {
     pub delayed: IntCounterVec,
     /// Continuations published, by kind and the kind hopped to.
     pub hops: IntCounterVec,
+    /// Child jobs spawned by fan-outs, by the parent's kind.
+    pub children_spawned: IntCounterVec,
+    /// Fan-outs joined, by the parent's kind.
+    pub joins: IntCounterVec,
     /// Messages waiting in the delay ladder (from the broker's queue depths).
     pub delayed_waiting: IntGauge,
     /// Messages published to the dead-letter exchange, by kind.
@@ -118,6 +124,14 @@ impl Metrics {
             &["kind", "to"],
         )
         .expect("valid counter");
+        let children_spawned = counter(
+            "consumer_children_spawned_total",
+            "Child jobs spawned by fan-outs of this kind.",
+        );
+        let joins = counter(
+            "consumer_joins_completed_total",
+            "Fan-outs of this kind joined (their parent's outcome published).",
+        );
         let delayed_waiting = IntGauge::new(
             "consumer_delayed_jobs_waiting",
             "Messages in the delay ladder's queues (delayed jobs and retries), read from the broker.",
@@ -190,6 +204,8 @@ impl Metrics {
             retried,
             delayed,
             hops,
+            children_spawned,
+            joins,
             delayed_waiting,
             dead_lettered,
             replayed,

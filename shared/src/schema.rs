@@ -305,13 +305,29 @@ pub struct Progress {
     pub job_id: Uuid,
     /// The kind the producer sent; also the routing key.
     pub kind: String,
-    /// Hops taken so far, this one included.
+    /// Hops taken so far, this one included (0 for a child's event).
+    #[serde(default)]
     pub hop: u32,
-    /// The kind it hopped to.
+    /// The kind it hopped to (empty for a child's event).
+    #[serde(default)]
     pub to: String,
+    /// Set when a child of the job's fan-out ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child: Option<ChildProgress>,
     /// When it hopped (RFC 3339).
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+}
+
+/// A child of a fan-out ended (in a [`Progress`] event).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildProgress {
+    /// How many children the fan-out has.
+    pub n: u32,
+    /// Which child ended.
+    pub index: u32,
+    /// Whether it succeeded.
+    pub ok: bool,
 }
 
 /// Payload of [`TEXT_ANALYZE`] jobs.

@@ -1,7 +1,7 @@
 //! Test kinds for fan-out / fan-in, shared by the in-process tests and the `test-consumer`
 //! binary: `test.fan.parent` (payload: n) spawns n `test.fan.square` children (payload: i,
-//! output: i², failing for good when i is 17 and n is 18) and joins them into
-//! `{"sum": Σ i², "failed": [indices], "n": n}`.
+//! output: i², failing for good when i is 17 and n is 18; child i sleeps i × 100 ms when n
+//! is 30) and joins them into `{"sum": Σ i², "failed": [indices], "n": n, "in_order": ...}`.
 
 use consumer::{
     Registry,
@@ -26,6 +26,9 @@ pub struct Child {
     pub i: u32,
     /// Whether it must fail for good.
     pub fail: bool,
+    /// How long it sleeps first, in milliseconds.
+    #[serde(default)]
+    pub ms: u64,
 }
 
 /// The join's output.
@@ -53,6 +56,7 @@ impl Stage for Split {
             .map(|i| Child {
                 i,
                 fail: n == 18 && i == 17,
+                ms: if n == 30 { u64::from(i) * 100 } else { 0 },
             })
             .collect())
     }
@@ -66,6 +70,7 @@ impl Stage for Square {
         "square"
     }
     async fn run(&self, child: Child) -> Result<u64, StageError> {
+        tokio::time::sleep(std::time::Duration::from_millis(child.ms)).await;
         if child.fail {
             return Err(StageError::permanent(format!("child {} fails", child.i)));
         }

@@ -12,7 +12,9 @@ use serde_json::value::RawValue;
 use shared::{
     headers::{CONTENT_TYPE_JSON, X_ATTEMPT, X_DELIVERY_COUNT},
     reason::Reason,
-    schema::{Job, MAX_HOPS, MAX_KIND_LEN, SCHEMA_VERSION, WORKFLOW_SCHEMA_VERSION, supported},
+    schema::{
+        FANOUT_SCHEMA_VERSION, Job, MAX_CHILDREN, MAX_HOPS, MAX_KIND_LEN, SCHEMA_VERSION, supported,
+    },
 };
 use uuid::Uuid;
 
@@ -104,6 +106,13 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
             });
         }
     }
+    if let Some(reason) = fan_fields(&job) {
+        return Err(Rejection {
+            reason,
+            job_id: Some(job.id),
+            kind: None,
+        });
+    }
     if let Some(due) = job.not_before {
         let ahead = due - time::OffsetDateTime::now_utc();
         // A day of slack over what producers accept: clocks differ.
@@ -127,6 +136,39 @@ pub fn open(delivery: &Delivery, max_body_bytes: usize) -> Result<OpenedJob<'_>,
         });
     }
     Ok(job)
+}
+
+/// Why a child's `fanout` or a check's `fanin` cannot be used: its id names a queue, its
+/// numbers bound a drain.
+fn fan_fields(job: &OpenedJob<'_>) -> Option<Reason> {
+    let id_ok = |id: &str| {
+        !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    let n_ok = |n: u32| (1..=MAX_CHILDREN).contains(&n);
+    if let Some(child) = &job.fanout {
+        if !id_ok(&child.id) || !n_ok(child.n) || child.index >= child.n {
+            return Some(Reason::new(format_args!(
+                "fanout: id must be 1 to 64 letters, digits, '-' or '.', n 1 to {MAX_CHILDREN}, index below n (got n {}, index {})",
+                child.n, child.index
+            )));
+        }
+        if let Err(reason) = shared::schema::check_kind(&child.kind) {
+            return Some(Reason::new(format_args!("fanout.kind: {reason}")));
+        }
+    }
+    if let Some(check) = &job.fanin {
+        if !id_ok(&check.id) || !n_ok(check.n) {
+            return Some(Reason::new(format_args!(
+                "fanin: id must be 1 to 64 letters, digits, '-' or '.', n 1 to {MAX_CHILDREN} (got n {})",
+                check.n
+            )));
+        }
+    }
+    None
 }
 
 /// How many times the broker delivered this message before without it being settled: the
@@ -171,7 +213,7 @@ pub fn message_id(properties: &BasicProperties) -> Option<Uuid> {
 
 fn unsupported_version(found: impl std::fmt::Display) -> Reason {
     Reason::new(format_args!(
-        "unsupported schema_version {found} (this consumer speaks {SCHEMA_VERSION} and {WORKFLOW_SCHEMA_VERSION})"
+        "unsupported schema_version {found} (this consumer speaks {SCHEMA_VERSION} to {FANOUT_SCHEMA_VERSION})"
     ))
 }
 
@@ -280,8 +322,8 @@ mod tests {
             (Vec::new(), "empty body"),
             (vec![b'"', 0xff, b'"'], "not valid UTF-8"),
             (
-                job("3", &id, "\"k\"").into_bytes(),
-                "unsupported schema_version 3",
+                job("4", &id, "\"k\"").into_bytes(),
+                "unsupported schema_version 4",
             ),
             (
                 job("0", &id, "\"k\"").into_bytes(),
@@ -308,7 +350,7 @@ mod tests {
 
     #[test]
     fn the_job_id_is_recovered_when_readable() {
-        let r = reason(job("3", &format!("\"{ID}\""), "\"k\"").as_bytes());
+        let r = reason(job("4", &format!("\"{ID}\""), "\"k\"").as_bytes());
         assert_eq!(r.job_id.unwrap().to_string(), ID);
         assert_eq!(r.kind.as_deref(), Some("k"));
 

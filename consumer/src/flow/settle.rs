@@ -206,6 +206,8 @@ pub struct ChildDone {
     pub body: Arc<[u8]>,
     /// The body of the check to send if the mailbox looks complete.
     pub trigger: Arc<[u8]>,
+    /// The progress event ([`shared::schema::Progress`]) for `GET /jobs/{id}`.
+    pub progress: Arc<[u8]>,
 }
 
 /// The next hop of a job: a job body for another kind.
@@ -292,8 +294,15 @@ impl Settler {
             Outcome::Completed(_) => m.processed.with_label_values(&[kind]).inc(),
             Outcome::Retry { .. } => m.retried.with_label_values(&[kind]).inc(),
             Outcome::Delayed { .. } => m.delayed.with_label_values(&[kind]).inc(),
-            Outcome::Spawn(_) | Outcome::ChildDone(_) | Outcome::Rearm { .. } | Outcome::Done => {}
-            Outcome::Joined { outcome, .. } => self.count(outcome, kind),
+            Outcome::Spawn(spawn) => m
+                .children_spawned
+                .with_label_values(&[kind])
+                .inc_by(spawn.children.len() as u64),
+            Outcome::ChildDone(_) | Outcome::Rearm { .. } | Outcome::Done => {}
+            Outcome::Joined { outcome, .. } => {
+                m.joins.with_label_values(&[kind]).inc();
+                self.count(outcome, kind);
+            }
             Outcome::Hopped(next) => m.hops.with_label_values(&[kind, next.kind.as_str()]).inc(),
             Outcome::Deferred { .. } => m.requeued.inc(),
             Outcome::Unserved { .. } => m.unserved.inc(),
@@ -585,6 +594,13 @@ impl Settler {
             shared::amqp::job_properties(done.job_id),
             mandatory(),
         );
+        let progress = self.send(
+            &self.names.progress_exchange,
+            routing_key(&done.kind),
+            Arc::clone(&done.progress),
+            result_properties(done.job_id),
+            BasicPublishOptions::default(),
+        );
         let (channels, mailbox, n) = (self.channels.clone(), done.mailbox.clone(), done.n);
         Box::pin(async move {
             match outcome.await {
@@ -594,14 +610,13 @@ impl Settler {
                 }
                 Err(error) => return Err(error),
             }
+            let _ = progress.await;
             // On a channel of its own: probing a mailbox the join just deleted closes it.
-            let Ok(probe) = channels.open().await else {
+            let Ok(probe) = channels.probe().await else {
                 return Ok(());
             };
             let depth = fanin::depth(&probe, &mailbox).await;
-            if probe.status().connected() {
-                let _ = probe.close(200, "probed".into()).await;
-            }
+            channels.give_back(probe);
             if depth.is_some_and(|d| d > n) {
                 // Only shortens the wait: the periodic check joins anyway.
                 let _ = trigger.await;

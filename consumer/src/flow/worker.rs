@@ -349,6 +349,7 @@ impl Worker {
             kind: origin_kind.clone(),
             hop: count,
             to: kind.to_owned(),
+            child: None,
             at: OffsetDateTime::now_utc(),
         });
         Outcome::Hopped(Continuation {
@@ -459,7 +460,21 @@ impl Worker {
             n: child.n,
             deadline: job.created_at + fanin::DEADLINE,
         };
+        let progress = to_json(&Progress {
+            schema_version: SCHEMA_VERSION,
+            job_id: child.job_id,
+            kind: child.kind.clone(),
+            hop: 0,
+            to: String::new(),
+            child: Some(shared::schema::ChildProgress {
+                n: child.n,
+                index: child.index,
+                ok: outcome.is_ok(),
+            }),
+            at: OffsetDateTime::now_utc(),
+        });
         Outcome::ChildDone(ChildDone {
+            progress: progress.into(),
             job_id: child.job_id,
             kind: child.kind.clone(),
             mailbox: self.settler.names().fanin_queue(&child.id),

@@ -98,6 +98,8 @@ struct Ingest {
     accepted: Recent<Uuid>,
     /// The last progress event ([`shared::schema::Progress`]) of the jobs that hopped, by id.
     hops: Recent<Body>,
+    /// How many children of the fan-outs seen here have ended, by parent job id.
+    fans: Recent<Arc<std::sync::Mutex<FanCount>>>,
     /// When the delayed jobs accepted here are due, by id.
     delayed: Recent<time::OffsetDateTime>,
     tokens: auth::Tokens,
@@ -107,6 +109,44 @@ struct Ingest {
     /// True once the private results queue is bound: no job is accepted before, or its
     /// result could be published before anyone here listens for it.
     listening: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Bytes of fan-out progress kept for `GET /jobs/{id}`, at most.
+const FAN_BYTES: usize = 64 * 1024 * 1024;
+
+/// The children of one fan-out that ended, de-duplicated by index.
+#[derive(Debug)]
+struct FanCount {
+    n: u32,
+    done: u32,
+    failed: u32,
+    seen: Vec<u64>,
+}
+
+impl FanCount {
+    fn new(n: u32) -> Self {
+        let n = n.min(shared::schema::MAX_CHILDREN);
+        Self {
+            n,
+            done: 0,
+            failed: 0,
+            seen: vec![0; (n as usize).div_ceil(64)],
+        }
+    }
+
+    fn note(&mut self, child: shared::schema::ChildProgress) {
+        let (word, bit) = ((child.index / 64) as usize, child.index % 64);
+        let Some(slot) = self.seen.get_mut(word) else {
+            return;
+        };
+        if *slot & (1 << bit) == 0 {
+            *slot |= 1 << bit;
+            self.done += 1;
+            if !child.ok {
+                self.failed += 1;
+            }
+        }
+    }
 }
 
 /// A job as posted.
@@ -238,6 +278,9 @@ pub async fn start(
         accepted: Recent::new(settings.result_cache),
         delayed: Recent::new(settings.result_cache),
         hops: Recent::new(settings.result_cache),
+        fans: Recent::weighed(settings.result_cache, FAN_BYTES, |fan| {
+            fan.lock().map_or(0, |f| f.seen.len() * 8 + 64)
+        }),
         tokens,
         permits: Arc::new(Semaphore::new(settings.max_in_flight)),
         request_timeout: settings.request_timeout(),
@@ -388,11 +431,24 @@ async fn get_job(
                 .into_response());
         }
     }
+    let children = ingest.fans.get(&id).map(|fan| {
+        let fan = fan
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        json!({ "n": fan.n, "done": fan.done, "failed": fan.failed })
+    });
     if let Some(event) = ingest.hops.get(&id) {
         let event: serde_json::Value = serde_json::from_slice(&event).unwrap_or_default();
+        let mut body = json!({ "id": id, "status": "pending", "hop": event["hop"], "at_kind": event["to"], "since": event["at"] });
+        if let Some(children) = children {
+            body["children"] = children;
+        }
+        return Ok((StatusCode::ACCEPTED, Json(body)).into_response());
+    }
+    if let Some(children) = children {
         return Ok((
             StatusCode::ACCEPTED,
-            Json(json!({ "id": id, "status": "pending", "hop": event["hop"], "at_kind": event["to"], "since": event["at"] })),
+            Json(json!({ "id": id, "status": "pending", "children": children })),
         )
             .into_response());
     }
@@ -604,6 +660,20 @@ impl Ingest {
     /// Keeps a progress event unless a later hop of the same job is already known (events
     /// of one job can arrive out of order).
     fn note_hop(&self, event: results::Arrived) {
+        let Ok(progress) = serde_json::from_slice::<shared::schema::Progress>(&event.body) else {
+            return;
+        };
+        if let Some(child) = progress.child {
+            let fan = self.fans.get(&event.job_id).unwrap_or_else(|| {
+                let fan = Arc::new(std::sync::Mutex::new(FanCount::new(child.n)));
+                self.fans.insert(event.job_id, Arc::clone(&fan));
+                fan
+            });
+            fan.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .note(child);
+            return;
+        }
         let hop = |body: &[u8]| {
             serde_json::from_slice::<shared::schema::Progress>(body).map_or(0, |p| p.hop)
         };

@@ -153,8 +153,8 @@ fn cases() -> Vec<(Uuid, Case)> {
         ),
         case(
             "schema-v2",
-            field("schema_version", json!(3)),
-            "unsupported schema_version 3",
+            field("schema_version", json!(4)),
+            "unsupported schema_version 4",
             "envelope",
         ),
         case(

@@ -95,3 +95,35 @@ async fn a_hundred_parents_of_fifty_children_survive_two_sigkills() {
     flaky.terminate().await;
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_of_ten_thousand_children_completes() {
+    // Arrange
+    let app = TestApp::new().await;
+    let consumer = app.spawn_consumer(
+        app.consumer_settings(),
+        tests::fan::register(Registry::new()),
+    );
+
+    // Act
+    let started = std::time::Instant::now();
+    let id = app.publish_job("test.fan.parent", json!(10_000)).await;
+    let result = app.results(1).await[0].json();
+
+    // Assert: the join got 10,000 outputs in spawn order
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "fan-out of 10,000: result after {secs:.1} s ({:.0} children/s)",
+        10_000.0 / secs
+    );
+    assert_eq!(result["job_id"], id.to_string());
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["output"]["n"], 10_000);
+    assert_eq!(result["output"]["in_order"], true);
+    assert_eq!(
+        result["output"]["sum"],
+        (0..10_000u64).map(|i| i * i).sum::<u64>()
+    );
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}

@@ -374,3 +374,51 @@ async fn get_says_which_hop_a_job_is_at_then_returns_its_final_result() {
     consumer.stop().await.unwrap();
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_says_how_many_children_are_done_then_returns_the_join() {
+    // Arrange: 30 children that end one every 100 ms
+    let app = TestApp::new().await;
+    let consumer = app.spawn_consumer(
+        app.consumer_settings(),
+        tests::fan::register(Registry::new()),
+    );
+    let shutdown = CancellationToken::new();
+    let mut settings = ServeSettings::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    settings.accept_kinds = vec!["test.fan.parent".to_owned()];
+    let (addr, _task) = producer::serve::start(&app.common, &settings, shutdown.clone())
+        .await
+        .unwrap();
+    let base = format!("http://{addr}");
+
+    // Act
+    let reply = post(
+        &base,
+        "/jobs",
+        json!({"kind": "test.fan.parent", "payload": 30}),
+    )
+    .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.body["id"].as_str().unwrap().to_owned();
+
+    // Assert: GET counts the children while they run, then returns the join's output
+    let partial = within("GET to count some children", async {
+        loop {
+            let reply = http("GET", format!("{base}/jobs/{id}"), None).await;
+            assert_eq!(reply.status, 202, "{}", reply.body);
+            let done = reply.body["children"]["done"].as_u64().unwrap_or(0);
+            if (1..30).contains(&done) {
+                return reply.body;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(partial["children"]["n"], 30, "{partial}");
+    assert_eq!(partial["children"]["failed"], 0, "{partial}");
+    let result = result_of(&base, &id).await;
+    assert_eq!(result["output"]["n"], 30, "{result}");
+    shutdown.cancel();
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
