@@ -70,6 +70,21 @@ pub(crate) async fn run_all(settings: &Settings) -> anyhow::Result<String> {
             .rows
             .extend(rows(&bench, queue_type, window, prefetch).await?);
     }
+    if settings.fanout_parents > 0 {
+        for &queue_type in &settings.queue_types {
+            let mut seconds = Vec::new();
+            for repeat in 1..=settings.repeats {
+                let took = bench.fanout(queue_type, settings.fanout_parents).await?;
+                tracing::info!(%queue_type, repeat, ?took, "fan-out run");
+                seconds.push(took.as_secs_f64());
+            }
+            report.fanout.push(report::FanRow {
+                queue_type,
+                parents: settings.fanout_parents,
+                seconds,
+            });
+        }
+    }
     if settings.soak_jobs > 0 {
         report.memory = Some(bench.memory_run(settings.soak_jobs).await?);
     }

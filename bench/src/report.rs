@@ -149,6 +149,16 @@ pub(crate) struct Report {
     pub(crate) publishers: Vec<PublishRow>,
     pub(crate) rows: Vec<Row>,
     pub(crate) memory: Option<MemoryRun>,
+    pub(crate) fanout: Vec<FanRow>,
+}
+
+/// The fan-out runs of one queue type.
+#[derive(Debug, Clone)]
+pub(crate) struct FanRow {
+    pub(crate) queue_type: QueueType,
+    pub(crate) parents: u64,
+    /// How long each repeat's `producer --wait` took.
+    pub(crate) seconds: Vec<f64>,
 }
 
 /// The memory run: one consumer through many jobs with a deep prefetch.
@@ -197,6 +207,29 @@ pub(crate) fn markdown(settings: &Settings, report: &Report) -> String {
     publishers(&mut out, settings, &report.publishers);
     results(&mut out, &report.rows);
     cpu(&mut out, &report.rows, report.broker_cpu);
+    if !report.fanout.is_empty() {
+        let children = crate::scenario::FANOUT_CHILDREN;
+        let _ = writeln!(
+            out,
+            "\n## Fan-out\n\n\
+             `producer --kind bench.fanout --wait`: each parent spawns {children} `bench.sleep` \
+             children of 0 ms and joins them (a mailbox queue per parent, see README \
+             \"Workflows\"); one consumer at its defaults. The time is the whole command's, from \
+             the first publish to the last join's result; median of the repeats.\n\n\
+             | queue | parents × children | seconds | joins/s | children/s |\n|---|--:|--:|--:|--:|"
+        );
+        for row in &report.fanout {
+            let seconds = median(row.seconds.iter().copied());
+            let _ = writeln!(
+                out,
+                "| {} | {} × {children} | {seconds:.2} | {:.1} | {:.0} |",
+                row.queue_type,
+                row.parents,
+                row.parents as f64 / seconds,
+                (row.parents * children) as f64 / seconds,
+            );
+        }
+    }
     if let Some(memory) = &report.memory {
         let _ = writeln!(
             out,

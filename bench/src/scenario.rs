@@ -377,6 +377,61 @@ impl Bench<'_> {
     }
 }
 
+/// Children of each parent in the fan-out run.
+pub(crate) const FANOUT_CHILDREN: u64 = 100;
+
+impl Bench<'_> {
+    /// The fan-out run: one consumer process at its defaults, and `producer --kind
+    /// bench.fanout --wait` sending `parents` jobs of [`FANOUT_CHILDREN`] children each (0 ms
+    /// sleeps); returns how long the producer's command took, every join's result included.
+    ///
+    /// # Errors
+    /// When a process fails or a result is missing.
+    pub(crate) async fn fanout(
+        &self,
+        queue_type: QueueType,
+        parents: u64,
+    ) -> anyhow::Result<Duration> {
+        let (namespace, topology, channel) = self.open(queue_type).await?;
+        let env = Env {
+            amqp_url: &self.settings.amqp_url,
+            namespace: &namespace,
+            queue_type,
+        };
+        let outcome = async {
+            let consumer = self.binaries.consumer(&env, None, None)?;
+            let queue = topology.names.kind_queue(shared::schema::BENCH_FANOUT);
+            let ready = async {
+                // The consumer declares the kind's queue: wait for it, then for its consumer.
+                loop {
+                    let probe = self.admin.create_channel().await?;
+                    if wait_for_consumers(&probe, &queue, 1).await.is_ok() {
+                        let _ = probe.close(200, "ready".into()).await;
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            tokio::time::timeout(CONSUMERS_READY_TIMEOUT, ready)
+                .await
+                .context("the consumer did not start")??;
+            let input = std::env::temp_dir().join(format!("{namespace}-fanout.jsonl"));
+            let line = format!("{{\"n\": {FANOUT_CHILDREN}, \"ms\": 0}}\n");
+            tokio::fs::write(&input, line.repeat(usize::try_from(parents).unwrap_or(0))).await?;
+            let took = self
+                .binaries
+                .produce_input(&env, shared::schema::BENCH_FANOUT, &input)
+                .await;
+            let _ = tokio::fs::remove_file(&input).await;
+            crate::system::stop(consumer, Duration::from_secs(10)).await;
+            took
+        }
+        .await;
+        self.close(&topology, channel).await;
+        outcome
+    }
+}
+
 /// CPU seconds per 10,000 jobs.
 fn per_10k(seconds: f64, jobs: u64) -> f64 {
     seconds / jobs.max(1) as f64 * 10_000.0

@@ -47,6 +47,11 @@ pub(crate) struct Settings {
     #[arg(long, value_delimiter = ',', default_values_t = [64u16, 128, 256, 512, 1024, 2048])]
     pub(crate) bare_prefetches: Vec<u16>,
 
+    /// Parents of the fan-out run (`bench.fanout` jobs of 100 children each, one consumer at
+    /// its defaults, through `producer --wait`); 0 skips it.
+    #[arg(long, default_value_t = 200)]
+    pub(crate) fanout_parents: u64,
+
     /// Jobs of the memory run (one consumer, `--in-flight` prefetch); 0 skips it.
     #[arg(long, default_value_t = 200_000)]
     pub(crate) soak_jobs: u64,

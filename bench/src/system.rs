@@ -112,6 +112,34 @@ impl Binaries {
     }
 }
 
+impl Binaries {
+    /// Runs `producer --kind <kind> --input <input> --wait` to completion and returns how long
+    /// it took.
+    ///
+    /// # Errors
+    /// When it fails, or a job was not confirmed or has no result.
+    pub(crate) async fn produce_input(
+        &self,
+        env: &Env<'_>,
+        kind: &str,
+        input: &Path,
+    ) -> anyhow::Result<Duration> {
+        let mut command = self.command("producer", env);
+        command
+            .args(["--kind", kind, "--wait", "--input"])
+            .arg(input)
+            .stderr(Stdio::piped());
+        let started = tokio::time::Instant::now();
+        let output = command.output().await.context("cannot run producer")?;
+        let took = started.elapsed();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() || !stderr.contains("missing 0") {
+            bail!("producer failed ({}): {stderr}", output.status);
+        }
+        Ok(took)
+    }
+}
+
 /// The environment every child shares.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Env<'a> {

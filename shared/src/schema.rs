@@ -54,6 +54,10 @@ pub const HTTP_FETCH: &str = "http.fetch";
 /// A built-in kind for concurrency demos and benchmarks: payload `{"ms": N}`, sleeps N ms.
 pub const BENCH_SLEEP: &str = "bench.sleep";
 
+/// A built-in kind for fan-out benchmarks: payload `{"n": N, "ms": M}`, spawns N
+/// [`BENCH_SLEEP`] children of M ms and joins them into a count.
+pub const BENCH_FANOUT: &str = "bench.fanout";
+
 /// Longest kind accepted: it is used as an AMQP routing key (a short string).
 pub const MAX_KIND_LEN: usize = 255;
 

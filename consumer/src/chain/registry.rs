@@ -14,7 +14,7 @@ use std::{collections::HashMap, fmt, sync::Arc};
 use futures::future::BoxFuture;
 use serde_json::value::RawValue;
 use shared::{
-    schema::{BENCH_SLEEP, HTTP_FETCH, TEXT_ANALYZE},
+    schema::{BENCH_FANOUT, BENCH_SLEEP, HTTP_FETCH, TEXT_ANALYZE},
     workflow::Kind,
 };
 
@@ -99,13 +99,15 @@ impl Registry {
         Self::default()
     }
 
-    /// The kinds this crate ships: `text.analyze`, `http.fetch` and `bench.sleep`.
+    /// The kinds this crate ships: `text.analyze`, `http.fetch`, `bench.sleep` and
+    /// `bench.fanout`.
     #[must_use]
     pub fn builtin() -> Self {
         Self::new()
             .register(TEXT_ANALYZE, crate::kinds::text_analyze::chain())
             .register(HTTP_FETCH, crate::kinds::http_fetch::chain())
             .register(BENCH_SLEEP, crate::kinds::bench_sleep::chain())
+            .register(BENCH_FANOUT, crate::kinds::bench_fanout::chain())
     }
 
     /// Serves `kind` with `chain`, which takes the raw payload (usually `decode::<T>()`

@@ -13,14 +13,14 @@ use crate::stage::{Chain, Payload, Stage, StageError, decode};
 pub const MAX_MS: u64 = 20_000;
 
 /// Payload of `bench.sleep`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct SleepFor {
     /// Milliseconds to sleep.
     pub ms: u64,
 }
 
 /// Output of `bench.sleep`.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Slept {
     /// Milliseconds slept.
     pub slept_ms: u64,

@@ -132,7 +132,7 @@ async fn a_kind_nobody_serves_waits_visibly_until_a_consumer_for_it_appears() {
     assert!(
         error
             .to_string()
-            .contains("it has: bench.sleep, http.fetch, text.analyze"),
+            .contains("it has: bench.fanout, bench.sleep, http.fetch, text.analyze"),
         "{error}"
     );
 
