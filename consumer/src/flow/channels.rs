@@ -15,15 +15,12 @@ pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Request = oneshot::Sender<Result<Channel, lapin::Error>>;
 
-/// Probe channels kept open for reuse, at most (one per worker at the default concurrency).
-const PROBES_KEPT: usize = 64;
-
 /// Asks the session for channels.
 #[derive(Debug, Clone)]
 pub struct Channels {
     requests: mpsc::Sender<Request>,
-    /// Open channels for passive declarations, reused (a channel costs two round trips).
-    probes: std::sync::Arc<std::sync::Mutex<Vec<Channel>>>,
+    /// The channel passive declarations share.
+    probe: std::sync::Arc<tokio::sync::Mutex<Option<Channel>>>,
 }
 
 /// The session's end of [`Channels`].
@@ -35,51 +32,8 @@ impl Channels {
     #[must_use]
     pub fn new() -> (Self, Requests) {
         let (requests, receiver) = mpsc::channel(64);
-        let probes = std::sync::Arc::default();
-        (Self { requests, probes }, Requests(receiver))
-    }
-
-    /// A channel for a passive declaration: one kept from before, or a new one. Give it back
-    /// with [`Channels::give_back`] (a failed declaration closes it, and it is then dropped).
-    ///
-    /// # Errors
-    /// As [`Channels::open`].
-    pub async fn probe(&self) -> Result<Channel, String> {
-        let kept = self
-            .probes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pop();
-        match kept {
-            Some(channel) if channel.status().connected() => Ok(channel),
-            _ => self.open().await,
-        }
-    }
-
-    /// Keeps `channel` for the next probe, if it is still open and there is room; closes it
-    /// otherwise (a dropped lapin channel stays open on the connection).
-    pub fn give_back(&self, channel: Channel) {
-        if !channel.status().connected() {
-            return;
-        }
-        let spare = {
-            let mut probes = self
-                .probes
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if probes.len() < PROBES_KEPT {
-                probes.push(channel);
-                None
-            } else {
-                Some(channel)
-            }
-        };
-        if let Some(channel) = spare {
-            tokio::spawn(async move {
-                let close = channel.close(200, "spare probe".into());
-                let _ = tokio::time::timeout(OPEN_TIMEOUT, close).await;
-            });
-        }
+        let probe = std::sync::Arc::default();
+        (Self { requests, probe }, Requests(receiver))
     }
 
     /// A new channel, within [`OPEN_TIMEOUT`].
@@ -101,6 +55,23 @@ impl Channels {
         tokio::time::timeout(OPEN_TIMEOUT, asked)
             .await
             .unwrap_or_else(|_| Err(format!("no channel within {OPEN_TIMEOUT:?}")))
+    }
+
+    /// The probe channel, for passive declarations: one channel shared by every probe of
+    /// the session (lapin queues its RPCs), opened again when a probe of a missing queue got it
+    /// closed. Few channels are ever opened this way, so a busy fan-in does not churn through
+    /// channel ids.
+    ///
+    /// # Errors
+    /// As [`Channels::open`].
+    pub async fn probe(&self) -> Result<Channel, String> {
+        let mut probe = self.probe.lock().await;
+        if let Some(channel) = probe.as_ref().filter(|c| c.status().connected()) {
+            return Ok(channel.clone());
+        }
+        let channel = self.open().await?;
+        *probe = Some(channel.clone());
+        Ok(channel)
     }
 }
 

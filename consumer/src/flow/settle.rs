@@ -616,7 +616,6 @@ impl Settler {
                 return Ok(());
             };
             let depth = fanin::depth(&probe, &mailbox).await;
-            channels.give_back(probe);
             if depth.is_some_and(|d| d > n) {
                 // Only shortens the wait: the periodic check joins anyway.
                 let _ = trigger.await;

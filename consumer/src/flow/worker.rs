@@ -511,22 +511,29 @@ impl Worker {
                 body: fanin::check_body(job.id, &job.kind, job.created_at, next).into(),
             }
         };
-        let channel = match self.settler.channels().open().await {
+        let channels = self.settler.channels();
+        let probe = match channels.probe().await {
             Ok(channel) => channel,
             Err(error) => {
                 tracing::warn!(%error, "no channel for a fan-in check");
                 return rearm(&check);
             }
         };
-        let Some(depth) = fanin::depth(&channel, &mailbox).await else {
+        let Some(depth) = fanin::depth(&probe, &mailbox).await else {
             // Gone: the join ran (or the mailbox expired).
             return Outcome::Done;
         };
         let expired = OffsetDateTime::now_utc() > check.deadline;
         if depth <= check.n && !expired {
-            let _ = channel.close(200, "fan-in not complete".into()).await;
             return rearm(&check);
         }
+        let channel = match channels.open().await {
+            Ok(channel) => channel,
+            Err(error) => {
+                tracing::warn!(%error, "no channel to drain a fan-in");
+                return rearm(&check);
+            }
+        };
         let mut drained = fanin::drain(channel, &mailbox, check.n, depth).await;
         if !drained.complete(check.n) && !expired {
             drained.give_back().await;
