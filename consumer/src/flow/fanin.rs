@@ -141,7 +141,10 @@ impl Drained {
                 };
                 let _ = channel.basic_nack(tag, requeue).await;
             }
-            let _ = channel.close(200, "fan-in check done".into()).await;
+            let close = channel.close(200, "fan-in check done".into());
+            if tokio::time::timeout(DRAIN_IDLE * 10, close).await.is_err() {
+                tracing::warn!("a fan-in drain channel did not close in time");
+            }
         }
     }
 }
@@ -200,9 +203,9 @@ pub async fn drain(channel: Channel, mailbox: &str, n: u32, count: u32) -> Drain
     drained
 }
 
-/// The mailbox's depth (ready messages), or `None` when it does not exist (the channel is then
-/// closed by the broker).
-pub async fn depth(channel: &Channel, mailbox: &str) -> Option<u32> {
+/// The mailbox's depth (ready messages) and its consumers (a drain in progress), or `None` when
+/// it does not exist (the channel is then closed by the broker).
+pub async fn depth(channel: &Channel, mailbox: &str) -> Option<(u32, u32)> {
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
@@ -211,7 +214,7 @@ pub async fn depth(channel: &Channel, mailbox: &str) -> Option<u32> {
         .queue_declare(mailbox.into(), passive, FieldTable::default())
         .await
         .ok()
-        .map(|q| q.message_count())
+        .map(|q| (q.message_count(), q.consumer_count()))
 }
 
 /// A child's outcome as its mailbox message body.

@@ -616,7 +616,8 @@ impl Settler {
                 return Ok(());
             };
             let depth = fanin::depth(&probe, &mailbox).await;
-            if depth.is_some_and(|d| d > n) {
+            // Only while nobody drains: a drain in progress joins without us.
+            if depth.is_some_and(|(d, consumers)| d > n && consumers == 0) {
                 // Only shortens the wait: the periodic check joins anyway.
                 let _ = trigger.await;
             }

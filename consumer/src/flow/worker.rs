@@ -519,12 +519,14 @@ impl Worker {
                 return rearm(&check);
             }
         };
-        let Some(depth) = fanin::depth(&probe, &mailbox).await else {
+        let Some((depth, draining)) = fanin::depth(&probe, &mailbox).await else {
             // Gone: the join ran (or the mailbox expired).
             return Outcome::Done;
         };
         let expired = OffsetDateTime::now_utc() > check.deadline;
-        if depth <= check.n && !expired {
+        // Another check is draining (the mailbox's one consumer): it joins, or gives the
+        // outcomes back for the next periodic check.
+        if (depth <= check.n && !expired) || draining > 0 {
             return rearm(&check);
         }
         let channel = match channels.open().await {
