@@ -14,8 +14,8 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use deadpool_lapin::lapin::{
     Channel,
     options::{
-        BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-        QueueDeclareOptions,
+        BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
     },
     types::{AMQPValue, FieldTable},
 };
@@ -97,8 +97,11 @@ pub struct Drained {
     pub manifest: Option<Manifest>,
     /// The first outcome of each index.
     pub outcomes: BTreeMap<u32, ChildOutcome>,
-    /// The channel the messages are unacked on (cancel and close it to give them back).
+    /// The channel the messages are unacked on (close it to give them back).
     pub channel: Option<Channel>,
+    /// The drain's consumer, kept until the channel closes: while it is there, a probe sees
+    /// the mailbox as being drained (lapin cancels a consumer when it is dropped).
+    pub consumer: Option<deadpool_lapin::lapin::Consumer>,
     /// The delivery tag of the last message taken.
     pub last_tag: Option<u64>,
 }
@@ -141,6 +144,7 @@ impl Drained {
                 };
                 let _ = channel.basic_nack(tag, requeue).await;
             }
+            let _consumer = self.consumer.take();
             let close = channel.close(200, "fan-in check done".into());
             if tokio::time::timeout(DRAIN_IDLE * 10, close).await.is_err() {
                 tracing::warn!("a fan-in drain channel did not close in time");
@@ -163,6 +167,7 @@ pub async fn drain(channel: Channel, mailbox: &str, n: u32, count: u32) -> Drain
         return drained;
     }
     let tag = format!("fanin-{}", Uuid::new_v4().simple());
+    drained.channel = Some(channel.clone());
     let consumer = channel
         .basic_consume(
             mailbox.into(),
@@ -196,25 +201,57 @@ pub async fn drain(channel: Channel, mailbox: &str, n: u32, count: u32) -> Drain
             }
         }
     }
-    let _ = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await;
-    drained.channel = Some(channel);
+    // Not cancelled: the consumer stays until the channel closes (see [`Drained::consumer`]).
+    drained.consumer = Some(consumer);
     drained
 }
 
-/// The mailbox's depth (ready messages) and its consumers (a drain in progress), or `None` when
-/// it does not exist (the channel is then closed by the broker).
-pub async fn depth(channel: &Channel, mailbox: &str) -> Option<(u32, u32)> {
-    let passive = QueueDeclareOptions {
-        passive: true,
+/// What a probe of a mailbox found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probed {
+    /// Its ready messages, and its consumers (a drain in progress).
+    Live {
+        /// Ready messages.
+        messages: u32,
+        /// Consumers.
+        consumers: u32,
+    },
+    /// Nothing waits in it: the fan-out joined already (the probe re-created the mailbox the
+    /// join had deleted, and deleted it again).
+    Gone,
+    /// The broker did not answer (the channel failed).
+    Unknown,
+}
+
+/// Probes `mailbox` with a **non-passive** declaration of its exact arguments. A passive one
+/// of a queue the join deleted would make the broker close the channel, and lapin 4 poisons a
+/// channel id closed that way for good (see `notes/issue-16-status.md`); this declaration
+/// never fails, and re-creates a deleted mailbox instead. A live mailbox always has its
+/// manifest ready, unless a drain holds it, and a drain is a consumer: so no message and no
+/// consumer means the fan-out is over, and the mailbox is deleted again (unconditionally: a
+/// conditional delete that fails closes the channel too).
+pub async fn probe(channel: &Channel, mailbox: &str) -> Probed {
+    let durable = QueueDeclareOptions {
+        durable: true,
         ..Default::default()
     };
-    channel
-        .queue_declare(mailbox.into(), passive, FieldTable::default())
-        .await
-        .ok()
-        .map(|q| (q.message_count(), q.consumer_count()))
+    let declared = channel
+        .queue_declare(mailbox.into(), durable, mailbox_arguments())
+        .await;
+    let Ok(declared) = declared else {
+        return Probed::Unknown;
+    };
+    let (messages, consumers) = (declared.message_count(), declared.consumer_count());
+    if messages == 0 && consumers == 0 {
+        let _ = channel
+            .queue_delete(mailbox.into(), QueueDeleteOptions::default())
+            .await;
+        return Probed::Gone;
+    }
+    Probed::Live {
+        messages,
+        consumers,
+    }
 }
 
 /// A child's outcome as its mailbox message body.

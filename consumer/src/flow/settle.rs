@@ -89,6 +89,8 @@ pub enum Outcome {
         outcome: Box<Outcome>,
         /// The channel the mailbox's messages are unacked on.
         drain: Channel,
+        /// The drain's consumer, kept until the mailbox is deleted.
+        consumer: Option<Arc<deadpool_lapin::lapin::Consumer>>,
         /// The mailbox.
         mailbox: String,
     },
@@ -342,10 +344,11 @@ impl Settler {
             Outcome::Joined {
                 outcome,
                 drain,
+                consumer,
                 mailbox,
             } => {
                 let published = self.publish(delivery, outcome);
-                let (drain, mailbox) = (drain.clone(), mailbox.clone());
+                let (drain, mailbox, consumer) = (drain.clone(), mailbox.clone(), consumer.clone());
                 Box::pin(async move {
                     let published = published.await;
                     if published.is_ok() {
@@ -358,7 +361,9 @@ impl Settler {
                         let _ = tokio::time::timeout(CONFIRM_TIMEOUT, delete).await;
                     }
                     // Unacked outcomes of a failed publish go back to the mailbox.
-                    let _ = drain.close(200, "fan-in joined".into()).await;
+                    let close = drain.close(200, "fan-in joined".into());
+                    let _ = tokio::time::timeout(CONFIRM_TIMEOUT, close).await;
+                    drop(consumer);
                     published
                 })
             }
@@ -615,9 +620,9 @@ impl Settler {
             let Ok(probe) = channels.probe().await else {
                 return Ok(());
             };
-            let depth = fanin::depth(&probe, &mailbox).await;
+            let probed = fanin::probe(&probe, &mailbox).await;
             // Only while nobody drains: a drain in progress joins without us.
-            if depth.is_some_and(|(d, consumers)| d > n && consumers == 0) {
+            if matches!(probed, fanin::Probed::Live { messages, consumers: 0 } if messages > n) {
                 // Only shortens the wait: the periodic check joins anyway.
                 let _ = trigger.await;
             }

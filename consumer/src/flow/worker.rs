@@ -519,9 +519,14 @@ impl Worker {
                 return rearm(&check);
             }
         };
-        let Some((depth, draining)) = fanin::depth(&probe, &mailbox).await else {
-            // Gone: the join ran (or the mailbox expired).
-            return Outcome::Done;
+        let (depth, draining) = match fanin::probe(&probe, &mailbox).await {
+            fanin::Probed::Live {
+                messages,
+                consumers,
+            } => (messages, consumers),
+            // The join ran (or the mailbox expired).
+            fanin::Probed::Gone => return Outcome::Done,
+            fanin::Probed::Unknown => return rearm(&check),
         };
         let expired = OffsetDateTime::now_utc() > check.deadline;
         // Another check is draining (the mailbox's one consumer): it joins, or gives the
@@ -594,10 +599,12 @@ impl Worker {
         let Some(drain) = drained.channel.take() else {
             return outcome;
         };
+        let consumer = drained.consumer.take().map(Arc::new);
         tracing::debug!(job_id = %manifest.job_id, children = check.n, "fan-in joined");
         Outcome::Joined {
             outcome: Box::new(outcome),
             drain,
+            consumer,
             mailbox,
         }
     }
