@@ -349,6 +349,7 @@ impl Settler {
             } => {
                 let published = self.publish(delivery, outcome);
                 let (drain, mailbox, consumer) = (drain.clone(), mailbox.clone(), consumer.clone());
+                let channels = self.channels.clone();
                 Box::pin(async move {
                     let published = published.await;
                     if published.is_ok() {
@@ -358,7 +359,13 @@ impl Settler {
                             mailbox.as_str().into(),
                             deadpool_lapin::lapin::options::QueueDeleteOptions::default(),
                         );
-                        let _ = tokio::time::timeout(CONFIRM_TIMEOUT, delete).await;
+                        if let Ok(Ok(_)) = tokio::time::timeout(CONFIRM_TIMEOUT, delete).await {
+                            // The delete took the consumer and the unacked outcomes with the
+                            // mailbox: the channel is clean again.
+                            drop(consumer);
+                            channels.put_back(drain);
+                            return published;
+                        }
                     }
                     // Unacked outcomes of a failed publish go back to the mailbox.
                     let close = drain.close(200, "fan-in joined".into());
@@ -622,7 +629,10 @@ impl Settler {
             };
             let probed = fanin::probe(&probe, &mailbox).await;
             // Only while nobody drains: a drain in progress joins without us.
-            if matches!(probed, fanin::Probed::Live { messages, consumers: 0 } if messages > n) {
+            // And once per fan-out per process: the children that end last all see it full.
+            if matches!(probed, fanin::Probed::Live { messages, consumers: 0 } if messages > n)
+                && channels.first_trigger(&mailbox)
+            {
                 // Only shortens the wait: the periodic check joins anyway.
                 let _ = trigger.await;
             }

@@ -512,35 +512,39 @@ impl Worker {
             }
         };
         let channels = self.settler.channels();
-        let probe = match channels.probe().await {
+        // One check per fan-out at a time in this process (the others end or re-arm at once,
+        // instead of queueing behind the mailbox's single active consumer).
+        let Some(_claim) = channels.claim(&mailbox) else {
+            return rearm(&check);
+        };
+        let channel = match channels.lease().await {
             Ok(channel) => channel,
             Err(error) => {
                 tracing::warn!(%error, "no channel for a fan-in check");
                 return rearm(&check);
             }
         };
-        let (depth, draining) = match fanin::probe(&probe, &mailbox).await {
+        // Probed on the drain's own channel, just before the drain starts: if another process
+        // joins and deletes the mailbox in between, only this channel is closed.
+        let (depth, draining) = match fanin::probe(&channel, &mailbox).await {
             fanin::Probed::Live {
                 messages,
                 consumers,
             } => (messages, consumers),
             // The join ran (or the mailbox expired).
-            fanin::Probed::Gone => return Outcome::Done,
+            fanin::Probed::Gone => {
+                channels.put_back(channel);
+                return Outcome::Done;
+            }
             fanin::Probed::Unknown => return rearm(&check),
         };
         let expired = OffsetDateTime::now_utc() > check.deadline;
         // Another check is draining (the mailbox's one consumer): it joins, or gives the
         // outcomes back for the next periodic check.
         if (depth <= check.n && !expired) || draining > 0 {
+            channels.put_back(channel);
             return rearm(&check);
         }
-        let channel = match channels.open().await {
-            Ok(channel) => channel,
-            Err(error) => {
-                tracing::warn!(%error, "no channel to drain a fan-in");
-                return rearm(&check);
-            }
-        };
         let mut drained = fanin::drain(channel, &mailbox, check.n, depth).await;
         if !drained.complete(check.n) && !expired {
             drained.give_back().await;
