@@ -1,7 +1,7 @@
 //! Test kinds for fan-out / fan-in, shared by the in-process tests and the `test-consumer`
 //! binary: `test.fan.parent` (payload: n) spawns n `test.fan.square` children (payload: i,
 //! output: i², failing for good when i is 17 and n is 18; child i sleeps i × 100 ms when n
-//! is 30) and joins them into `{"sum": Σ i², "failed": [indices], "n": n, "in_order": ...}`.
+//! is 30, and every child 400 ms when n is 31) and joins them into `{"sum": Σ i², "failed": [indices], "n": n, "in_order": ...}`.
 
 use consumer::{
     Registry,
@@ -56,7 +56,11 @@ impl Stage for Split {
             .map(|i| Child {
                 i,
                 fail: n == 18 && i == 17,
-                ms: if n == 30 { u64::from(i) * 100 } else { 0 },
+                ms: match n {
+                    30 => u64::from(i) * 100,
+                    31 => 400,
+                    _ => 0,
+                },
             })
             .collect())
     }

@@ -185,7 +185,6 @@ impl Collector {
         .await;
     }
 
-    /// (results received, distinct jobs, results beyond the first per job)
     /// The last `ok` result of `id`.
     pub fn body(&self, id: &Uuid) -> Option<serde_json::Value> {
         self.bodies.lock().unwrap().get(id).cloned()
@@ -196,6 +195,7 @@ impl Collector {
         self.failed.lock().unwrap().clone()
     }
 
+    /// (results received, distinct jobs, results beyond the first per job)
     pub fn counts(&self) -> (usize, usize, usize) {
         let seen = self.seen.lock().unwrap();
         let total: usize = seen.values().map(|n| *n as usize).sum();

@@ -67,8 +67,11 @@ async fn a_hundred_parents_of_fifty_children_survive_two_sigkills() {
     let ids = app
         .publish_many("test.fan.parent", (0..100).map(|_| json!(50)))
         .await;
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Killed mid-run, whatever the machine's speed: after the 10th and the 40th join.
+    let mut before = Vec::new();
+    for joined in [10, 40] {
+        collector.wait_for_total(joined).await;
+        before.push(collector.total());
         flaky.kill().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         flaky = ChildConsumer::spawn(&app, &[]);
@@ -77,12 +80,12 @@ async fn a_hundred_parents_of_fifty_children_survive_two_sigkills() {
 
     // Assert: every parent has the exact join output
     let (results, distinct, duplicates) = collector.counts();
-    eprintln!(
-        "fan-out crash test: parents {}, children {}, results {results}, distinct {distinct}, lost {}, duplicates {duplicates}",
+    crate::workflows::report(&format!(
+        "fan-out crash test: parents {}, children {}, joins {results}, lost {}, duplicates {duplicates} (SIGKILLed after {before:?} joins)",
         ids.len(),
         ids.len() * 50,
         ids.len() - distinct
-    );
+    ));
     assert!(collector.failed().is_empty());
     let expected = (0..50u64).map(|i| i * i).sum::<u64>();
     for id in &ids {
@@ -112,10 +115,10 @@ async fn a_parent_of_ten_thousand_children_completes() {
 
     // Assert: the join got 10,000 outputs in spawn order
     let secs = started.elapsed().as_secs_f64();
-    eprintln!(
+    crate::workflows::report(&format!(
         "fan-out of 10,000: result after {secs:.1} s ({:.0} children/s)",
         10_000.0 / secs
-    );
+    ));
     assert_eq!(result["job_id"], id.to_string());
     assert_eq!(result["status"], "ok", "{result}");
     assert_eq!(result["output"]["n"], 10_000);
@@ -125,5 +128,46 @@ async fn a_parent_of_ten_thousand_children_completes() {
         (0..10_000u64).map(|i| i * i).sum::<u64>()
     );
     consumer.stop().await.unwrap();
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_parent_holds_no_message_and_joins_only_after_its_last_child() {
+    // Arrange: the parent's kind on a consumer with one slot and a prefetch of one, and a
+    // stage timeout of 1 s; its 31 children of 400 ms each, 4 at a time, on another one
+    let app = TestApp::new().await;
+    let mut parents = app.consumer_settings();
+    parents.kinds = vec!["test.fan.parent".into(), "bench.sleep".into()];
+    (parents.concurrency, parents.prefetch, parents.stage_timeout) = (1, 1, 1.0);
+    let mut children = app.consumer_settings();
+    children.kinds = vec!["test.fan.square".into()];
+    children.concurrency = 4;
+    let registry = || tests::fan::register(Registry::builtin());
+    let parent_consumer = app.spawn_consumer(parents, registry());
+    let child_consumer = app.spawn_consumer(children, registry());
+
+    // Act: the slow fan-out, then, while it waits, a plain job of the same consumer
+    let started = std::time::Instant::now();
+    let parent = app.publish_job("test.fan.parent", json!(31)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let plain = app.publish_job("bench.sleep", json!({ "ms": 0 })).await;
+    let first = app.results(1).await[0].json();
+    let plain_after = started.elapsed();
+    let second = app.results(1).await[0].json();
+    let joined_after = started.elapsed();
+
+    // Assert: the plain job got the consumer's only slot while the parent waited (so the
+    // parent's delivery was not held), and the join came after all children: 31 x 400 ms
+    // over 4 slots is at least 3.2 s
+    assert_eq!(first["job_id"], plain.to_string(), "{first}");
+    assert_eq!(second["job_id"], parent.to_string(), "{second}");
+    assert_eq!(second["status"], "ok", "{second}");
+    assert_eq!(second["output"]["n"], 31);
+    assert_eq!(second["output"]["in_order"], true);
+    assert_eq!(second["output"]["failed"], json!([]));
+    assert!(joined_after >= Duration::from_millis(3200), "{joined_after:?}");
+    eprintln!("plain job done after {plain_after:?}, the join after {joined_after:?}");
+    parent_consumer.stop().await.unwrap();
+    child_consumer.stop().await.unwrap();
     app.teardown().await;
 }

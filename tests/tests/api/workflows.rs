@@ -79,7 +79,7 @@ fn randoms(mut seed: u64) -> impl FnMut() -> u64 {
 
 /// Prints a figure, and appends it (with the broker it was measured on) to
 /// `target/tmp/workflow-figures.txt`, which CI prints at the end of its run.
-fn report(line: &str) {
+pub(crate) fn report(line: &str) {
     use std::io::Write;
     let broker = match std::env::var("AMQP_URL") {
         Ok(_) => "the broker in AMQP_URL".to_owned(),
