@@ -45,6 +45,22 @@ pub fn fanout_id(job_id: Uuid, hops: u32) -> String {
     format!("{job_id}.{hops}")
 }
 
+/// The id of child `index` of the fan-out of job `job_id` at hop `hops`: deterministic too, so
+/// that a redelivered parent spawns its children again under the same ids (logs and results
+/// windows see one child, not two). The parent's id, marked as a version-8 (custom) UUID, with
+/// its low 48 bits XORed with `(hops, index + 1)`: one-to-one for a given parent and never zero,
+/// so siblings never share an id nor a child its parent's, and a child's id shows its parent's.
+#[must_use]
+pub fn child_id(job_id: Uuid, hops: u32, index: u32) -> Uuid {
+    let mut bytes = *job_id.as_bytes();
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let salt = (u64::from(hops.min(0xffff)) << 32) + u64::from(index) + 1;
+    let tail = u64::from_be_bytes(bytes[8..].try_into().unwrap_or_default()) ^ salt;
+    bytes[8..].copy_from_slice(&tail.to_be_bytes());
+    Uuid::from_bytes(bytes)
+}
+
 /// The mailbox's arguments: classic, one active consumer, gone an hour after the deadline.
 #[must_use]
 pub fn mailbox_arguments() -> FieldTable {
@@ -270,4 +286,23 @@ pub fn outcome_body(index: u32, outcome: Result<&RawValue, ChildFailure>) -> Arc
         },
     };
     serde_json::to_vec(&outcome).unwrap_or_default().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_ids_are_stable_and_distinct_among_siblings() {
+        let parent = Uuid::new_v4();
+        assert_eq!(child_id(parent, 0, 7), child_id(parent, 0, 7));
+        let ids: std::collections::HashSet<Uuid> =
+            (0..65_534).map(|i| child_id(parent, 0, i)).collect();
+        assert_eq!(ids.len(), 65_534);
+        assert_ne!(child_id(parent, 0, 1), child_id(parent, 1, 1));
+        let v8 = child_id(parent, 0, 0);
+        assert_ne!(child_id(v8, 0, 0), v8);
+        assert_eq!(child_id(parent, 3, 9).get_version_num(), 8);
+        assert_eq!(child_id(parent, 3, 9).get_variant(), uuid::Variant::RFC4122);
+    }
 }

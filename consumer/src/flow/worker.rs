@@ -401,7 +401,7 @@ impl Worker {
         for (index, payload) in (0..n).zip(payloads) {
             let child = Job {
                 schema_version: FANOUT_SCHEMA_VERSION,
-                id: Uuid::new_v4(),
+                id: fanin::child_id(job.id, lineage.hops, index),
                 kind: kind.to_owned(),
                 created_at: now,
                 payload,
