@@ -136,8 +136,9 @@ pub struct ChildOf {
 pub struct FanInCheck {
     /// The fan-out's id.
     pub id: String,
-    /// `true` for the check the last child sends (it never re-arms); `false` for the periodic
-    /// one, which re-arms itself through the delay ladder until the join ran.
+    /// `true` for a check a child sends when it sees the mailbox full (at most one per fan-out
+    /// per consumer process in a few seconds; it never re-arms); `false` for the periodic one,
+    /// which re-arms itself through the delay ladder until the join ran.
     pub trigger: bool,
     /// How many periodic checks came before this one (its backoff).
     #[serde(default)]
@@ -198,7 +199,8 @@ pub struct Manifest {
     pub stages: Vec<StageTiming>,
     /// How many children.
     pub n: u32,
-    /// When the fan-out gives up waiting (RFC 3339): the parent then fails.
+    /// When the fan-out stops waiting (RFC 3339): the join then runs, with each missing child
+    /// as a failure.
     #[serde(with = "time::serde::rfc3339")]
     pub deadline: OffsetDateTime,
 }

@@ -84,8 +84,10 @@ impl Channels {
         (this, Requests(receiver))
     }
 
-    /// A new channel, within [`OPEN_TIMEOUT`]. An id the broker once closed fails once (see
-    /// the module doc), so a failure is tried again twice with the next ids.
+    /// A new channel, within [`OPEN_TIMEOUT`]. A channel opened on an id the broker once
+    /// closed fails with that old error (see the module doc); lapin then keeps the id taken,
+    /// so it is never handed out again, and the next try gets a fresh id. So a failure is
+    /// tried again, twice.
     ///
     /// # Errors
     /// The session is gone, the connection refused the channel three times, or no answer in

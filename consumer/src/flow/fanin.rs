@@ -4,17 +4,18 @@
 //! runs the join, publishes the parent's result and deletes the mailbox.
 //!
 //! Every state is in the broker: the mailbox holds the outcomes, the periodic check waits in
-//! the delay ladder and re-arms itself until the join ran (a check is acked only once its
-//! successor is confirmed), and the last child sends a check at once to cut the latency. The
-//! mailbox has a single active consumer, so one check drains it at a time; a check that dies
-//! mid-drain gives the outcomes back with its channel.
+//! the delay ladder and re-arms itself until the join ran (a periodic check is acked only once
+//! its successor, or the join's outcome, is confirmed), and a child that sees the mailbox full
+//! sends a check at once to cut the latency. The mailbox has a single active consumer, so one
+//! check drains it at a time; a check that dies mid-drain gives the outcomes back with its
+//! channel.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use deadpool_lapin::lapin::{
     Channel,
     options::{
-        BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
+        BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
         QueueDeleteOptions,
     },
     types::{AMQPValue, FieldTable},
@@ -35,6 +36,12 @@ pub const DEADLINE: Duration = Duration::from_secs(24 * 3600);
 pub const RECHECK_MAX: Duration = Duration::from_secs(10);
 /// A drain ends when no message came for this long.
 pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+/// How long [`probe`] waits before it looks again at a mailbox with no message and no
+/// consumer, before deleting it.
+pub const GONE_RECHECK: Duration = Duration::from_millis(100);
+/// Periodic checks of one fan-out, at most: a day of re-arms every [`RECHECK_MAX`] and more
+/// (a check chain that somehow outlives its fan-out ends there).
+pub const MAX_ROUNDS: u32 = 10_000;
 /// Longest a drain may take.
 pub const DRAIN_MAX: Duration = Duration::from_secs(30);
 
@@ -61,7 +68,9 @@ pub fn child_id(job_id: Uuid, hops: u32, index: u32) -> Uuid {
     Uuid::from_bytes(bytes)
 }
 
-/// The mailbox's arguments: classic, one active consumer, gone an hour after the deadline.
+/// The mailbox's arguments: classic, one active consumer, and `x-expires` an hour past the
+/// deadline. `x-expires` counts from the queue's last use (a declaration, a consumer), so a
+/// mailbox is removed only after that long with every consumer of the parent's kind down.
 #[must_use]
 pub fn mailbox_arguments() -> FieldTable {
     let mut args = FieldTable::default();
@@ -118,7 +127,9 @@ pub struct Drained {
     /// The drain's consumer, kept until the channel closes: while it is there, a probe sees
     /// the mailbox as being drained (lapin cancels a consumer when it is dropped).
     pub consumer: Option<deadpool_lapin::lapin::Consumer>,
-    /// The delivery tag of the last message taken.
+    /// The delivery tag of the last message left unacked: acking it with `multiple` acks every
+    /// one left (the others were acked one by one, and a tag acked twice would make the broker
+    /// close the channel).
     pub last_tag: Option<u64>,
 }
 
@@ -150,21 +161,19 @@ impl Drained {
             .collect()
     }
 
-    /// Gives every message back to the mailbox (nack with requeue), and closes the channel.
+    /// Gives every message back to the mailbox by closing the channel: the broker requeues
+    /// the unacked messages and removes the consumer in one step. (A nack with requeue first
+    /// would have the broker deliver them again to this same consumer; a cancel first would
+    /// show the mailbox with no message and no consumer while it still holds outcomes, which
+    /// [`probe`] would take for a finished fan-out.)
     pub async fn give_back(&mut self) {
         if let Some(channel) = self.channel.take() {
-            if let Some(tag) = self.last_tag {
-                let requeue = BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                };
-                let _ = channel.basic_nack(tag, requeue).await;
-            }
-            let _consumer = self.consumer.take();
             let close = channel.close(200, "fan-in check done".into());
             if tokio::time::timeout(DRAIN_IDLE * 10, close).await.is_err() {
                 tracing::warn!("a fan-in drain channel did not close in time");
             }
+            // Dropped only now that the channel is closed: dropping a consumer cancels it.
+            drop(self.consumer.take());
         }
     }
 }
@@ -200,21 +209,52 @@ pub async fn drain(channel: Channel, mailbox: &str, n: u32, count: u32) -> Drain
         let Ok(Some(Ok(delivery))) = tokio::time::timeout(DRAIN_IDLE, consumer.next()).await else {
             break;
         };
-        drained.last_tag = Some(delivery.delivery_tag);
         let index = crate::envelope::integer_header(&delivery.properties, X_FANIN_INDEX);
-        match index {
-            Some(index) => {
-                if let Ok(outcome) = serde_json::from_slice::<ChildOutcome>(&delivery.data) {
-                    if u32::try_from(index).is_ok_and(|i| i == outcome.index && i < n) {
-                        drained.outcomes.entry(outcome.index).or_insert(outcome);
+        // `n` is the check's; only a manifest that agrees makes it trusted, so nothing is
+        // acked away on the word of a check alone (one forged with a small `n`).
+        let trusted = drained.manifest.as_ref().is_some_and(|m| m.n == n);
+        let ack = match index {
+            Some(index) => match serde_json::from_slice::<ChildOutcome>(&delivery.data) {
+                Ok(outcome) if u32::try_from(index).is_ok_and(|i| i == outcome.index) => {
+                    if outcome.index >= n {
+                        trusted
+                    } else if let std::collections::btree_map::Entry::Vacant(slot) =
+                        drained.outcomes.entry(outcome.index)
+                    {
+                        slot.insert(outcome);
+                        false
+                    } else {
+                        true
                     }
                 }
-            }
-            None => {
-                if drained.manifest.is_none() {
-                    drained.manifest = serde_json::from_slice(&delivery.data).ok();
+                _ => true,
+            },
+            None if drained.manifest.is_none() => {
+                match serde_json::from_slice::<Manifest>(&delivery.data) {
+                    Ok(manifest) => {
+                        let other = manifest.n != n;
+                        drained.manifest = Some(manifest);
+                        if other {
+                            // Not this check's fan-out: the caller gives everything back.
+                            drained.last_tag = Some(delivery.delivery_tag);
+                            break;
+                        }
+                        false
+                    }
+                    Err(_) => true,
                 }
             }
+            None => true,
+        };
+        if ack {
+            // A second outcome of one child (a redelivered child ran twice), a second manifest
+            // (a redelivered parent spawned twice) or junk: acked at once, so that it frees
+            // its place in the prefetch and a drain of 65,534 children never stalls on it.
+            let _ = channel
+                .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+                .await;
+        } else {
+            drained.last_tag = Some(delivery.delivery_tag);
         }
     }
     // Not cancelled: the consumer stays until the channel closes (see [`Drained::consumer`]).
@@ -259,6 +299,23 @@ pub async fn probe(channel: &Channel, mailbox: &str) -> Probed {
     };
     let (messages, consumers) = (declared.message_count(), declared.consumer_count());
     if messages == 0 && consumers == 0 {
+        // Looked at again a moment later before it is deleted: a drain whose consumer was
+        // cancelled just before its channel closed (a task cancelled at shutdown) shows 0 and
+        // 0 for that moment, and its outcomes come back with the close.
+        tokio::time::sleep(GONE_RECHECK).await;
+        let again = channel
+            .queue_declare(mailbox.into(), durable, mailbox_arguments())
+            .await;
+        match again {
+            Ok(d) if d.message_count() == 0 && d.consumer_count() == 0 => {}
+            Ok(d) => {
+                return Probed::Live {
+                    messages: d.message_count(),
+                    consumers: d.consumer_count(),
+                };
+            }
+            Err(_) => return Probed::Unknown,
+        }
         let _ = channel
             .queue_delete(mailbox.into(), QueueDeleteOptions::default())
             .await;

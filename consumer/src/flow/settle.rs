@@ -91,6 +91,8 @@ pub enum Outcome {
         drain: Channel,
         /// The drain's consumer, kept until the mailbox is deleted.
         consumer: Option<Arc<deadpool_lapin::lapin::Consumer>>,
+        /// The delivery tag of the last message drained.
+        last_tag: Option<u64>,
         /// The mailbox.
         mailbox: String,
     },
@@ -345,23 +347,36 @@ impl Settler {
                 outcome,
                 drain,
                 consumer,
+                last_tag,
                 mailbox,
             } => {
                 let published = self.publish(delivery, outcome);
                 let (drain, mailbox, consumer) = (drain.clone(), mailbox.clone(), consumer.clone());
-                let channels = self.channels.clone();
+                let (channels, last_tag) = (self.channels.clone(), *last_tag);
                 Box::pin(async move {
                     let published = published.await;
                     if published.is_ok() {
-                        // The join's outcome is stored: the mailbox is done with. (If this
-                        // fails, the next check finds it and joins again: at least once.)
-                        let delete = drain.queue_delete(
-                            mailbox.as_str().into(),
-                            deadpool_lapin::lapin::options::QueueDeleteOptions::default(),
-                        );
+                        // The join's outcome is stored: the outcomes are acked (so the channel
+                        // holds nothing unacked), and the mailbox is done with. If the delete
+                        // fails, the mailbox is left behind, empty or holding what came after
+                        // the drain; a later check of it joins again (a duplicate result), or
+                        // it expires.
+                        let delete = async {
+                            if let Some(tag) = last_tag {
+                                let all = deadpool_lapin::lapin::options::BasicAckOptions {
+                                    multiple: true,
+                                };
+                                drain.basic_ack(tag, all).await?;
+                            }
+                            drain
+                                .queue_delete(
+                                    mailbox.as_str().into(),
+                                    deadpool_lapin::lapin::options::QueueDeleteOptions::default(),
+                                )
+                                .await
+                        };
                         if let Ok(Ok(_)) = tokio::time::timeout(CONFIRM_TIMEOUT, delete).await {
-                            // The delete took the consumer and the unacked outcomes with the
-                            // mailbox: the channel is clean again.
+                            // The delete cancelled the consumer: the channel is clean again.
                             drop(consumer);
                             channels.put_back(drain);
                             return published;
@@ -527,9 +542,11 @@ impl Settler {
         )
     }
 
-    /// Spawns a fan-out: the mailbox first (declared on the publish channel: its arguments are
-    /// fixed, so a refusal means a broken broker and ends the session), then the manifest, the
-    /// children and the first check, all in flight at once.
+    /// Spawns a fan-out: the mailbox first, then the manifest, the children and the first
+    /// check, all in flight at once. The mailbox is declared on the probe channel, not the
+    /// publish channel: a refusal (a mailbox of that name with other arguments, a user without
+    /// the permission to configure `jobs.fanin.*`) closes only that channel, and the parent
+    /// is tried again later like any publish that failed.
     fn spawn(self: &Arc<Self>, spawn: &Spawn) -> Confirming {
         let this = Arc::clone(self);
         let mailbox = spawn.mailbox.clone();
@@ -570,14 +587,22 @@ impl Settler {
                 durable: true,
                 ..Default::default()
             };
-            let declare = this.channel.queue_declare(
-                mailbox.as_str().into(),
-                durable,
-                fanin::mailbox_arguments(),
-            );
+            let declare = async {
+                let probe = this.channels.probe().await.map_err(|error| {
+                    tracing::warn!(%error, "no channel to declare a fan-out's mailbox");
+                    PublishError::TimedOut(CONFIRM_TIMEOUT)
+                })?;
+                probe
+                    .queue_declare(mailbox.as_str().into(), durable, fanin::mailbox_arguments())
+                    .await
+                    .map_err(PublishError::from)
+            };
             match tokio::time::timeout(CONFIRM_TIMEOUT, declare).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(error)) => return Err(error.into()),
+                Ok(Err(error)) => {
+                    tracing::warn!(%mailbox, %error, "the broker refused a fan-out's mailbox");
+                    return Err(error);
+                }
                 Err(_) => return Err(PublishError::TimedOut(CONFIRM_TIMEOUT)),
             }
             let (manifest, tick, children) =

@@ -119,8 +119,37 @@ impl Worker {
     }
 
     /// Decides what a delivery produced, and the `kind` label to count it under. Never fails:
-    /// every problem becomes an [`Outcome`].
+    /// every problem becomes an [`Outcome`]. A child of a fan-out that fails for good, on any
+    /// path (its chain, the delivery limit, a hop or fan-out of its own, an output too large,
+    /// waiting too long for a consumer of its kind), puts its failure in the fan-out's mailbox
+    /// for the join, instead of a dead letter: the join must never wait for an outcome that
+    /// will not come. (A child the envelope refuses cannot be read, so it cannot say which
+    /// fan-out it belongs to: it is dead-lettered, and the join counts it missing at the
+    /// deadline.)
     pub async fn process<'a>(&'a self, delivery: &Delivery) -> (Outcome, &'a str) {
+        let (outcome, label) = self.decide(delivery).await;
+        let Outcome::Dead { reason, stage, .. } = &outcome else {
+            return (outcome, label);
+        };
+        // Read again only on this rare path, so a failed child needs no state carried over.
+        match envelope::open(delivery, self.max_body_bytes) {
+            Ok(job) if job.fanin.is_none() => match &job.fanout {
+                Some(child) => {
+                    let failure = ChildFailure {
+                        stage: stage.clone(),
+                        error: reason.as_str().to_owned(),
+                    };
+                    tracing::warn!(job_id = %job.id, %stage, error = %reason, "child job failed");
+                    (self.child_done(&job, child, Err(failure)), label)
+                }
+                None => (outcome, label),
+            },
+            _ => (outcome, label),
+        }
+    }
+
+    /// [`Worker::process`], but a failed child is dead-lettered like any job.
+    async fn decide<'a>(&'a self, delivery: &Delivery) -> (Outcome, &'a str) {
         let attempt = envelope::attempt(&delivery.properties);
         let deliveries = envelope::delivery_count(&delivery.properties);
         if deliveries >= u64::from(self.delivery_limit) {
@@ -200,6 +229,19 @@ impl Worker {
         let stages = lineage.stages(stages);
         let _entered = span.enter();
         let outcome = match ran {
+            // Its join's outcome or continuation would not come back to this fan-out.
+            Ok(Finished::Hop { .. } | Finished::FanOut { .. }) if job.fanout.is_some() => {
+                let reason = Reason::new(
+                    "a child of a fan-out that hops or fans out again is not supported yet",
+                );
+                lineage.failed(&job, reason, JOIN_STAGE, attempt, stages)
+            }
+            Ok(Finished::Output(output))
+                if job.fanout.is_some() && output.get().len() > self.max_result_bytes =>
+            {
+                let reason = too_large(output.get().len(), self.max_result_bytes);
+                lineage.failed(&job, reason, ENCODE_STAGE, attempt, stages)
+            }
             Ok(Finished::Hop { kind, payload }) => {
                 self.hop(&job, &lineage, kind, payload, stages, attempt)
             }
@@ -230,11 +272,7 @@ impl Worker {
                         ..completed
                     })
                 } else {
-                    let reason = Reason::new(format_args!(
-                        "the result of {} bytes exceeds the largest this consumer publishes ({} bytes, --max-result-bytes)",
-                        completed.body.len(),
-                        self.max_result_bytes
-                    ));
+                    let reason = too_large(completed.body.len(), self.max_result_bytes);
                     tracing::warn!(%reason, "job failed");
                     let failed = result(
                         completed.job_id,
@@ -262,18 +300,6 @@ impl Worker {
                     next_attempt: attempt + 1,
                     wait: jittered(delay, job.id, attempt),
                 }
-            }
-            Err(failure) if job.fanout.is_some() => {
-                let error = ChildFailure {
-                    stage: failure.stage.to_string(),
-                    error: Reason::new(&failure.error).into_string(),
-                };
-                tracing::warn!(stage = %failure.stage, %error, "child job failed");
-                let child = job
-                    .fanout
-                    .as_ref()
-                    .map(|c| self.child_done(&job, c, Err(error)));
-                child.unwrap_or(Outcome::Done)
             }
             Err(failure) => {
                 let reason = if failure.error.is_retryable() {
@@ -458,7 +484,13 @@ impl Worker {
             trigger: true,
             round: 0,
             n: child.n,
-            deadline: job.created_at + fanin::DEADLINE,
+            // (Not used to decide anything: the manifest's deadline is.)
+            deadline: job
+                .created_at
+                .checked_add(time::Duration::seconds(
+                    i64::try_from(fanin::DEADLINE.as_secs()).unwrap_or(i64::MAX),
+                ))
+                .unwrap_or(job.created_at),
         };
         let progress = to_json(&Progress {
             schema_version: SCHEMA_VERSION,
@@ -546,15 +578,35 @@ impl Worker {
             return rearm(&check);
         }
         let mut drained = fanin::drain(channel, &mailbox, check.n, depth).await;
-        if !drained.complete(check.n) && !expired {
+        let complete = drained.complete(check.n);
+        let Some(manifest) = drained.manifest.take() else {
+            // Another check holds the mailbox, or it never had a manifest: left alone, and
+            // looked at again until an hour past the deadline.
+            drained.give_back().await;
+            let over = check
+                .deadline
+                .checked_add(time::Duration::HOUR)
+                .is_none_or(|end| OffsetDateTime::now_utc() > end);
+            if over || check.round >= fanin::MAX_ROUNDS {
+                tracing::error!(%mailbox, "a fan-out's mailbox has no manifest long past its deadline; leaving it to expire");
+                return Outcome::Done;
+            }
+            return rearm(&check);
+        };
+        // The check's own fields only decide when to look; what the join runs on comes from
+        // the manifest the parent wrote. A check that names another job, kind or width is not
+        // this fan-out's (a forged or corrupted one): it ends, and the fan-out's own periodic
+        // check goes on.
+        if manifest.job_id != job.id || manifest.kind != job.kind || manifest.n != check.n {
+            tracing::warn!(%mailbox, job_id = %job.id, kind = %job.kind, n = check.n, "a check that does not match its fan-out's manifest; ignored");
+            drained.give_back().await;
+            return Outcome::Done;
+        }
+        let expired = OffsetDateTime::now_utc() > manifest.deadline;
+        if !complete && !expired {
             drained.give_back().await;
             return rearm(&check);
         }
-        let Some(manifest) = drained.manifest.take() else {
-            tracing::error!(%mailbox, "a fan-out past its deadline has no manifest; leaving it to expire");
-            drained.give_back().await;
-            return Outcome::Done;
-        };
         let children = drained.children(check.n);
         let mut trace = Trace::new(self.stage_timeout);
         let ran = chain.resume(children, &mut trace).await;
@@ -579,15 +631,23 @@ impl Worker {
             attempts: attempt,
         };
         let outcome = match ran {
-            Ok(Finished::Output(output)) => Outcome::Completed(result(
-                manifest.job_id,
-                kind.clone(),
-                Some(manifest.created_at),
-                Ok(&output),
-                attempt,
-                stages,
-                hops,
-            )),
+            Ok(Finished::Output(output)) => {
+                let joined = result(
+                    manifest.job_id,
+                    kind.clone(),
+                    Some(manifest.created_at),
+                    Ok(&output),
+                    attempt,
+                    stages,
+                    hops,
+                );
+                if joined.body.len() <= self.max_result_bytes {
+                    Outcome::Completed(joined)
+                } else {
+                    let reason = too_large(joined.body.len(), self.max_result_bytes);
+                    failed(reason, ENCODE_STAGE, Vec::new())
+                }
+            }
             Ok(_) => failed(
                 Reason::new("a join that hops or fans out again is not supported yet"),
                 JOIN_STAGE,
@@ -609,6 +669,7 @@ impl Worker {
             outcome: Box::new(outcome),
             drain,
             consumer,
+            last_tag: drained.last_tag,
             mailbox,
         }
     }
@@ -674,6 +735,13 @@ impl Worker {
 
 /// Dead-letters a job that could be read, with a `failed` result that carries its id, kind
 /// and creation time.
+/// Why a result of `len` bytes is not published.
+fn too_large(len: usize, max_result_bytes: usize) -> Reason {
+    Reason::new(format_args!(
+        "the result of {len} bytes exceeds the largest this consumer publishes ({max_result_bytes} bytes, --max-result-bytes)"
+    ))
+}
+
 fn dead_with_result(
     job: envelope::OpenedJob<'_>,
     reason: Reason,

@@ -165,9 +165,54 @@ async fn a_waiting_parent_holds_no_message_and_joins_only_after_its_last_child()
     assert_eq!(second["output"]["n"], 31);
     assert_eq!(second["output"]["in_order"], true);
     assert_eq!(second["output"]["failed"], json!([]));
-    assert!(joined_after >= Duration::from_millis(3200), "{joined_after:?}");
+    assert!(
+        joined_after >= Duration::from_millis(3200),
+        "{joined_after:?}"
+    );
     eprintln!("plain job done after {plain_after:?}, the join after {joined_after:?}");
     parent_consumer.stop().await.unwrap();
     child_consumer.stop().await.unwrap();
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_checks_can_neither_join_early_nor_take_outcomes_away() {
+    // Arrange: a fan-out of 30 children that end over 3 s
+    let app = TestApp::new().await;
+    let consumer = app.spawn_consumer(
+        app.consumer_settings(),
+        tests::fan::register(Registry::new()),
+    );
+    let victim = app.publish_job("test.fan.parent", json!(30)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // Act: checks of that fan-out, as anyone who may publish to `jobs` could send them: past
+    // the deadline, with 1 child, or with more children than it has
+    for n in [1, 29, 31, 65_534] {
+        let forged = json!({
+            "schema_version": 3, "id": victim, "kind": "test.fan.parent",
+            "created_at": "2026-01-01T00:00:00Z", "payload": null,
+            "fanin": {"id": format!("{victim}.0"), "trigger": true, "round": 0, "n": n,
+                      "deadline": "2020-01-01T00:00:00Z"},
+        });
+        let properties = shared::amqp::job_properties(uuid::Uuid::new_v4());
+        app.publish_raw("test.fan.parent", forged.to_string().as_bytes(), properties)
+            .await;
+    }
+
+    // Assert: the one result is the whole join, after the last child
+    let result = app.results(1).await[0].json();
+    assert_eq!(result["job_id"], victim.to_string(), "{result}");
+    assert_eq!(result["status"], "ok", "{result}");
+    assert_eq!(result["output"]["n"], 30, "{result}");
+    assert_eq!(result["output"]["failed"], json!([]), "{result}");
+    assert_eq!(result["output"]["in_order"], true, "{result}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        app.drain(&app.topology.names.results_queue)
+            .await
+            .is_empty()
+    );
+    consumer.stop().await.unwrap();
     app.teardown().await;
 }
