@@ -282,10 +282,16 @@ pub enum Probed {
 /// Probes `mailbox` with a **non-passive** declaration of its exact arguments. A passive one
 /// of a queue the join deleted would make the broker close the channel, and lapin 4 poisons a
 /// channel id closed that way for good (see `notes/issue-16-status.md`); this declaration
-/// never fails, and re-creates a deleted mailbox instead. A live mailbox always has its
-/// manifest ready, unless a drain holds it, and a drain is a consumer: so no message and no
-/// consumer means the fan-out is over, and the mailbox is deleted again (unconditionally: a
-/// conditional delete that fails closes the channel too).
+/// never fails (with the same arguments), and re-creates a deleted mailbox instead.
+///
+/// A live mailbox has its manifest in it from the spawn on (the manifest is routed before the
+/// parent's children and first check exist), ready unless a drain holds it, and a drain is a
+/// consumer until its channel closes, which gives the messages back in the same step. So no
+/// message and no consumer, seen twice [`GONE_RECHECK`] apart (a drain cancelled just before
+/// its close shows that for a moment), means the fan-out is over: the mailbox is deleted again
+/// (unconditionally: a conditional delete that fails closes the channel too). The one race
+/// left is with a redelivered parent re-spawning after its join: its second join could then
+/// be cut short, but its first one already published the result.
 pub async fn probe(channel: &Channel, mailbox: &str) -> Probed {
     let durable = QueueDeclareOptions {
         durable: true,
