@@ -12,6 +12,7 @@
 //! unroutable (every publish is `mandatory`). Anything else is counted and reported as failed.
 //! A lost connection is not a failure: `publish.rs` reconnects and sends unconfirmed jobs again.
 
+pub mod dead;
 pub mod input;
 pub mod publish;
 pub mod results;

@@ -1,7 +1,8 @@
 //! `producer` binary: parses settings, sets up logging, runs [`producer::run`], prints the
 //! summary on stderr and exits non-zero unless every job was confirmed (and, with `--wait`,
 //! every result arrived and succeeded). `producer serve` runs the HTTP ingest server
-//! ([`producer::serve`]) until SIGTERM or Ctrl-C.
+//! ([`producer::serve`]) until SIGTERM or Ctrl-C; `producer dead` acts on the dead letters
+//! ([`producer::dead`]).
 
 use std::process::ExitCode;
 
@@ -48,6 +49,15 @@ async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<
             .context("producer serve cannot start")?;
         server.await?;
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(Command::Dead(dead)) = &settings.command {
+        let mut stdout = std::io::BufWriter::new(std::io::stdout());
+        let done = producer::dead::run(&settings.common, dead, &mut stdout).await?;
+        return Ok(if done {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     }
     let stdout = std::io::BufWriter::new(std::io::stdout());
     let summary = producer::run(settings, stdout, shutdown).await?;

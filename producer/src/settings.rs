@@ -45,7 +45,8 @@ pub struct Settings {
     #[command(flatten)]
     pub common: CommonSettings,
 
-    /// `serve`: run as an HTTP ingest server instead of sending a batch.
+    /// `serve`: run as an HTTP ingest server instead of sending a batch; `dead`: act on the
+    /// dead letters.
     #[command(subcommand)]
     pub command: Option<Command>,
 
@@ -112,6 +113,8 @@ pub struct Settings {
 pub enum Command {
     /// Accept jobs over HTTP (`POST /jobs`, `POST /jobs/batch`, `GET /jobs/{id}`).
     Serve(ServeSettings),
+    /// The dead letters: list, show, replay, purge.
+    Dead(crate::dead::DeadSettings),
 }
 
 /// Settings of `producer serve`.

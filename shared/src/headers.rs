@@ -1,4 +1,7 @@
-//! AMQP header names and property values that are part of wire contract v1.
+//! AMQP header names and property values that are part of wire contract v1, and how to read
+//! a header whatever type the sender gave it.
+
+use deadpool_lapin::lapin;
 
 /// Content type of every job and result body.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
@@ -33,3 +36,34 @@ pub const X_UNSERVED_SINCE: &str = "x-unserved-since";
 
 /// On a child's outcome in a fan-out's mailbox: the child's index.
 pub const X_FANIN_INDEX: &str = "x-fanin-index";
+
+/// On a dead letter: when it was dead-lettered, in seconds since the Unix epoch (an integer).
+pub const X_DEAD_AT: &str = "x-dead-at";
+
+/// The integer value of header `name` in `properties`, whatever AMQP integer type the sender
+/// chose; `None` when it is absent or not an integer.
+#[must_use]
+pub fn integer(properties: &lapin::BasicProperties, name: &str) -> Option<i64> {
+    use lapin::types::AMQPValue;
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// The text of header `name` in `properties`, when it is a string.
+#[must_use]
+pub fn text(properties: &lapin::BasicProperties, name: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    match properties.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}

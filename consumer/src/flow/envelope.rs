@@ -6,7 +6,7 @@
 //! bounded, whatever it quotes), and with the job id and kind when they can still be read, so a
 //! `failed` result can be published.
 
-use deadpool_lapin::lapin::{BasicProperties, message::Delivery, types::AMQPValue};
+use deadpool_lapin::lapin::{BasicProperties, message::Delivery};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use shared::{
@@ -190,16 +190,7 @@ pub fn attempt(properties: &BasicProperties) -> u32 {
 
 /// A header's value when it is an AMQP integer of any width; `None` otherwise.
 pub(crate) fn integer_header(properties: &BasicProperties, name: &str) -> Option<i64> {
-    match properties.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongLongInt(n) => Some(*n),
-        _ => None,
-    }
+    shared::headers::integer(properties, name)
 }
 
 /// The job id in the `message_id` property, when it is one.
@@ -281,7 +272,7 @@ fn not_an_object(text: &str) -> Option<&'static str> {
 mod tests {
     use deadpool_lapin::lapin::{
         BasicProperties,
-        types::{FieldTable, ShortString},
+        types::{AMQPValue, FieldTable, ShortString},
     };
 
     use super::*;

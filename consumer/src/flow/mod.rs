@@ -14,7 +14,7 @@
 
 pub mod channels;
 pub mod confirm;
-pub mod copy;
+pub use shared::amqp::copy;
 pub mod envelope;
 pub mod fanin;
 pub mod intake;

@@ -738,6 +738,10 @@ impl Settler {
                 (X_ERROR, AMQPValue::LongString(reason.as_str().into())),
                 (X_FAILED_STAGE, AMQPValue::LongString(stage.into())),
                 (X_ATTEMPTS, AMQPValue::LongLongInt(i64::from(attempts))),
+                (
+                    shared::headers::X_DEAD_AT,
+                    AMQPValue::LongLongInt(time::OffsetDateTime::now_utc().unix_timestamp()),
+                ),
             ]
         };
         // Room for the longest x-error, so that the note on what was dropped still fits.

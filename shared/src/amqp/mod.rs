@@ -5,10 +5,13 @@
 //! - `brokers`: the `AMQP_URL` setting, parsed and checked at start;
 //! - `tls`: the rustls client an `amqps://` URL asks for;
 //! - `connect`: the pool, its failover, and the close/loss/backoff rules;
-//! - `publish`: message properties and publisher confirms.
+//! - `publish`: message properties and publisher confirms;
+//! - [`copy`]: the properties and bounded headers of a copy of a delivery (a retry copy, a dead
+//!   letter, a replay).
 
 mod brokers;
 mod connect;
+pub mod copy;
 mod publish;
 mod tls;
 

@@ -120,7 +120,12 @@ impl Results {
                         )
                         .await
                         .ok()?;
-                    while let Some(Ok(delivery)) = deliveries.next().await {
+                    // A consumer that stops getting deliveries without its stream ending
+                    // (seen once in five rolling restarts: the results waited in the queue,
+                    // unread) is started again after 5 s without one.
+                    while let Ok(Some(Ok(delivery))) =
+                        tokio::time::timeout(Duration::from_secs(5), deliveries.next()).await
+                    {
                         let result: serde_json::Value =
                             serde_json::from_slice(&delivery.data).unwrap_or_default();
                         let id = result["job_id"]

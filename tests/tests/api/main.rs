@@ -15,6 +15,7 @@ mod children;
 mod cluster;
 mod concurrency;
 mod crashes;
+mod dead;
 mod end_to_end;
 mod fanout;
 mod first_hour;

@@ -131,19 +131,19 @@ pub fn without(original: Option<&FieldTable>, lists: &[&[&str]]) -> Option<Field
     Some(FieldTable::from(kept))
 }
 
-/// `table` without the delay ladder's level headers ([`shared::delay::is_level_header`]): a copy
+/// `table` without the delay ladder's level headers ([`crate::delay::is_level_header`]): a copy
 /// that waits again carries only its new levels.
 #[must_use]
 pub fn without_delay_levels(table: FieldTable) -> FieldTable {
     if !table
         .inner()
         .keys()
-        .any(|k| shared::delay::is_level_header(k.as_str()))
+        .any(|k| crate::delay::is_level_header(k.as_str()))
     {
         return table;
     }
     let mut kept = table.inner().clone();
-    kept.retain(|key, _| !shared::delay::is_level_header(key.as_str()));
+    kept.retain(|key, _| !crate::delay::is_level_header(key.as_str()));
     FieldTable::from(kept)
 }
 

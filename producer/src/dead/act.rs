@@ -1,0 +1,171 @@
+//! Acting on the selected dead letters: **replay** publishes each back to `jobs` (routed by
+//! its kind, mandatory, with a publisher confirm) and acks it only once the broker confirmed the
+//! republish; **purge** acks it. Up to [`WINDOW`] replays are in flight at once.
+
+use std::io::Write;
+
+use deadpool_lapin::lapin::{BasicProperties, Connection, message::Delivery};
+use futures::{StreamExt, stream::FuturesUnordered};
+use shared::{
+    amqp::copy,
+    headers::{
+        X_ATTEMPT, X_ATTEMPTS, X_DEAD_AT, X_DELIVERY_COUNT, X_ERROR, X_FAILED_STAGE,
+        X_UNSERVED_SINCE,
+    },
+    topology::Names,
+};
+
+use super::{
+    Tally, report,
+    scan::{Letter, Scan, Select},
+};
+
+/// Replays in flight (published, not yet confirmed) at most.
+pub const WINDOW: usize = 256;
+
+/// Headers a replayed job leaves behind: the failure it died of, its attempt count (so it
+/// starts again at attempt 1), the broker's counts, and how long it had waited for a consumer.
+pub const LEFT_BEHIND: [&str; 7] = [
+    X_ERROR,
+    X_FAILED_STAGE,
+    X_ATTEMPTS,
+    X_ATTEMPT,
+    X_DELIVERY_COUNT,
+    X_DEAD_AT,
+    X_UNSERVED_SINCE,
+];
+
+/// What to do with the selected letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// Back to `jobs`; letters that are not jobs only with `force`.
+    Replay {
+        /// Replay letters that are not jobs too.
+        force: bool,
+    },
+    /// Removed for good.
+    Purge,
+}
+
+/// The properties of a replayed letter: its own (without `user_id`, which the broker checks
+/// against the publisher's login), without the headers of [`LEFT_BEHIND`], the routing and
+/// death headers and the delay ladder's level headers.
+#[must_use]
+pub fn replay_properties(original: &BasicProperties) -> BasicProperties {
+    let lists: [&[&str]; 3] = [&copy::ROUTING_HEADERS, &copy::DEATH_HEADERS, &LEFT_BEHIND];
+    let headers =
+        copy::without(original.headers().as_ref(), &lists).map(copy::without_delay_levels);
+    let properties = copy::properties(original);
+    match headers {
+        Some(headers) => properties.with_headers(headers),
+        None => properties,
+    }
+}
+
+/// Scans the dead letters and acts on the selected ones, writing one line per letter acted on
+/// (table mode: only those left dead) to `out`.
+///
+/// # Errors
+/// The scan could not start, or a channel failed mid-way: every letter not yet acked is then
+/// given back by the broker (still dead), and those whose republish was confirmed but not yet
+/// acked are both dead and back in work.
+pub async fn run(
+    connection: &Connection,
+    names: &Names,
+    select: &Select,
+    act: Act,
+    out: &mut (impl Write + Send),
+    json: bool,
+) -> anyhow::Result<Tally> {
+    let mut scan = Scan::start(connection, names).await?;
+    let publisher = shared::amqp::confirm_channel(connection).await?;
+    let limit = select.limit.unwrap_or(usize::MAX);
+    let mut tally = Tally::default();
+    let mut in_flight = FuturesUnordered::new();
+    let mut chosen = 0usize;
+    loop {
+        while in_flight.len() >= WINDOW {
+            if let Some(done) = in_flight.next().await {
+                settle(&scan, done, &mut tally, out, json).await?;
+            }
+        }
+        let Some(delivery) = scan.next().await? else {
+            break;
+        };
+        tally.scanned += 1;
+        let letter = Letter::of(&delivery);
+        if chosen >= limit || !select.matches(&letter) {
+            scan.keep(&delivery).await?;
+            continue;
+        }
+        tally.matched += 1;
+        chosen += 1;
+        match act {
+            Act::Purge => {
+                scan.remove(&delivery).await?;
+                tally.purged += 1;
+                report::acted(out, &letter, "purged", None, json)?;
+            }
+            Act::Replay { force } if !letter.is_job && !force => {
+                scan.keep(&delivery).await?;
+                tally.kept += 1;
+                let why = "not a job: replay it with --force, or purge it";
+                report::acted(out, &letter, "kept", Some(why), json)?;
+            }
+            Act::Replay { .. } => {
+                let routing_key = letter
+                    .kind
+                    .clone()
+                    .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
+                let confirm = publisher
+                    .basic_publish(
+                        names.jobs_exchange.as_str().into(),
+                        routing_key.as_str().into(),
+                        shared::amqp::mandatory(),
+                        &delivery.data,
+                        replay_properties(&delivery.properties),
+                    )
+                    .await?;
+                in_flight.push(async move {
+                    let confirmed = match confirm.await {
+                        Ok(confirmation) => shared::amqp::check_confirmation(confirmation),
+                        Err(error) => Err(error.into()),
+                    };
+                    (letter, delivery, confirmed)
+                });
+            }
+        }
+    }
+    while let Some(done) = in_flight.next().await {
+        settle(&scan, done, &mut tally, out, json).await?;
+    }
+    scan.end().await;
+    shared::amqp::close_channel(&publisher).await;
+    Ok(tally)
+}
+
+/// A replay whose confirm came: the letter is removed if the broker took the republish, else
+/// left dead.
+async fn settle(
+    scan: &Scan,
+    (letter, delivery, confirmed): (Letter, Delivery, Result<(), shared::amqp::PublishError>),
+    tally: &mut Tally,
+    out: &mut (impl Write + Send),
+    json: bool,
+) -> anyhow::Result<()> {
+    match confirmed {
+        Ok(()) => {
+            scan.remove(&delivery).await?;
+            tally.replayed += 1;
+            report::acted(out, &letter, "replayed", None, json)?;
+        }
+        Err(error) => {
+            // Left unacked: it goes back to the queue when the scan ends.
+            tally.failed += 1;
+            tally.kept += 1;
+            let why = format!("the republish failed, the letter stays dead: {error}");
+            report::acted(out, &letter, "kept", Some(&why), json)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! `producer dead`: dead letters listed with filters, shown, replayed (removed only once the
+//! republish is confirmed, even through a SIGKILL) and purged; junk replayed only with
+//! `--force`.
+
+use std::{collections::HashSet, process::Stdio, time::Duration};
+
+use consumer::Registry;
+use deadpool_lapin::lapin::{
+    BasicProperties,
+    types::{AMQPValue, FieldTable},
+};
+use serde_json::{Value, json};
+use shared::amqp::{check_confirmation, mandatory};
+use uuid::Uuid;
+
+use crate::{
+    children::Collector,
+    helpers::{TestApp, within},
+};
+
+/// Puts a dead letter in the namespace's `jobs.dead`, as the consumer writes them.
+async fn bury(
+    app: &TestApp,
+    body: &[u8],
+    id: Option<Uuid>,
+    stage: &str,
+    error: &str,
+    dead_at: i64,
+) {
+    let mut headers = FieldTable::default();
+    headers.insert("x-error".into(), AMQPValue::LongString(error.into()));
+    headers.insert("x-failed-stage".into(), AMQPValue::LongString(stage.into()));
+    headers.insert("x-attempts".into(), AMQPValue::LongLongInt(3));
+    headers.insert("x-attempt".into(), AMQPValue::LongLongInt(3));
+    headers.insert("x-dead-at".into(), AMQPValue::LongLongInt(dead_at));
+    let mut properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(id) = id {
+        properties = properties.with_message_id(id.to_string().as_str().into());
+    }
+    let confirm = app
+        .channel
+        .basic_publish(
+            app.topology.names.dead_exchange.as_str().into(),
+            "text.analyze".into(),
+            mandatory(),
+            body,
+            properties,
+        )
+        .await
+        .unwrap();
+    check_confirmation(confirm.await.unwrap()).unwrap();
+}
+
+fn job(id: Uuid, kind: &str) -> Vec<u8> {
+    json!({
+        "schema_version": 1, "id": id, "kind": kind,
+        "created_at": "2026-11-25T10:00:00Z", "payload": {"text": "back from the dead"},
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Runs `producer dead <args>`; returns (success, stdout, stderr).
+async fn dead(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+    let output = tokio::process::Command::new(crate::helpers::binary("producer"))
+        .arg("dead")
+        .args(args)
+        .env("AMQP_URL", &app.common.amqp_url)
+        .env("JOBS_NAMESPACE", &app.common.namespace)
+        .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = within("producer dead to exit", output).await.unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_filtered_shown_replayed_and_purged() {
+    // Arrange: 3 of one kind that died in decode a day ago, 2 of another in analyze just now,
+    // and a body that is not a job
+    let app = TestApp::new().await;
+    let old: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    let new: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
+    for id in &old {
+        bury(
+            &app,
+            &job(*id, "text.analyze"),
+            Some(*id),
+            "decode",
+            "invalid payload: missing field `text`",
+            now() - 86_400,
+        )
+        .await;
+    }
+    for id in &new {
+        bury(
+            &app,
+            &job(*id, "other.kind"),
+            Some(*id),
+            "analyze",
+            "Upstream TIMEOUT after 30 s",
+            now(),
+        )
+        .await;
+    }
+    bury(
+        &app,
+        b"\x00\x01 not json",
+        None,
+        "envelope",
+        "malformed JSON: expected value",
+        now(),
+    )
+    .await;
+
+    // Act + Assert: list, with filters
+    let (ok, out, _) = dead(&app, &["list", "--json"]).await;
+    assert!(ok);
+    assert_eq!(lines(&out).len(), 6, "{out}");
+    let (ok, out, _) = dead(&app, &["list", "--json", "--kind", "text.analyze"]).await;
+    assert!(ok);
+    let listed = lines(&out);
+    assert_eq!(listed.len(), 3);
+    assert!(
+        listed
+            .iter()
+            .all(|l| l["stage"] == "decode" && l["attempts"] == 3)
+    );
+    let (_, out, _) = dead(&app, &["list", "--json", "--error", "timeout"]).await;
+    assert_eq!(lines(&out).len(), 2, "case-insensitive error text");
+    let (_, out, _) = dead(&app, &["list", "--json", "--older-than", "1h"]).await;
+    assert_eq!(lines(&out).len(), 3);
+    let (_, out, _) = dead(&app, &["list", "--json", "--junk"]).await;
+    assert_eq!(lines(&out)[0]["is_job"], false);
+    let (ok, table, _) = dead(&app, &["list"]).await;
+    assert!(
+        ok && table.contains("JOB ID") && table.contains("Upstream TIMEOUT"),
+        "{table}"
+    );
+    // Listing gave everything back
+    assert_eq!(app.depth(&app.topology.names.dead_queue).await, 6);
+
+    // show
+    let (ok, out, _) = dead(&app, &["show", &old[0].to_string(), "--json"]).await;
+    assert!(ok);
+    let shown = &lines(&out)[0];
+    assert_eq!(shown["body"]["id"], old[0].to_string());
+    assert_eq!(shown["headers"]["x-failed-stage"], "decode");
+    let (ok, _, err) = dead(&app, &["show", &Uuid::new_v4().to_string()]).await;
+    assert!(!ok && err.contains("no dead letter"), "{err}");
+
+    // replay and purge need a filter or --all
+    let (ok, _, err) = dead(&app, &["replay"]).await;
+    assert!(!ok && err.contains("--all"), "{err}");
+
+    // replay the decode failures, with a consumer running: each comes back as a result
+    let consumer = app.spawn_consumer(app.consumer_settings(), Registry::builtin());
+    let (ok, out, err) = dead(&app, &["replay", "--stage", "decode", "--json"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        lines(&out).iter().all(|l| l["outcome"] == "replayed"),
+        "{out}"
+    );
+    let results = app.results(3).await;
+    let ids: HashSet<String> = results
+        .iter()
+        .map(|r| r.json()["job_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, old.iter().map(ToString::to_string).collect());
+    for result in &results {
+        let json = result.json();
+        assert_eq!(json["status"], "ok", "{json}");
+        assert_eq!(json["attempts"], 1, "a fresh attempt count: {json}");
+    }
+    assert_eq!(app.depth(&app.topology.names.dead_queue).await, 3);
+
+    // junk is replayed only with --force; purge takes it
+    let (ok, out, _) = dead(&app, &["replay", "--junk", "--json"]).await;
+    assert!(ok);
+    assert_eq!(lines(&out)[0]["outcome"], "kept", "{out}");
+    let (ok, _, err) = dead(&app, &["purge", "--junk"]).await;
+    assert!(ok, "{err}");
+    assert!(err.contains("purged 1"), "{err}");
+    assert_eq!(app.depth(&app.topology.names.dead_queue).await, 2);
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_killed_midway_loses_no_dead_letter() {
+    // Arrange: 5,000 dead letters, no consumer yet
+    let app = TestApp::new().await;
+    let ids: Vec<Uuid> = (0..5000).map(|_| Uuid::new_v4()).collect();
+    for chunk in ids.chunks(500) {
+        let bodies: Vec<Vec<u8>> = chunk.iter().map(|id| job(*id, "text.analyze")).collect();
+        futures::future::join_all(chunk.iter().zip(&bodies).map(|(id, body)| {
+            bury(
+                &app,
+                body,
+                Some(*id),
+                "analyze",
+                "a bug, since fixed",
+                now(),
+            )
+        }))
+        .await;
+    }
+    // With no consumer, no kind queue exists yet: replayed jobs wait in `jobs.work`.
+    let work = app.topology.names.work_queue.clone();
+
+    // Act: replay everything, SIGKILL the replay once some letters are back in work
+    let mut replay = tokio::process::Command::new(crate::helpers::binary("producer"))
+        .args(["dead", "replay", "--all", "--json"])
+        .env("AMQP_URL", &app.common.amqp_url)
+        .env("JOBS_NAMESPACE", &app.common.namespace)
+        .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    within("1,000 letters back in work", async {
+        while app.depth(&work).await < 1000 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    replay.start_kill().unwrap();
+    within("the replay to die", replay.wait()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Assert: every letter is still dead or back in work (or both)
+    let in_work = app.depth(&work).await;
+    let still_dead = app.depth(&app.topology.names.dead_queue).await;
+    assert!(
+        u64::from(in_work) + u64::from(still_dead) >= 5000,
+        "in work {in_work} + still dead {still_dead} < 5,000"
+    );
+    // ... and once the rest is replayed, every job ends with a result
+    let mut collector = Collector::start(&app).await;
+    let consumer = app.spawn_consumer(app.consumer_settings(), Registry::builtin());
+    let (ok, _, err) = dead(&app, &["replay", "--all"]).await;
+    assert!(ok, "{err}");
+    collector.wait_for_all(&ids).await;
+    let (results, distinct, duplicates) = collector.counts();
+    crate::workflows::report(&format!(
+        "dead-letter replay SIGKILLed midway: 5000 letters, in work at the kill {in_work}, still dead {still_dead}, results {results}, distinct {distinct}, lost {}, duplicates {duplicates}",
+        5000 - distinct
+    ));
+    assert_eq!(distinct, 5000);
+    let left = app.depth(&app.topology.names.dead_queue).await;
+    if left > 0 {
+        let (_, out, err) = dead(
+            &app,
+            &["show", "--json", &{
+                let (_, list, _) = dead(&app, &["list", "--json", "--limit", "1"]).await;
+                lines(&list)[0]["job_id"].as_str().unwrap().to_owned()
+            }],
+        )
+        .await;
+        let headers: Value =
+            serde_json::from_str(out.lines().next().unwrap_or("null")).unwrap_or_default();
+        panic!(
+            "{left} letters left dead; one of them: {} {err}",
+            headers["headers"]
+        );
+    }
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
