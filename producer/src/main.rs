@@ -52,7 +52,7 @@ async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<
     }
     if let Some(Command::Dead(dead)) = &settings.command {
         let mut stdout = std::io::BufWriter::new(std::io::stdout());
-        let done = producer::dead::run(&settings.common, dead, &mut stdout).await?;
+        let done = producer::dead::run(&settings.common, dead, &mut stdout, &shutdown).await?;
         return Ok(if done {
             ExitCode::SUCCESS
         } else {

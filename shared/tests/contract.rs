@@ -8,7 +8,9 @@ use serde_json::Value;
 use shared::schema::{Job, JobResult};
 
 fn example(name: &str) -> Value {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/contract").join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/contract")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
@@ -16,7 +18,10 @@ fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(name: &str) {
     let file = example(name);
     let parsed: T = serde_json::from_value(file.clone()).unwrap_or_else(|e| panic!("{name}: {e}"));
     let written = serde_json::to_value(&parsed).unwrap();
-    assert_eq!(written, file, "{name} does not survive a round trip through its Rust type");
+    assert_eq!(
+        written, file,
+        "{name} does not survive a round trip through its Rust type"
+    );
 }
 
 #[test]
@@ -43,6 +48,12 @@ fn every_example_is_tested() {
     names.sort();
     assert_eq!(
         names,
-        ["job_v1.json", "job_v2_delayed.json", "result_failed.json", "result_hops.json", "result_ok.json"]
+        [
+            "job_v1.json",
+            "job_v2_delayed.json",
+            "result_failed.json",
+            "result_hops.json",
+            "result_ok.json"
+        ]
     );
 }

@@ -63,7 +63,9 @@ pub fn replay_properties(original: &BasicProperties) -> BasicProperties {
 }
 
 /// Scans the dead letters and acts on the selected ones, writing one line per letter acted on
-/// (table mode: only those left dead) to `out`.
+/// (table mode: only those left dead) to `out`; an output that fails (a closed pipe) does not
+/// stop the work. Once `stop` fires, no further letter is taken; the replays in flight are
+/// settled first.
 ///
 /// # Errors
 /// The scan could not start, or a channel failed mid-way: every letter not yet acked is then
@@ -76,6 +78,7 @@ pub async fn run(
     act: Act,
     out: &mut (impl Write + Send),
     json: bool,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Tally> {
     let mut scan = Scan::start(connection, names).await?;
     let publisher = shared::amqp::confirm_channel(connection).await?;
@@ -88,6 +91,9 @@ pub async fn run(
             if let Some(done) = in_flight.next().await {
                 settle(&scan, done, &mut tally, out, json).await?;
             }
+        }
+        if stop.is_cancelled() {
+            break;
         }
         let Some(delivery) = scan.next().await? else {
             break;
@@ -104,13 +110,13 @@ pub async fn run(
             Act::Purge => {
                 scan.remove(&delivery).await?;
                 tally.purged += 1;
-                report::acted(out, &letter, "purged", None, json)?;
+                let _ = report::acted(out, &letter, "purged", None, json);
             }
             Act::Replay { force } if !letter.is_job && !force => {
                 scan.keep(&delivery).await?;
                 tally.kept += 1;
                 let why = "not a job: replay it with --force, or purge it";
-                report::acted(out, &letter, "kept", Some(why), json)?;
+                let _ = report::acted(out, &letter, "kept", Some(why), json);
             }
             Act::Replay { .. } => {
                 let routing_key = letter
@@ -157,14 +163,14 @@ async fn settle(
         Ok(()) => {
             scan.remove(&delivery).await?;
             tally.replayed += 1;
-            report::acted(out, &letter, "replayed", None, json)?;
+            let _ = report::acted(out, &letter, "replayed", None, json);
         }
         Err(error) => {
             // Left unacked: it goes back to the queue when the scan ends.
             tally.failed += 1;
             tally.kept += 1;
             let why = format!("the republish failed, the letter stays dead: {error}");
-            report::acted(out, &letter, "kept", Some(&why), json)?;
+            let _ = report::acted(out, &letter, "kept", Some(&why), json);
         }
     }
     Ok(())

@@ -100,7 +100,8 @@ pub struct Tally {
 }
 
 /// Runs `settings` against the broker of `common`, writing what it shows to `out` and a
-/// summary to stderr; returns whether everything selected was done.
+/// summary to stderr; returns whether everything selected was done. `stop` (Ctrl-C, SIGTERM)
+/// ends a replay or purge between two letters, after the replays in flight are settled.
 ///
 /// # Errors
 /// No connection, no `jobs.dead` queue, a selection that would touch every letter without
@@ -109,6 +110,7 @@ pub async fn run(
     common: &CommonSettings,
     settings: &DeadSettings,
     out: &mut (impl Write + Send),
+    stop: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<bool> {
     use anyhow::Context;
     let names = common.topology().names;
@@ -151,6 +153,7 @@ pub async fn run(
                 act::Act::Replay { force: *force },
                 out,
                 *json,
+                stop,
             )
             .await?;
             report::summary(
@@ -164,7 +167,16 @@ pub async fn run(
         }
         Action::Purge { select, json } => {
             select.check_not_everything("purge")?;
-            let tally = act::run(&connection, &names, select, act::Act::Purge, out, *json).await?;
+            let tally = act::run(
+                &connection,
+                &names,
+                select,
+                act::Act::Purge,
+                out,
+                *json,
+                stop,
+            )
+            .await?;
             report::summary(
                 &names.dead_queue,
                 "purged",

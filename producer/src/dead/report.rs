@@ -51,17 +51,28 @@ fn row(letter: &Letter) -> String {
         .attempts
         .map_or_else(|| "-".to_owned(), |a| a.to_string());
     let error = one_line(letter.error.as_deref().unwrap_or("-"), ERROR_COLUMN);
-    format!(
-        "{id:<36}  {kind:<20}  {:<10}  {attempts:>8}  {age:>5}  {error}",
-        letter.stage.as_deref().unwrap_or("-"),
-    )
+    // Every text from the letter goes through `one_line`: no control character (a terminal
+    // escape in a header a client set) reaches the terminal.
+    let kind = one_line(&kind, 60);
+    let stage = one_line(letter.stage.as_deref().unwrap_or("-"), 40);
+    format!("{id:<36}  {kind:<20}  {stage:<10}  {attempts:>8}  {age:>5}  {error}")
 }
 
-/// `text` on one line (control characters shown as spaces), cut to `max` characters.
+/// `text` on one line (control and bidirectional-override characters shown as spaces), cut
+/// to `max` characters.
 fn one_line(text: &str, max: usize) -> String {
     let flat: String = text
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| {
+            if c.is_control()
+                || ('\u{202a}'..='\u{202e}').contains(&c)
+                || ('\u{2066}'..='\u{2069}').contains(&c)
+            {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect();
     if flat.chars().count() <= max {
         return flat;
@@ -160,10 +171,18 @@ fn describe(letter: &Letter, delivery: &Delivery) -> Value {
         })
         .unwrap_or_default();
     let data = &delivery.data[..delivery.data.len().min(SHOW_BODY_BYTES)];
-    let body = match serde_json::from_slice::<Value>(&delivery.data) {
-        Ok(v) if delivery.data.len() <= SHOW_BODY_BYTES => v,
-        _ => match std::str::from_utf8(data) {
+    // Parsed only when small: a 100 MB body is shown cut, never parsed whole.
+    let parsed = (delivery.data.len() <= SHOW_BODY_BYTES)
+        .then(|| serde_json::from_slice::<Value>(&delivery.data).ok())
+        .flatten();
+    let body = match parsed {
+        Some(v) => v,
+        None => match std::str::from_utf8(data) {
             Ok(text) => json!(text),
+            // Cut mid-character at the limit: show what is valid up to there.
+            Err(e) if e.valid_up_to() > 0 && e.error_len().is_none() => {
+                json!(String::from_utf8_lossy(&data[..e.valid_up_to()]))
+            }
             Err(_) => json!(format!("({} bytes, not UTF-8)", delivery.data.len())),
         },
     };

@@ -1,8 +1,8 @@
 //! Taking the dead letters from `jobs.dead` one at a time (`basic.get`, unacked), a summary of
 //! each ([`Letter`]), and the selection ([`Select`]).
 //!
-//! A scan takes letters until the queue has none ready (bounded by twice its depth at the
-//! start, so a queue that fills as fast as it is read cannot keep it going). Every letter taken stays unacked on the scan's channel until
+//! A scan takes at most the depth the queue had when it started, so letters that die during
+//! it (a replayed job that fails again at once) are left for the next one. Every letter taken stays unacked on the scan's channel until
 //! it is acted on or the channel closes; closing gives the rest back. On a quorum queue each
 //! give-back counts as a delivery, and RabbitMQ 4 dead-letters a message delivered 20 times:
 //! a letter already given back [`REFRESH_AT`] times is put back as a fresh copy (published
@@ -27,9 +27,6 @@ use uuid::Uuid;
 
 /// How long a scan that acked letters waits before it closes its channel (see [`Scan::end`]).
 pub const SETTLE_PAUSE: Duration = Duration::from_secs(1);
-
-/// Letters a scan takes beyond twice the depth at its start, at most.
-pub const SCAN_SLACK: u64 = 1000;
 
 /// A letter given back this many times is put back as a fresh copy instead.
 pub const REFRESH_AT: i64 = 10;
@@ -145,8 +142,9 @@ pub struct Letter {
 struct JobFields {
     id: Uuid,
     kind: String,
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    created_at: Option<OffsetDateTime>,
+    /// Read leniently: a malformed time does not make the letter junk.
+    #[serde(default)]
+    created_at: Option<String>,
 }
 
 impl Letter {
@@ -171,7 +169,10 @@ impl Letter {
                     .timestamp()
                     .and_then(|s| OffsetDateTime::from_unix_timestamp(i64::try_from(s).ok()?).ok())
             })
-            .or_else(|| job.as_ref().and_then(|j| j.created_at));
+            .or_else(|| {
+                let at = job.as_ref()?.created_at.as_deref()?;
+                OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+            });
         Self {
             job_id: job.as_ref().map(|j| j.id).or(message_id),
             kind: job.as_ref().map(|j| j.kind.clone()),
@@ -256,17 +257,15 @@ impl Scan {
         self.depth
     }
 
-    /// The next letter, or `None` once the queue has none ready (every letter is taken, or was
-    /// acted on), or twice its depth at the start plus [`SCAN_SLACK`] were taken. Act on it
-    /// (ack it) or [`Scan::keep`] it.
+    /// The next letter, or `None` once as many as the queue held at the start were taken (or
+    /// none is ready). Act on it (ack it) or [`Scan::keep`] it.
     ///
     /// # Errors
     /// The channel failed: every letter taken and not yet acted on goes back to the queue.
     pub async fn next(&mut self) -> Result<Option<Delivery>, lapin::Error> {
-        // Past the depth at the start only by as much again: letters that come back while the
-        // scan runs (given back by a client that just died) are taken too, but a queue that
-        // fills as fast as it is read does not keep the scan going forever.
-        if self.taken >= self.depth.saturating_mul(2).saturating_add(SCAN_SLACK) {
+        // No further than the depth at the start: a letter replayed that dies again at once
+        // comes back to the tail, and must not be replayed twice in one run.
+        if self.taken >= self.depth {
             return Ok(None);
         }
         let got = self

@@ -27,6 +27,7 @@
 //! reused for another job never returns the other job's result.
 
 pub mod auth;
+pub mod openapi;
 
 use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -150,16 +151,24 @@ impl FanCount {
 }
 
 /// A job as posted.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewJob {
+    /// The job's kind (its routing key): 1 to 255 bytes, one of `--accept-kinds` (the
+    /// document served lists them).
+    #[schema(example = "text.analyze")]
     kind: String,
+    /// The job's input, any JSON the kind's consumer reads.
+    #[schema(value_type = Object, example = json!({"text": "hello"}))]
     payload: Box<RawValue>,
+    /// An id of the client's (for safe retries); a new one otherwise.
     #[serde(default)]
     id: Option<Uuid>,
-    /// Seconds, or a text such as `"90s"`.
+    /// Run no earlier than this long from now: seconds (a number), or a text such as `"90s"`,
+    /// `"5m"`, `"30d"` (at most 366 days).
     #[serde(default)]
+    #[schema(value_type = Option<String>)]
     delay: Option<serde_json::Value>,
-    /// An RFC 3339 time.
+    /// Run no earlier than this time (RFC 3339).
     #[serde(default)]
     not_before: Option<String>,
 }
@@ -307,6 +316,7 @@ pub async fn start(
         .route("/jobs/batch", post(post_batch))
         .route("/jobs/{id}", get(get_job))
         .route("/readyz", get(ready))
+        .route("/openapi.json", get(openapi_json))
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(middleware::from_fn_with_state(Arc::clone(&ingest), admit))
         .with_state(Arc::clone(&ingest));
@@ -354,6 +364,18 @@ async fn admit(State(ingest): State<Arc<Ingest>>, request: Request, next: Next) 
     }
 }
 
+/// Enqueues one job; answers once the broker confirmed it.
+#[utoipa::path(post, path = "/jobs", request_body = NewJob, responses(
+    (status = 202, description = "confirmed by the broker", body = openapi::Accepted),
+    (status = 400, description = "not JSON of the right shape", body = openapi::ErrorBody),
+    (status = 401, description = "no valid bearer token", body = openapi::ErrorBody),
+    (status = 409, description = "the id was accepted before for another kind or payload", body = openapi::ErrorBody),
+    (status = 413, description = "body over --max-body-bytes", body = openapi::ErrorBody),
+    (status = 415, description = "not application/json", body = openapi::ErrorBody),
+    (status = 422, description = "kind not accepted, or a bad delay / not_before", body = openapi::ErrorBody),
+    (status = 429, description = "more than --max-in-flight requests", body = openapi::ErrorBody),
+    (status = 503, description = "the broker did not confirm in time, or is unreachable: retry with the same id", body = openapi::ErrorBody),
+))]
 async fn post_job(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
     let job: NewJob = parse(&body)?;
     ingest.check_kind(&job.kind)?;
@@ -362,6 +384,18 @@ async fn post_job(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Resp
     Ok((StatusCode::ACCEPTED, Json(json!({ "id": id }))).into_response())
 }
 
+/// Enqueues up to 1,000 jobs; answers once the broker confirmed every one.
+#[utoipa::path(post, path = "/jobs/batch", request_body = Vec<NewJob>, responses(
+    (status = 202, description = "every job confirmed", body = openapi::AcceptedBatch),
+    (status = 400, description = "not a JSON array of jobs", body = openapi::ErrorBody),
+    (status = 401, description = "no valid bearer token", body = openapi::ErrorBody),
+    (status = 409, description = "an id was accepted before for another kind or payload", body = openapi::ErrorBody),
+    (status = 413, description = "body over --max-body-bytes, or over 1,000 jobs", body = openapi::ErrorBody),
+    (status = 415, description = "not application/json", body = openapi::ErrorBody),
+    (status = 422, description = "a job's kind, delay or not_before refused (the message names its index)", body = openapi::ErrorBody),
+    (status = 429, description = "more than --max-in-flight requests", body = openapi::ErrorBody),
+    (status = 503, description = "not every job was confirmed (`confirmed` and `failed` say which)", body = Object),
+))]
 async fn post_batch(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
     let jobs: Vec<NewJob> = parse(&body)?;
     if jobs.len() > MAX_BATCH {
@@ -404,6 +438,15 @@ async fn post_batch(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Re
     Ok(response)
 }
 
+/// The job's result once it has one, else what is known of it.
+#[utoipa::path(get, path = "/jobs/{id}", params(("id" = Uuid, Path, description = "the job id")), responses(
+    (status = 200, description = "the job's result (see the README's wire contract)", body = Object),
+    (status = 202, description = "no result yet: pending, delayed, at a hop, or children done", body = openapi::Pending),
+    (status = 400, description = "not a job id", body = openapi::ErrorBody),
+    (status = 401, description = "no valid bearer token", body = openapi::ErrorBody),
+    (status = 404, description = "no job with this id known here", body = openapi::ErrorBody),
+    (status = 429, description = "more than --max-in-flight requests", body = openapi::ErrorBody),
+))]
 async fn get_job(
     State(ingest): State<Arc<Ingest>>,
     Path(id): Path<String>,
@@ -699,6 +742,12 @@ impl Ingest {
 /// `GET /readyz`: 200 while connected to a broker with the results listener up, 503
 /// otherwise; the body says which broker (password redacted). Behind the same tokens as the
 /// other routes, since it names the broker.
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "connected, and the results listener is up", body = String, content_type = "text/plain"),
+    (status = 401, description = "no valid bearer token", body = openapi::ErrorBody),
+    (status = 429, description = "more than --max-in-flight requests", body = openapi::ErrorBody),
+    (status = 503, description = "not connected to the broker yet", body = String, content_type = "text/plain"),
+))]
 async fn ready(State(ingest): State<Arc<Ingest>>) -> (StatusCode, String) {
     let connected = ingest
         .link
@@ -723,6 +772,18 @@ async fn ready(State(ingest): State<Arc<Ingest>>) -> (StatusCode, String) {
             format!("{state}\nbrokers: {}\n", ingest.broker),
         )
     }
+}
+
+/// This API's OpenAPI document.
+#[utoipa::path(get, path = "/openapi.json", responses(
+    (status = 200, description = "the OpenAPI 3.1 document", body = Object),
+    (status = 401, description = "no valid bearer token", body = openapi::ErrorBody),
+    (status = 429, description = "more than --max-in-flight requests", body = openapi::ErrorBody),
+))]
+async fn openapi_json(State(ingest): State<Arc<Ingest>>) -> Json<serde_json::Value> {
+    let mut accepted: Vec<&str> = ingest.accept.iter().map(String::as_str).collect();
+    accepted.sort_unstable();
+    Json(openapi::document(&accepted))
 }
 
 /// Fills the result cache from a private results queue, starting (and restarting) it when

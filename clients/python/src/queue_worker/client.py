@@ -733,6 +733,9 @@ class Client:
                 result = JobResult.from_json(message.body)
             except ContractError as error:
                 log.warning("ignoring a result that does not follow the contract: %s", error)
+            except (RecursionError, MemoryError, ValueError, TypeError) as error:
+                # A hostile body (nested 100k deep, ...) must not stop the listener either.
+                log.warning("ignoring a result that cannot be read: %r", error)
             else:
                 try:
                     await self._deliver(result)
