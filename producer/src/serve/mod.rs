@@ -389,7 +389,7 @@ async fn post_job(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Resp
     (status = 202, description = "every job confirmed", body = openapi::AcceptedBatch),
     (status = 400, description = "not a JSON array of jobs", body = openapi::ErrorBody),
     (status = 401, description = "no valid bearer token", body = openapi::ErrorBody),
-    (status = 409, description = "an id was accepted before for another kind or payload", body = openapi::ErrorBody),
+    (status = 409, description = "an id was accepted before for another kind or payload (the body's `confirmed` and `failed` say which; the others were confirmed)", body = openapi::ErrorBody),
     (status = 413, description = "body over --max-body-bytes, or over 1,000 jobs", body = openapi::ErrorBody),
     (status = 415, description = "not application/json", body = openapi::ErrorBody),
     (status = 422, description = "a job's kind, delay or not_before refused (the message names its index)", body = openapi::ErrorBody),
@@ -417,24 +417,43 @@ async fn post_batch(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Re
         .await;
     let mut ids = Vec::with_capacity(published.len());
     let mut failed = Vec::new();
+    // The answer's status: 409 when every job that failed was refused for the client's own
+    // reason (an id used before for another job), which a retry cannot cure; else 503.
+    let mut status = StatusCode::CONFLICT;
     for (i, outcome) in published.into_iter().enumerate() {
         match outcome {
             Ok(id) => ids.push(id),
-            Err(failure) => failed.push(json!({ "index": i, "error": failure.message.as_str() })),
+            Err(failure) => {
+                if !failure.status.is_client_error() {
+                    status = StatusCode::SERVICE_UNAVAILABLE;
+                }
+                failed.push(json!({
+                    "index": i,
+                    "status": failure.status.as_u16(),
+                    "error": failure.message.as_str(),
+                }));
+            }
         }
     }
     if failed.is_empty() {
         return Ok((StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response());
     }
+    let error = if status == StatusCode::CONFLICT {
+        "some ids were used before for another kind or payload; the other jobs were confirmed"
+    } else {
+        "not every job was confirmed"
+    };
     let mut response = (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({ "error": "not every job was confirmed", "confirmed": ids, "failed": failed })),
+        status,
+        Json(json!({ "error": error, "confirmed": ids, "failed": failed })),
     )
         .into_response();
-    response.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from_static(RETRY_AFTER_SECS),
-    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+    }
     Ok(response)
 }
 

@@ -135,6 +135,22 @@ async fn serve_needs_a_token_json_and_an_unused_id() {
     );
     let other = call(url.clone(), Some(TOKEN), json, Some(job("b", id))).await;
     assert_eq!(other.status, 409, "{}", other.body);
+    // In a batch too (found by the API fuzz run: it was a 503, "retry", which cannot cure it)
+    let batch = call(
+        format!("{url}/batch"),
+        Some(TOKEN),
+        json,
+        Some(json!([job("b", id), job("c", uuid::Uuid::new_v4())])),
+    )
+    .await;
+    assert_eq!(batch.status, 409, "{}", batch.body);
+    assert_eq!(batch.body["failed"][0]["index"], 0, "{}", batch.body);
+    assert_eq!(
+        batch.body["confirmed"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        batch.body
+    );
     let status = call(format!("{url}/{id}"), None, None, None).await;
     assert_eq!(status.status, 401, "reads need the token too");
     let status = call(format!("{url}/{id}"), Some(TOKEN), None, None).await;
