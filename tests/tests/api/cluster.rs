@@ -104,22 +104,33 @@ impl Results {
         tokio::spawn(async move {
             while !stopped.is_cancelled() {
                 let read = async {
-                    let (_pool, connection) =
-                        amqp::connect(&urls, "cluster test results").await.ok()?;
-                    let channel = connection.create_channel().await.ok()?;
-                    channel
-                        .basic_qos(1000, BasicQosOptions::default())
-                        .await
-                        .ok()?;
-                    let mut deliveries = channel
-                        .basic_consume(
-                            queue.as_str().into(),
-                            "cluster-test".into(),
-                            BasicConsumeOptions::default(),
-                            FieldTable::default(),
-                        )
-                        .await
-                        .ok()?;
+                    // Every step bounded: during a rolling restart a connection to a node that
+                    // is stopping, or a consume on a queue electing its leader, can wait for
+                    // an answer that never comes (twice in CI: the results waited in the
+                    // queue, unread, while this reader hung).
+                    let setup = async {
+                        let (pool, connection) =
+                            amqp::connect(&urls, "cluster test results").await.ok()?;
+                        let channel = connection.create_channel().await.ok()?;
+                        channel
+                            .basic_qos(1000, BasicQosOptions::default())
+                            .await
+                            .ok()?;
+                        let deliveries = channel
+                            .basic_consume(
+                                queue.as_str().into(),
+                                "cluster-test".into(),
+                                BasicConsumeOptions::default(),
+                                FieldTable::default(),
+                            )
+                            .await
+                            .ok()?;
+                        Some((pool, connection, channel, deliveries))
+                    };
+                    let (_pool, connection, _channel, mut deliveries) =
+                        tokio::time::timeout(Duration::from_secs(10), setup)
+                            .await
+                            .ok()??;
                     // A consumer that stops getting deliveries without its stream ending
                     // (seen once in five rolling restarts: the results waited in the queue,
                     // unread) is started again after 5 s without one.
@@ -135,9 +146,19 @@ impl Results {
                             (Some(id), true) => *seen.lock().unwrap().entry(id).or_default() += 1,
                             _ => *fails.lock().unwrap() += 1,
                         }
-                        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                        let ack = delivery.acker.ack(BasicAckOptions::default());
+                        if tokio::time::timeout(Duration::from_secs(5), ack)
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
                     }
-                    amqp::close_connection(&connection, "done").await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        amqp::close_connection(&connection, "done"),
+                    )
+                    .await;
                     Some(())
                 };
                 tokio::select! {
