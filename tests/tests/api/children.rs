@@ -213,20 +213,28 @@ impl Drop for Collector {
     }
 }
 
+/// The producer binary, set up for `app`'s namespace on the broker at `url` (stdin closed,
+/// killed when dropped); the caller adds its arguments and output handling.
+pub fn producer_command(app: &TestApp, url: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(crate::helpers::binary("producer"));
+    command
+        .env("AMQP_URL", url)
+        .env("JOBS_NAMESPACE", &app.common.namespace)
+        .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
 /// Runs the producer binary against `url` in `app`'s namespace with `args`; returns (exit
 /// success, its stderr, seconds taken).
 pub async fn run_producer(app: &TestApp, url: &str, args: &[&str]) -> (bool, String, f64) {
     use tokio::io::AsyncReadExt;
     let started = std::time::Instant::now();
-    let mut child = tokio::process::Command::new(crate::helpers::binary("producer"))
+    let mut child = producer_command(app, url)
         .args(args)
-        .env("AMQP_URL", url)
-        .env("JOBS_NAMESPACE", &app.common.namespace)
-        .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut stderr = child.stderr.take().unwrap();

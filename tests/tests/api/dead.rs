@@ -14,7 +14,7 @@ use shared::amqp::{check_confirmation, mandatory};
 use uuid::Uuid;
 
 use crate::{
-    children::Collector,
+    children::{Collector, producer_command},
     helpers::{TestApp, within},
 };
 
@@ -69,14 +69,9 @@ fn now() -> i64 {
 
 /// Runs `producer dead <args>`; returns (success, stdout, stderr).
 async fn dead(app: &TestApp, args: &[&str]) -> (bool, String, String) {
-    let output = tokio::process::Command::new(crate::helpers::binary("producer"))
+    let output = producer_command(app, &app.common.amqp_url)
         .arg("dead")
         .args(args)
-        .env("AMQP_URL", &app.common.amqp_url)
-        .env("JOBS_NAMESPACE", &app.common.namespace)
-        .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
         .output();
     let output = within("producer dead to exit", output).await.unwrap();
     (
@@ -228,15 +223,10 @@ async fn a_replay_killed_midway_loses_no_dead_letter() {
     let work = app.topology.names.work_queue.clone();
 
     // Act: replay everything, SIGKILL the replay once some letters are back in work
-    let mut replay = tokio::process::Command::new(crate::helpers::binary("producer"))
+    let mut replay = producer_command(&app, &app.common.amqp_url)
         .args(["dead", "replay", "--all", "--json"])
-        .env("AMQP_URL", &app.common.amqp_url)
-        .env("JOBS_NAMESPACE", &app.common.namespace)
-        .env("JOBS_QUEUE_TYPE", app.common.queue_type.as_str())
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     within("1,000 letters back in work", async {
