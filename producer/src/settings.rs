@@ -170,6 +170,18 @@ pub struct ServeSettings {
     #[arg(long, env = "PRODUCER_RESULT_CACHE_BYTES", default_value_t = DEFAULT_RESULT_CACHE_BYTES,
           value_parser = parse_positive)]
     pub result_cache_bytes: usize,
+
+    /// The broker's management API, for the dashboard's queue depths, rates and consumers
+    /// (`http[s]://[user:password@]host:port`); default: the first broker's host, port 15672,
+    /// with the AMQP URL's credentials.
+    #[arg(long, env = "PRODUCER_MANAGEMENT_URL", hide_env_values = true)]
+    pub management_url: Option<String>,
+
+    /// The consumers' metrics endpoints the dashboard reads (`http://consumer:9100/metrics`),
+    /// comma-separated; a host name that resolves to several addresses (a compose service
+    /// scaled out) is read at each.
+    #[arg(long, env = "PRODUCER_CONSUMER_METRICS", value_delimiter = ',')]
+    pub consumer_metrics: Vec<String>,
 }
 
 /// Where `producer serve` listens: every interface, port 8080.
@@ -203,6 +215,8 @@ impl ServeSettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             result_cache: DEFAULT_RESULT_CACHE,
             result_cache_bytes: DEFAULT_RESULT_CACHE_BYTES,
+            management_url: None,
+            consumer_metrics: Vec::new(),
         }
     }
 

@@ -225,6 +225,50 @@ impl Names {
     }
 }
 
+/// What a queue of the namespace is for, from its name ([`Names::role`]): how dashboards group
+/// queue depths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QueueRole {
+    /// Jobs waiting to run: `jobs.work`, a kind queue, a `--kinds` group queue.
+    Work,
+    /// Jobs waiting out a delay: the delay ladder and the (legacy) retry queues.
+    Delay,
+    /// Results not yet read by anyone: `jobs.results`.
+    Results,
+    /// Dead letters: `jobs.dead`.
+    Dead,
+    /// Fan-out mailboxes, `jobs.fanin.*`: children's outcomes waiting for their join.
+    Fanin,
+}
+
+impl Names {
+    /// What the queue `name` is for, or `None` for a queue that is not the topology's (another
+    /// namespace, a private results listener).
+    #[must_use]
+    pub fn role(&self, name: &str) -> Option<QueueRole> {
+        let rest = name.strip_prefix(self.prefix.as_str())?;
+        match rest {
+            "jobs.results" => Some(QueueRole::Results),
+            "jobs.dead" => Some(QueueRole::Dead),
+            "jobs.work" => Some(QueueRole::Work),
+            _ if rest.starts_with("jobs.kind.") || rest.starts_with("jobs.work.") => {
+                Some(QueueRole::Work)
+            }
+            _ if rest.starts_with("jobs.delay.") || rest.starts_with("jobs.retry.") => {
+                Some(QueueRole::Delay)
+            }
+            _ if rest.starts_with("jobs.fanin.") => Some(QueueRole::Fanin),
+            _ => None,
+        }
+    }
+
+    /// The namespace prefix (`<ns>.`, or empty): every name of the topology starts with it.
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
 impl Default for Names {
     fn default() -> Self {
         Self::new("")
@@ -390,6 +434,23 @@ pub(crate) fn short(name: &str) -> ShortString {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_group_the_queues_of_one_namespace() {
+        let names = Names::new("ns");
+        let role = |q: &str| names.role(q);
+        assert_eq!(role("ns.jobs.work"), Some(QueueRole::Work));
+        assert_eq!(role(&names.kind_queue("text.analyze")), Some(QueueRole::Work));
+        assert_eq!(role("ns.jobs.work.a+b"), Some(QueueRole::Work));
+        assert_eq!(role(&names.delay_level(3)), Some(QueueRole::Delay));
+        assert_eq!(role(&names.retry_queue(Duration::from_secs(1))), Some(QueueRole::Delay));
+        assert_eq!(role(&names.results_queue), Some(QueueRole::Results));
+        assert_eq!(role(&names.dead_queue), Some(QueueRole::Dead));
+        assert_eq!(role(&names.fanin_queue("x.0")), Some(QueueRole::Fanin));
+        assert_eq!(role("other.jobs.work"), None, "another namespace");
+        assert_eq!(role("ns.jobs.results.wait.0a1b"), None, "a private results queue");
+        assert_eq!(Names::new("").role("jobs.dead"), Some(QueueRole::Dead));
+    }
 
     #[test]
     fn default_names_are_the_documented_ones() {

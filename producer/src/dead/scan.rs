@@ -386,6 +386,30 @@ pub async fn list(
     Ok((tally, letters))
 }
 
+/// The first `n` letters at the head of the queue, and the queue's depth, all given back: a
+/// look that takes no longer than `n` letters, however deep the queue is (the dashboard's).
+///
+/// # Errors
+/// As [`Scan::start`] and [`Scan::next`].
+pub async fn head(
+    connection: &Connection,
+    names: &Names,
+    n: usize,
+) -> anyhow::Result<(u64, Vec<Letter>)> {
+    let mut scan = Scan::start(connection, names).await?;
+    let depth = scan.depth();
+    let mut letters = Vec::new();
+    while letters.len() < n {
+        let Some(delivery) = scan.next().await? else {
+            break;
+        };
+        letters.push(Letter::of(&delivery));
+        scan.keep(&delivery).await?;
+    }
+    scan.end().await;
+    Ok((depth, letters))
+}
+
 /// The letters whose job id or `message_id` is `id`, in full, then all given back.
 ///
 /// # Errors

@@ -27,6 +27,7 @@
 //! reused for another job never returns the other job's result.
 
 pub mod auth;
+pub mod dashboard;
 pub mod openapi;
 
 use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
@@ -110,6 +111,8 @@ struct Ingest {
     /// True once the private results queue is bound: no job is accepted before, or its
     /// result could be published before anyone here listens for it.
     listening: tokio::sync::watch::Receiver<bool>,
+    /// The live dashboard's state ([`dashboard`]).
+    dashboard: dashboard::Dashboard,
 }
 
 /// Bytes of fan-out progress kept for `GET /jobs/{id}`, at most.
@@ -294,6 +297,12 @@ pub async fn start(
         permits: Arc::new(Semaphore::new(settings.max_in_flight)),
         request_timeout: settings.request_timeout(),
         listening,
+        dashboard: dashboard::Dashboard::new(
+            &common.amqp_url,
+            &common.namespace,
+            settings,
+            shutdown.child_token(),
+        ),
     });
     let collector = tokio::spawn(collect_results(
         Arc::clone(&ingest),
@@ -317,9 +326,11 @@ pub async fn start(
         .route("/jobs/{id}", get(get_job))
         .route("/readyz", get(ready))
         .route("/openapi.json", get(openapi_json))
+        .merge(dashboard::routes())
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(middleware::from_fn_with_state(Arc::clone(&ingest), admit))
-        .with_state(Arc::clone(&ingest));
+        .with_state(Arc::clone(&ingest))
+        .merge(dashboard::assets());
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -845,7 +856,10 @@ async fn collect_results(
             () = shutdown.cancelled() => break,
             arrived = listener.results.recv() => match arrived {
                 Some(event) if event.progress => ingest.note_hop(event),
-                Some(result) => ingest.results.insert(result.job_id, result.body.into()),
+                Some(result) => {
+                    ingest.dashboard.traffic.note(&result.body, time::OffsetDateTime::now_utc());
+                    ingest.results.insert(result.job_id, result.body.into());
+                }
                 None => break,
             },
         }

@@ -262,6 +262,25 @@ impl Broker {
         &self.display
     }
 
+    /// The host to connect to (a name or an IP address, without brackets).
+    #[must_use]
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The user name and password (percent-decoded; `guest`/`guest` when the URL has none).
+    #[must_use]
+    pub fn credentials(&self) -> (&str, &str) {
+        let userinfo = &self.uri.authority.userinfo;
+        (&userinfo.username, &userinfo.password)
+    }
+
+    /// The virtual host (`/` when the URL names none).
+    #[must_use]
+    pub fn vhost(&self) -> &str {
+        &self.uri.vhost
+    }
+
     /// The TLS parameters, for `amqps://`.
     #[must_use]
     pub fn tls(&self) -> Option<&TlsParams> {

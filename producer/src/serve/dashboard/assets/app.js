@@ -1,0 +1,382 @@
+// The dashboard page: polls /dashboard/data every 2 s and /dashboard/dead every 15 s, draws
+// the plots on canvases, and replays dead letters. Every text shown comes from the network,
+// so it is only ever set with textContent (and the server's CSP allows no inline script).
+'use strict';
+
+const TOKEN_KEY = 'queue-worker-token';
+const COLORS = { in: '#2563eb', out: '#16a34a', failed: '#dc2626', work: '#2563eb', delay: '#a855f7',
+  results: '#0891b2', dead: '#dc2626', fanin: '#ca8a04', p50: '#1e40af', p99: '#f59e0b' };
+let snapshots = 0;
+
+
+const $ = (id) => document.getElementById(id);
+
+function token() { return sessionStorage.getItem(TOKEN_KEY) || ''; }
+
+async function call(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (token()) headers.Authorization = 'Bearer ' + token();
+  const response = await fetch(path, Object.assign({}, options, { headers, cache: 'no-store' }));
+  if (response.status === 401) {
+    $('auth').hidden = false;
+    $('auth-error').textContent = token() ? 'this token is refused' : 'this server needs a token';
+    throw new Error('unauthorized');
+  }
+  const body = await response.json().catch(() => ({}));
+  return { status: response.status, body };
+}
+
+function fmt(n, digits = 0) {
+  if (n === null || n === undefined || Number.isNaN(n)) return '–';
+  if (Math.abs(n) >= 10000) return Math.round(n).toLocaleString('en');
+  return Number(n).toFixed(digits);
+}
+
+function ms(n) {
+  if (n === null || n === undefined) return '–';
+  if (n >= 10000) return (n / 1000).toFixed(1) + ' s';
+  if (n >= 100) return Math.round(n) + ' ms';
+  return n.toFixed(n >= 10 ? 1 : 2) + ' ms';
+}
+
+function age(seconds) {
+  if (seconds === null || seconds === undefined) return '–';
+  if (seconds < 120) return seconds + ' s';
+  if (seconds < 7200) return Math.round(seconds / 60) + ' min';
+  if (seconds < 172800) return Math.round(seconds / 3600) + ' h';
+  return Math.round(seconds / 86400) + ' d';
+}
+
+function cell(row, text, cls) {
+  const td = document.createElement('td');
+  td.textContent = text === null || text === undefined ? '–' : String(text);
+  if (cls) td.className = cls;
+  row.appendChild(td);
+  return td;
+}
+
+function fill(tbody, rows, columns, render) {
+  tbody.replaceChildren();
+  if (!rows.length) {
+    const tr = document.createElement('tr');
+    tr.className = 'empty';
+    const td = cell(tr, 'none');
+    td.colSpan = columns;
+    tbody.appendChild(tr);
+    return;
+  }
+  for (const row of rows) {
+    const tr = document.createElement('tr');
+    render(tr, row);
+    tbody.appendChild(tr);
+  }
+}
+
+// ---- plots -----------------------------------------------------------------------------
+
+function setup(canvas) {
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth || 400;
+  const height = canvas.clientHeight || 200;
+  if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
+    canvas.width = Math.round(width * ratio);
+    canvas.height = Math.round(height * ratio);
+  }
+  const ctx = canvas.getContext('2d');
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  ctx.font = '11px system-ui, sans-serif';
+  return { ctx, width, height };
+}
+
+function niceMax(v) {
+  if (!(v > 0)) return 1;
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (v <= m * p) return m * p;
+  return 10 * p;
+}
+
+function message(canvas, text) {
+  const { ctx, width, height } = setup(canvas);
+  ctx.fillStyle = '#6b7280';
+  ctx.textAlign = 'center';
+  ctx.fillText(text, width / 2, height / 2);
+}
+
+// series: [{ name, color, points: [[t, v|null], ...] }], times in unix seconds.
+function lines(canvas, series, t0, t1, unit) {
+  const { ctx, width, height } = setup(canvas);
+  const left = 48, right = 8, top = 18, bottom = 18;
+  let max = 0;
+  for (const s of series) for (const [, v] of s.points) if (v !== null && v > max) max = v;
+  max = niceMax(max);
+  ctx.strokeStyle = '#e5e7eb';
+  ctx.fillStyle = '#6b7280';
+  ctx.textAlign = 'right';
+  ctx.lineWidth = 1;
+  for (let i = 0; i <= 4; i++) {
+    const y = top + (height - top - bottom) * (1 - i / 4);
+    ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(width - right, y); ctx.stroke();
+    ctx.fillText(fmt(max * i / 4, max < 4 ? 1 : 0) + (unit || ''), left - 4, y + 4);
+  }
+  ctx.textAlign = 'center';
+  for (const back of [600, 300, 0]) {
+    const x = left + (width - left - right) * (1 - back / (t1 - t0));
+    ctx.fillText(back ? '-' + back / 60 + ' min' : 'now', Math.min(Math.max(x, left + 20), width - 20), height - 4);
+  }
+  const x = (t) => left + (width - left - right) * (t - t0) / (t1 - t0);
+  const y = (v) => top + (height - top - bottom) * (1 - v / max);
+  let legend = left;
+  for (const s of series) {
+    ctx.strokeStyle = s.color;
+    ctx.lineWidth = 1.75;
+    ctx.beginPath();
+    let drawing = false;
+    for (const [t, v] of s.points) {
+      if (v === null || t < t0) { drawing = false; continue; }
+      if (drawing) ctx.lineTo(x(t), y(v)); else ctx.moveTo(x(t), y(v));
+      drawing = true;
+    }
+    ctx.stroke();
+    ctx.fillStyle = s.color;
+    ctx.textAlign = 'left';
+    ctx.fillRect(legend, 4, 10, 10);
+    ctx.fillStyle = '#1d2330';
+    ctx.fillText(s.name, legend + 13, 13);
+    legend += 20 + ctx.measureText(s.name).width;
+  }
+}
+
+// rows: [{ label, p50, p99 }] drawn as horizontal bars.
+function bars(canvas, rows) {
+  if (!rows.length) { message(canvas, 'no results in the last 5 minutes'); return; }
+  const { ctx, width, height } = setup(canvas);
+  const labelWidth = Math.min(260, Math.max(...rows.map((r) => ctx.measureText(r.label).width)) + 8);
+  const left = labelWidth, right = 70;
+  const shown = rows.slice(0, Math.max(1, Math.floor((height - 4) / 16)));
+  const max = niceMax(Math.max(...shown.map((r) => r.p99 || 0)));
+  const bar = Math.min(14, (height - 4) / shown.length - 2);
+  shown.forEach((r, i) => {
+    const y = 2 + i * (bar + 2);
+    const w = (v) => (width - left - right) * (v || 0) / max;
+    ctx.fillStyle = '#1d2330';
+    ctx.textAlign = 'right';
+    ctx.fillText(r.label, left - 6, y + bar - 3, labelWidth - 8);
+    ctx.fillStyle = '#fcd34d';
+    ctx.fillRect(left, y, w(r.p99), bar);
+    ctx.fillStyle = '#1e40af';
+    ctx.fillRect(left, y + bar / 4, w(r.p50), bar / 2);
+    ctx.fillStyle = '#6b7280';
+    ctx.textAlign = 'left';
+    ctx.fillText(ms(r.p50) + ' / ' + ms(r.p99), left + w(r.p99) + 4, y + bar - 3);
+  });
+}
+
+// ---- rendering -------------------------------------------------------------------------
+
+function source(name, ok, text, off) {
+  const el = document.querySelector('[data-source="' + name + '"]');
+  el.classList.toggle('ok', !!ok);
+  el.classList.toggle('down', !ok && !off);
+  el.classList.toggle('off', !ok && !!off);
+  el.querySelector('.state').textContent = text;
+}
+
+function render(data) {
+  const traffic = data.traffic;
+  const mgmt = data.sources.management;
+  const metrics = data.sources.metrics;
+  const view = mgmt.view || null;
+  $('namespace').textContent = data.namespace || '(default)';
+  $('updated').textContent = 'updated ' + new Date(data.at * 1000).toLocaleTimeString();
+
+  source('management', mgmt.ok, mgmt.ok
+    ? 'ok · ' + (mgmt.url || '') + (view && !view.rates_collected ? ' · the broker collects no message rates' : '')
+    : 'unreachable: ' + (mgmt.error || 'no answer') + (mgmt.url ? ' (' + mgmt.url + ')' : ''));
+  source('results', data.sources.results.ok, data.sources.results.ok
+    ? 'ok · ' + fmt(data.sources.results.received) + ' received'
+    : (data.sources.results.error || 'not listening'));
+  source('metrics', metrics.ok, metrics.configured
+    ? (metrics.ok ? 'ok · ' + metrics.up + ' of ' + metrics.targets.length + ' endpoints' + (metrics.error ? ' · ' + metrics.error : '')
+      : 'unreachable: ' + (metrics.error || 'no answer'))
+    : metrics.error, !metrics.configured);
+
+  $('rate-in').textContent = view ? fmt(view.in_now, 1) : '–';
+  $('rate-out').textContent = fmt(traffic.out_now, 1);
+  const depth = (role) => view ? fmt(view.depths[role].ready + view.depths[role].unacked) : '–';
+  $('depth-work').textContent = depth('work');
+  $('depth-delay').textContent = depth('delay');
+  $('depth-results').textContent = depth('results');
+  $('depth-dead').textContent = depth('dead');
+  $('lat-p50').textContent = ms(traffic.latency_now.p50);
+  $('lat-p99').textContent = ms(traffic.latency_now.p99);
+
+  const t1 = data.at, t0 = t1 - 600;
+  const steps = (block, key) => block[key].map((v, i) => [block.start + (i + 0.5) * block.step, v]);
+  const out = traffic.out.ok.map((v, i) => [traffic.out.start + (i + 0.5) * traffic.out.step, v + traffic.out.failed[i]]);
+  const history = mgmt.history || [];
+  const from = (key) => history.map((h) => [h.t, h[key]]);
+  lines($('plot-rates'), [
+    { name: 'in', color: COLORS.in, points: from('in') },
+    { name: 'out', color: COLORS.out, points: out },
+    { name: 'failed', color: COLORS.failed, points: steps(traffic.out, 'failed') },
+  ], t0, t1, '/s');
+  if (history.length) {
+    lines($('plot-depths'), ['work', 'delay', 'results', 'dead', 'fanin'].map((k) => ({ name: k, color: COLORS[k], points: from(k) })), t0, t1, '');
+  } else {
+    message($('plot-depths'), 'no depths: ' + (mgmt.error || 'the management API has not answered yet'));
+  }
+  lines($('plot-latency'), [
+    { name: 'p50', color: COLORS.p50, points: steps(traffic.latency, 'p50') },
+    { name: 'p99', color: COLORS.p99, points: steps(traffic.latency, 'p99') },
+  ], t0, t1, '');
+  bars($('plot-kinds'), traffic.kinds.map((k) => ({ label: k.kind + ' (' + k.n + ')', p50: k.p50, p99: k.p99 })));
+  bars($('plot-stages'), traffic.stages.map((s) => ({ label: s.kind + ' · ' + s.stage, p50: s.p50, p99: s.p99 })));
+
+  const scraped = new Map((metrics.targets || []).filter((t) => t.ok).map((t) => [t.address, t]));
+  const consumers = view ? view.consumers : [];
+  const rows = consumers.map((c) => Object.assign({}, c, { metrics: scraped.get(c.peer) }));
+  const joined = new Set(rows.filter((r) => r.metrics).map((r) => r.peer));
+  for (const t of metrics.targets || []) {
+    if (!joined.has(t.address)) rows.push({ name: '(metrics only) ' + t.target, peer: t.address, state: t.ok ? 'answering' : (t.error || 'down'), queues: [], metrics: t.ok ? t : null });
+  }
+  $('consumer-count').textContent = view ? String(consumers.length) : '–';
+  fill($('consumers').tBodies[0], rows, 9, (tr, c) => {
+    cell(tr, c.name || c.connection);
+    cell(tr, c.peer);
+    const blocked = c.metrics && c.metrics.blocked > 0;
+    cell(tr, blocked ? 'blocked by the broker' : c.state, blocked || c.state === 'blocked' ? 'bad' : '');
+    cell(tr, (c.queues || []).map((q) => q.queue + (q.consumers > 1 ? ' ×' + q.consumers : '')).join(', ') + (c.waiting ? ' (' + c.waiting + ' waiting)' : ''));
+    cell(tr, c.prefetch, 'num');
+    cell(tr, c.metrics ? fmt(c.metrics.in_flight) : '–', 'num');
+    cell(tr, c.metrics ? fmt(c.metrics.processed) : '–', 'num');
+    cell(tr, c.metrics ? fmt(c.metrics.failed) : '–', 'num');
+    cell(tr, c.metrics ? fmt(c.metrics.reconnects) : '–', 'num');
+  });
+  fill($('failures').tBodies[0], traffic.failures, 5, (tr, f) => {
+    cell(tr, new Date(f.at).toLocaleTimeString());
+    cell(tr, f.job_id, 'id');
+    cell(tr, f.kind);
+    cell(tr, f.attempts, 'num');
+    cell(tr, f.error, 'error');
+  });
+  const dead = view ? view.depths.dead.ready + view.depths.dead.unacked : null;
+  if (dead !== null && dead !== lastDeadDepth) { lastDeadDepth = dead; loadDead(false); }
+}
+
+let lastDeadDepth = null;
+
+async function poll() {
+  try {
+    const { status, body } = await call('/dashboard/data');
+    if (status === 200) {
+      render(body);
+      snapshots += 1;
+      document.body.dataset.snapshots = String(snapshots);
+      $('auth').hidden = true;
+    } else {
+      $('updated').textContent = 'the server answered ' + status + (body.error ? ': ' + body.error : '');
+    }
+  } catch (e) {
+    if (e.message !== 'unauthorized') $('updated').textContent = 'no answer from the server (' + e.message + ')';
+  }
+}
+
+// ---- dead letters ----------------------------------------------------------------------
+
+function selected() {
+  return [...document.querySelectorAll('#dead tbody input.pick:checked')].map((box) => box.value);
+}
+
+function updateReplayButton() {
+  $('dead-replay').disabled = selected().length === 0;
+}
+
+async function loadDead(fresh) {
+  try {
+    const { status, body } = await call('/dashboard/dead' + (fresh ? '?fresh=true' : ''));
+    if (status !== 200) { $('dead-status').textContent = 'the server answered ' + status; return; }
+    if (!body.ok) {
+      $('dead-depth').textContent = '';
+      $('dead-status').textContent = 'cannot look at the dead letters: ' + body.error;
+      return;
+    }
+    const kept = new Set(selected());
+    $('dead-depth').textContent = '(' + body.depth + ' in ' + body.queue + (body.depth > body.letters.length ? ', first ' + body.letters.length + ' shown' : '') + ')';
+    fill($('dead').tBodies[0], body.letters, 7, (tr, l) => {
+      const td = document.createElement('td');
+      if (l.job_id && l.is_job) {
+        const box = document.createElement('input');
+        box.type = 'checkbox';
+        box.className = 'pick';
+        box.value = l.job_id;
+        box.checked = kept.has(l.job_id);
+        box.setAttribute('aria-label', 'select ' + l.job_id);
+        box.addEventListener('change', updateReplayButton);
+        td.appendChild(box);
+      } else {
+        td.textContent = 'junk';
+        td.title = 'not a job: replay it with producer dead replay --force, or purge it';
+      }
+      tr.appendChild(td);
+      tr.dataset.id = l.job_id || '';
+      cell(tr, l.job_id, 'id');
+      cell(tr, l.kind);
+      cell(tr, l.stage);
+      cell(tr, l.attempts, 'num');
+      cell(tr, age(l.age));
+      cell(tr, l.error, 'error');
+    });
+    updateReplayButton();
+  } catch (e) {
+    if (e.message !== 'unauthorized') $('dead-status').textContent = 'no answer from the server (' + e.message + ')';
+  }
+}
+
+async function replay() {
+  const ids = selected();
+  if (!ids.length) return;
+  $('dead-replay').disabled = true;
+  $('dead-status').textContent = 'replaying ' + ids.length + '…';
+  try {
+    const { status, body } = await call('/dashboard/dead/replay', {
+      method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ ids }),
+    });
+    if (status === 200) {
+      const t = body.tally;
+      $('dead-status').textContent = 'replayed ' + t.replayed + (t.kept ? ', kept ' + t.kept : '') + (t.failed ? ', failed ' + t.failed : '') + (t.matched < ids.length ? ' (' + (ids.length - t.matched) + ' no longer dead)' : '');
+    } else if (status === 202) {
+      $('dead-status').textContent = 'the replay is still running; look again in a moment';
+    } else {
+      $('dead-status').textContent = 'not replayed: ' + (body.error || status);
+    }
+  } catch (e) {
+    if (e.message !== 'unauthorized') $('dead-status').textContent = 'not replayed: ' + e.message;
+  }
+  await loadDead(true);
+}
+
+// ---- start -----------------------------------------------------------------------------
+
+function start() {
+  $('auth').addEventListener('submit', (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $('token').value.trim());
+    $('token').value = '';
+    $('auth-error').textContent = '';
+    poll();
+    loadDead(true);
+  });
+  $('dead-refresh').addEventListener('click', () => loadDead(true));
+  $('dead-replay').addEventListener('click', replay);
+  $('dead-all').addEventListener('change', (event) => {
+    for (const box of document.querySelectorAll('#dead tbody input.pick')) box.checked = event.target.checked;
+    updateReplayButton();
+  });
+  poll();
+  loadDead(false);
+  setInterval(poll, 2000);
+  setInterval(() => loadDead(false), 15000);
+}
+
+document.addEventListener('DOMContentLoaded', start);

@@ -1,0 +1,514 @@
+//! What the broker's management API tells the dashboard: queue depths by role, the rate jobs
+//! come in, and the connected consumers with their state.
+//!
+//! One refresh is three GET requests (queues, consumers, connections), each with a deadline
+//! ([`REQUEST_TIMEOUT`]) and a bounded answer ([`MAX_ANSWER_BYTES`]); the queue list is one
+//! page of at most [`MAX_QUEUES`] queues of the namespace. The caller ([`super::Dashboard`])
+//! refreshes at most once per [`super::REFRESH`], however many pages are open.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    time::Duration,
+};
+
+use reqwest::Url;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use shared::topology::{Names, QueueRole};
+
+/// Deadline of one request to the management API.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest answer read from the management API, in bytes.
+pub const MAX_ANSWER_BYTES: usize = 8 * 1024 * 1024;
+/// Queues of the namespace read per refresh (one page of the queue list).
+pub const MAX_QUEUES: usize = 500;
+/// Consumer connections listed, at most.
+pub const MAX_CONNECTIONS: usize = 100;
+/// Samples of depths and rates kept for the plots (ten minutes at one per 2 s).
+pub const HISTORY: usize = 300;
+
+/// A client of the management API for one namespace.
+pub struct Management {
+    client: reqwest::Client,
+    base: Url,
+    /// The base URL, credentials left out: what the page shows.
+    display: String,
+    user: String,
+    password: String,
+    vhost: String,
+    names: Names,
+    namespace: String,
+    history: VecDeque<Value>,
+    /// The last sample's time and the work queues' publish counter then.
+    last_publish: Option<(f64, u64)>,
+    /// Requests sent so far.
+    pub requests: u64,
+}
+
+#[derive(Deserialize)]
+struct QueuePage {
+    #[serde(default)]
+    items: Vec<QueueRow>,
+    #[serde(default)]
+    filtered_count: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct QueueRow {
+    name: String,
+    #[serde(default)]
+    messages_ready: Option<u64>,
+    #[serde(default)]
+    messages_unacknowledged: Option<u64>,
+    #[serde(default)]
+    consumers: Option<u64>,
+    #[serde(default, rename = "type")]
+    queue_type: Option<String>,
+    #[serde(default)]
+    message_stats: Option<QueueStats>,
+}
+
+#[derive(Deserialize)]
+struct QueueStats {
+    #[serde(default)]
+    publish: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ConsumerRow {
+    queue: NameOnly,
+    channel_details: ChannelRef,
+    #[serde(default)]
+    prefetch_count: Option<u64>,
+    #[serde(default)]
+    activity_status: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct NameOnly {
+    name: String,
+}
+
+#[derive(Deserialize)]
+struct ChannelRef {
+    #[serde(default)]
+    connection_name: String,
+    #[serde(default)]
+    peer_host: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ConnectionRow {
+    name: String,
+    #[serde(default)]
+    user_provided_name: Option<String>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    peer_host: Option<String>,
+}
+
+/// One consumer connection as the page lists it.
+#[derive(Default)]
+struct Conn {
+    label: String,
+    peer: String,
+    state: String,
+    queues: BTreeMap<String, u64>,
+    prefetch: u64,
+    waiting: u64,
+}
+
+impl Management {
+    /// A client for `url` (or the default: the first broker's host, port 15672), with the
+    /// URL's credentials or else the AMQP URL's.
+    ///
+    /// # Errors
+    /// The URL is not an `http`/`https` URL.
+    pub fn new(url: Option<&str>, amqp_url: &str, namespace: &str) -> Result<Self, String> {
+        let brokers = shared::amqp::Brokers::parse(amqp_url).map_err(|e| e.to_string())?;
+        let first = brokers.nodes().first().ok_or("no broker")?;
+        let (amqp_user, amqp_password) = first.credentials();
+        let text = match url {
+            Some(url) => url.to_owned(),
+            None if first.host().contains(':') => format!("http://[{}]:15672/", first.host()),
+            None => format!("http://{}:15672/", first.host()),
+        };
+        let mut base = Url::parse(&text).map_err(|e| format!("--management-url: {e}"))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err("--management-url: must start with http:// or https://".into());
+        }
+        let decode = |s: &str| url_decode(s).unwrap_or_else(|| s.to_owned());
+        let (user, password) = if base.username().is_empty() {
+            (amqp_user.to_owned(), amqp_password.to_owned())
+        } else {
+            (
+                decode(base.username()),
+                decode(base.password().unwrap_or_default()),
+            )
+        };
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
+        let client = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(REQUEST_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            display: base.as_str().trim_end_matches('/').to_owned(),
+            base,
+            user,
+            password,
+            vhost: first.vhost().to_owned(),
+            names: Names::new(namespace),
+            namespace: namespace.to_owned(),
+            history: VecDeque::new(),
+            last_publish: None,
+            requests: 0,
+        })
+    }
+
+    /// Where the page says the data comes from (no credentials).
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    async fn get(&mut self, segments: &[&str], query: &[(&str, &str)]) -> Result<Vec<u8>, String> {
+        let mut url = self.base.clone();
+        {
+            let mut path = url
+                .path_segments_mut()
+                .map_err(|()| "--management-url cannot be a base".to_owned())?;
+            path.pop_if_empty();
+            path.push("api");
+            for segment in segments {
+                path.push(segment);
+            }
+        }
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        self.requests += 1;
+        let response = self
+            .client
+            .get(url)
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .map_err(|e| format!("no answer: {}", without_url(&e)))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err("the management API refused the credentials (401)".into());
+        }
+        if !status.is_success() {
+            return Err(format!("the management API answered {status}"));
+        }
+        super::read_bounded(response, MAX_ANSWER_BYTES).await
+    }
+
+    /// Reads the queues, consumers and connections and adds a sample to the history.
+    ///
+    /// # Errors
+    /// A request failed, timed out, or answered something unreadable.
+    pub async fn refresh(&mut self, now: f64) -> Result<Value, String> {
+        let vhost = self.vhost.clone();
+        let pattern = format!("^{}jobs\\.", regex_escape(self.names.prefix()));
+        let page_size = MAX_QUEUES.to_string();
+        let queues = self
+            .get(
+                &["queues", &vhost],
+                &[
+                    ("page", "1"),
+                    ("page_size", &page_size),
+                    ("name", &pattern),
+                    ("use_regex", "true"),
+                    (
+                        "columns",
+                        "name,type,messages_ready,messages_unacknowledged,consumers,message_stats.publish",
+                    ),
+                ],
+            )
+            .await?;
+        let queues: QueuePage =
+            serde_json::from_slice(&queues).map_err(|e| format!("queues: unreadable: {e}"))?;
+        let consumers = self.get(&["consumers", &vhost], &[]).await?;
+        let consumers: Vec<ConsumerRow> = serde_json::from_slice(&consumers)
+            .map_err(|e| format!("consumers: unreadable: {e}"))?;
+        let connections = self
+            .get(
+                &["vhosts", &vhost, "connections"],
+                &[("columns", "name,user_provided_name,state,peer_host")],
+            )
+            .await?;
+        let connections: Vec<ConnectionRow> = serde_json::from_slice(&connections)
+            .map_err(|e| format!("connections: unreadable: {e}"))?;
+        Ok(self.assemble(now, &queues, &consumers, &connections))
+    }
+
+    fn assemble(
+        &mut self,
+        now: f64,
+        queues: &QueuePage,
+        consumers: &[ConsumerRow],
+        connections: &[ConnectionRow],
+    ) -> Value {
+        let mut depth: HashMap<QueueRole, (u64, u64, u64)> = HashMap::new();
+        let mut publish = 0u64;
+        let mut rates_collected = false;
+        let mut listed = Vec::new();
+        for q in &queues.items {
+            let Some(role) = self.names.role(&q.name) else {
+                continue;
+            };
+            let (ready, unacked) = (
+                q.messages_ready.unwrap_or(0),
+                q.messages_unacknowledged.unwrap_or(0),
+            );
+            let entry = depth.entry(role).or_default();
+            entry.0 += ready;
+            entry.1 += unacked;
+            entry.2 += 1;
+            if role == QueueRole::Work {
+                if let Some(p) = q.message_stats.as_ref().and_then(|s| s.publish) {
+                    publish += p;
+                    rates_collected = true;
+                }
+            }
+            listed.push((ready + unacked, q));
+        }
+        let in_now = match (rates_collected, self.last_publish) {
+            (true, Some((then, before))) if now > then => {
+                #[allow(clippy::cast_precision_loss)]
+                let rate = publish.saturating_sub(before) as f64 / (now - then);
+                Some((rate * 10.0).round() / 10.0)
+            }
+            _ => None,
+        };
+        self.last_publish = rates_collected.then_some((now, publish));
+        let role_depth = |role| {
+            let (ready, unacked, queues) = depth.get(&role).copied().unwrap_or_default();
+            json!({ "ready": ready, "unacked": unacked, "queues": queues })
+        };
+        let total = |role| {
+            depth
+                .get(&role)
+                .map_or(0, |(ready, unacked, _)| ready + unacked)
+        };
+        self.history.push_back(json!({
+            "t": now,
+            "in": in_now,
+            "work": total(QueueRole::Work),
+            "delay": total(QueueRole::Delay),
+            "results": total(QueueRole::Results),
+            "dead": total(QueueRole::Dead),
+            "fanin": total(QueueRole::Fanin),
+        }));
+        while self.history.len() > HISTORY {
+            self.history.pop_front();
+        }
+        listed.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.name.cmp(&b.1.name)));
+        let queue_rows: Vec<Value> = listed
+            .iter()
+            .take(30)
+            .map(|(_, q)| {
+                json!({
+                    "name": q.name,
+                    "type": q.queue_type,
+                    "ready": q.messages_ready.unwrap_or(0),
+                    "unacked": q.messages_unacknowledged.unwrap_or(0),
+                    "consumers": q.consumers.unwrap_or(0),
+                })
+            })
+            .collect();
+        json!({
+            "depths": {
+                "work": role_depth(QueueRole::Work),
+                "delay": role_depth(QueueRole::Delay),
+                "results": role_depth(QueueRole::Results),
+                "dead": role_depth(QueueRole::Dead),
+                "fanin": role_depth(QueueRole::Fanin),
+            },
+            "queues": queue_rows,
+            "queues_matched": queues.filtered_count.unwrap_or(queues.items.len() as u64),
+            "in_now": in_now,
+            "rates_collected": rates_collected,
+            "consumers": self.consumers(consumers, connections),
+        })
+    }
+
+    /// The connections of this namespace's consumers: those consuming one of its queues, and
+    /// the consumer processes of its namespace (by connection name) that consume nothing now.
+    fn consumers(&self, consumers: &[ConsumerRow], connections: &[ConnectionRow]) -> Vec<Value> {
+        let by_name: HashMap<&str, &ConnectionRow> =
+            connections.iter().map(|c| (c.name.as_str(), c)).collect();
+        let mut conns: BTreeMap<String, Conn> = BTreeMap::new();
+        for c in consumers {
+            if self.names.role(&c.queue.name).is_none() {
+                continue;
+            }
+            let name = &c.channel_details.connection_name;
+            if conns.len() >= MAX_CONNECTIONS && !conns.contains_key(name) {
+                continue;
+            }
+            let conn = conns.entry(name.clone()).or_default();
+            *conn.queues.entry(c.queue.name.clone()).or_default() += 1;
+            conn.prefetch += c.prefetch_count.unwrap_or(0);
+            if c.activity_status.as_deref() == Some("waiting") {
+                conn.waiting += 1;
+            }
+            if conn.peer.is_empty() {
+                conn.peer = c.channel_details.peer_host.clone().unwrap_or_default();
+            }
+        }
+        let ours = format!("consumer ns={} ", self.namespace);
+        for c in connections {
+            let label = c.user_provided_name.as_deref().unwrap_or_default();
+            if label.starts_with(&ours) && conns.len() < MAX_CONNECTIONS {
+                conns.entry(c.name.clone()).or_default();
+            }
+        }
+        conns
+            .into_iter()
+            .map(|(name, mut conn)| {
+                if let Some(row) = by_name.get(name.as_str()) {
+                    conn.label = row.user_provided_name.clone().unwrap_or_default();
+                    conn.state = row.state.clone().unwrap_or_default();
+                    if conn.peer.is_empty() {
+                        conn.peer = row.peer_host.clone().unwrap_or_default();
+                    }
+                }
+                let short = |q: &String| {
+                    q.strip_prefix(self.names.prefix())
+                        .unwrap_or(q)
+                        .to_owned()
+                };
+                let queues: Vec<Value> = conn
+                    .queues
+                    .iter()
+                    .map(|(q, n)| json!({ "queue": short(q), "consumers": n }))
+                    .collect();
+                json!({
+                    "connection": name,
+                    "name": conn.label,
+                    "peer": conn.peer,
+                    "state": if conn.state.is_empty() { "unknown".to_owned() } else { conn.state },
+                    "queues": queues,
+                    "prefetch": conn.prefetch,
+                    "waiting": conn.waiting,
+                })
+            })
+            .collect()
+    }
+
+    /// The samples taken so far, oldest first.
+    pub fn history(&self) -> Vec<Value> {
+        self.history.iter().cloned().collect()
+    }
+}
+
+/// `text` with the characters a regular expression gives a meaning escaped.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 2);
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Percent-decodes `text` (`None` if it is not valid UTF-8 once decoded).
+fn url_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// A request error's text without its URL (the URL is shown apart, without credentials).
+pub(super) fn without_url(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    };
+    let mut source = std::error::Error::source(error);
+    let mut detail = String::new();
+    while let Some(cause) = source {
+        detail = cause.to_string();
+        source = cause.source();
+    }
+    if detail.is_empty() {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {detail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_url_is_the_first_brokers_host_with_its_credentials() {
+        let m = Management::new(None, "amqp://u%40x:p%2Fw@rabbit:5672/v1", "ns");
+        let m = m.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.display(), "http://rabbit:15672");
+        assert_eq!((m.user.as_str(), m.password.as_str()), ("u@x", "p/w"));
+        assert_eq!(m.vhost, "v1");
+        let given = Management::new(Some("https://a:b%21@mgmt:443"), "amqp://u:p@h/", "");
+        let given = given.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(given.display(), "https://mgmt");
+        assert_eq!((given.user.as_str(), given.password.as_str()), ("a", "b!"));
+        assert!(Management::new(Some("ftp://x"), "amqp://h", "").is_err());
+    }
+
+    #[test]
+    fn queues_are_grouped_by_role_and_the_in_rate_comes_from_publish_counters() {
+        let mut m = Management::new(None, "amqp://h", "ns").unwrap_or_else(|e| panic!("{e}"));
+        let page = |publish: u64| -> QueuePage {
+            serde_json::from_value(json!({"items": [
+                {"name": "ns.jobs.kind.a", "messages_ready": 5, "messages_unacknowledged": 2,
+                 "consumers": 1, "message_stats": {"publish": publish}},
+                {"name": "ns.jobs.delay.1s", "messages_ready": 3},
+                {"name": "ns.jobs.dead", "messages_ready": 7},
+                {"name": "ns.jobs.results.wait.ab", "messages_ready": 100},
+                {"name": "other.jobs.dead", "messages_ready": 1000}
+            ], "filtered_count": 5}))
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let first = m.assemble(100.0, &page(1000), &[], &[]);
+        assert_eq!(first["in_now"], Value::Null, "no rate from one sample");
+        let second = m.assemble(102.0, &page(1400), &[], &[]);
+        assert_eq!(second["in_now"], 200.0);
+        assert_eq!(second["depths"]["work"]["ready"], 5);
+        assert_eq!(second["depths"]["work"]["unacked"], 2);
+        assert_eq!(second["depths"]["delay"]["ready"], 3);
+        assert_eq!(second["depths"]["dead"]["ready"], 7);
+        assert_eq!(m.history().len(), 2);
+        assert_eq!(m.history()[1]["dead"], 7);
+    }
+
+    #[test]
+    fn regex_and_percent_decoding() {
+        assert_eq!(regex_escape("a.b+c"), "a\\.b\\+c");
+        assert_eq!(url_decode("a%2Fb").as_deref(), Some("a/b"));
+        assert_eq!(url_decode("100%").as_deref(), Some("100%"));
+        assert_eq!(url_decode("%ff"), None);
+    }
+}

@@ -1,0 +1,371 @@
+//! The live dashboard of `producer serve`: one page (HTML, JS and CSS built into the binary)
+//! and the JSON it polls.
+//!
+//! ```text
+//! results serve consumes ──▶ traffic.rs (jobs/s out, latency over time, per kind and stage,
+//!                                        recent failures)
+//! management API ─────────▶ management.rs (depths by role, jobs/s in, consumer connections)  ─▶ GET /dashboard/data
+//! consumers' /metrics ────▶ scrape.rs (in flight, processed, blocked, reconnects)
+//! jobs.dead (head) ───────▶ GET /dashboard/dead;  POST /dashboard/dead/replay ─▶ dead::act
+//! ```
+//!
+//! | route | auth | answer |
+//! |---|---|---|
+//! | `GET /dashboard` (`/dashboard/app.js`, `/dashboard/app.css`) | none: the page holds no data | the page |
+//! | `GET /dashboard/data` | the ingest API's tokens | one snapshot of every source |
+//! | `GET /dashboard/dead` | same | the depth of `jobs.dead` and its first [`DEAD_SHOWN`] letters |
+//! | `POST /dashboard/dead/replay` `{"ids": [...]}` | same | what the replay did |
+//!
+//! The broker pays for the page once per [`REFRESH`], whatever the number of viewers: the
+//! management API and metrics answers are cached and refreshed by one request at a time. The
+//! dead letters are looked at once per [`DEAD_REFRESH`] at most (a look takes the first
+//! [`DEAD_SHOWN`] letters and gives them back). Every source says whether it answered, and
+//! why not.
+
+pub mod management;
+pub mod scrape;
+pub mod traffic;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{Query, State},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{Failure, Ingest};
+use crate::dead;
+
+/// How often the page polls, and how long the broker's answers are reused.
+pub const REFRESH: Duration = Duration::from_secs(2);
+/// How long a look at the dead letters is reused.
+pub const DEAD_REFRESH: Duration = Duration::from_secs(15);
+/// Dead letters shown on the page.
+pub const DEAD_SHOWN: usize = 50;
+/// Dead letters one replay from the page may name.
+pub const MAX_REPLAY_IDS: usize = 100;
+/// Longest wait for the management API and the metrics together, per refresh.
+const SOURCES_TIMEOUT: Duration = Duration::from_secs(4);
+/// Longest a replay request waits for the replay before answering that it still runs.
+const REPLAY_WAIT: Duration = Duration::from_secs(8);
+
+const PAGE: &str = include_str!("assets/index.html");
+const SCRIPT: &str = include_str!("assets/app.js");
+const STYLE: &str = include_str!("assets/app.css");
+
+/// The dashboard's state, inside the server's.
+pub struct Dashboard {
+    /// What the results tell.
+    pub traffic: traffic::Traffic,
+    management: Result<Mutex<management::Management>, String>,
+    scraper: Result<scrape::Scraper, String>,
+    /// The last answer of the management API and the metrics, and when.
+    sources: Mutex<Option<(Instant, Arc<Value>)>>,
+    /// The last look at the dead letters, and when.
+    dead: Mutex<Option<(Instant, Arc<Value>)>>,
+    /// Held while a replay from the page runs: one at a time.
+    replaying: Arc<Mutex<()>>,
+    namespace: String,
+    started: Instant,
+    stop: CancellationToken,
+}
+
+impl Dashboard {
+    /// The dashboard of a server for `namespace`; a bad `--management-url` or
+    /// `--consumer-metrics` is shown on the page as that source's error.
+    pub fn new(
+        amqp_url: &str,
+        namespace: &str,
+        settings: &crate::settings::ServeSettings,
+        stop: CancellationToken,
+    ) -> Self {
+        let management =
+            management::Management::new(settings.management_url.as_deref(), amqp_url, namespace)
+                .map(Mutex::new);
+        if let Err(error) = &management {
+            tracing::warn!(%error, "dashboard: no management API");
+        }
+        let scraper = scrape::Scraper::new(&settings.consumer_metrics);
+        if let Err(error) = &scraper {
+            tracing::warn!(%error, "dashboard: consumer metrics not read");
+        }
+        Self {
+            traffic: traffic::Traffic::default(),
+            management,
+            scraper,
+            sources: Mutex::new(None),
+            dead: Mutex::new(None),
+            replaying: Arc::new(Mutex::new(())),
+            namespace: namespace.to_owned(),
+            started: Instant::now(),
+            stop,
+        }
+    }
+
+    /// The management API's and the metrics' view, refreshed if older than [`REFRESH`].
+    async fn sources(&self) -> Arc<Value> {
+        let mut cached = self.sources.lock().await;
+        if let Some((at, value)) = cached.as_ref() {
+            if at.elapsed() < REFRESH {
+                return Arc::clone(value);
+            }
+        }
+        let now = unix_now();
+        let broker = async {
+            match &self.management {
+                Err(error) => json!({ "ok": false, "error": error }),
+                Ok(m) => {
+                    let mut m = m.lock().await;
+                    let refreshed = tokio::time::timeout(SOURCES_TIMEOUT, m.refresh(now)).await;
+                    let (ok, error, view) = match refreshed {
+                        Ok(Ok(view)) => (true, Value::Null, view),
+                        Ok(Err(e)) => (false, json!(shared::reason::bounded(e)), Value::Null),
+                        Err(_) => (false, json!("no answer in time"), Value::Null),
+                    };
+                    json!({ "ok": ok, "error": error, "url": m.display(), "requests": m.requests,
+                            "view": view, "history": m.history() })
+                }
+            }
+        };
+        let metrics = async {
+            match &self.scraper {
+                Err(error) => json!({ "ok": false, "configured": true, "error": error, "targets": [] }),
+                Ok(s) if !s.configured() => json!({ "ok": false, "configured": false,
+                    "error": "not configured (--consumer-metrics)", "targets": [] }),
+                Ok(s) => {
+                    let rows = s.scrape().await;
+                    let up = rows.iter().filter(|r| r["ok"] == true).count();
+                    let error = (up < rows.len()).then(|| {
+                        format!("{} of {} endpoints did not answer", rows.len() - up, rows.len())
+                    });
+                    json!({ "ok": up > 0, "configured": true, "up": up, "error": error, "targets": rows })
+                }
+            }
+        };
+        let (broker, metrics) = tokio::join!(broker, metrics);
+        let value = Arc::new(json!({ "management": broker, "metrics": metrics }));
+        *cached = Some((Instant::now(), Arc::clone(&value)));
+        value
+    }
+}
+
+/// Reads at most `limit` bytes of an answer's body.
+///
+/// # Errors
+/// The body is larger, or could not be read.
+async fn read_bounded(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("answer cut short: {}", management::without_url(&e)))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(format!("the answer is over {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn unix_now() -> f64 {
+    let now = time::OffsetDateTime::now_utc();
+    #[allow(clippy::cast_precision_loss)]
+    let seconds = now.unix_timestamp_nanos() as f64 / 1e9;
+    seconds
+}
+
+/// The routes that need a token (added before the server's `admit` layer).
+pub(super) fn routes() -> Router<Arc<Ingest>> {
+    Router::new()
+        .route("/dashboard/data", get(data))
+        .route("/dashboard/dead", get(dead_letters))
+        .route("/dashboard/dead/replay", post(replay))
+}
+
+/// The page itself: no data in it, so no token needed to load it.
+pub(super) fn assets() -> Router {
+    Router::new()
+        .route("/dashboard", get(|| async { asset(PAGE, "text/html; charset=utf-8") }))
+        .route("/dashboard/", get(|| async { asset(PAGE, "text/html; charset=utf-8") }))
+        .route(
+            "/dashboard/app.js",
+            get(|| async { asset(SCRIPT, "text/javascript; charset=utf-8") }),
+        )
+        .route(
+            "/dashboard/app.css",
+            get(|| async { asset(STYLE, "text/css; charset=utf-8") }),
+        )
+}
+
+fn asset(body: &'static str, content_type: &'static str) -> Response {
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    // Everything the page shows comes from the network (error texts, kinds): no inline
+    // script runs, and the page only talks to this server.
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        ),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// `GET /dashboard/data`: one snapshot of every source.
+async fn data(State(ingest): State<Arc<Ingest>>) -> Json<Value> {
+    let board = &ingest.dashboard;
+    let sources = board.sources().await;
+    let listening = *ingest.listening.borrow();
+    let traffic = board.traffic.snapshot(time::OffsetDateTime::now_utc());
+    let results = json!({
+        "ok": listening,
+        "error": (!listening).then_some("the results listener is not up (broker unreachable?)"),
+        "received": traffic["total"],
+    });
+    Json(json!({
+        "at": unix_now(),
+        "namespace": board.namespace,
+        "uptime": board.started.elapsed().as_secs_f64(),
+        "refresh": REFRESH.as_secs_f64(),
+        "sources": {
+            "management": sources["management"],
+            "metrics": sources["metrics"],
+            "results": results,
+        },
+        "traffic": traffic,
+    }))
+}
+
+#[derive(Deserialize)]
+struct DeadQuery {
+    #[serde(default)]
+    fresh: bool,
+}
+
+/// `GET /dashboard/dead`: the depth of `jobs.dead` and its first letters (`?fresh=true`
+/// looks again unless the last look is under [`REFRESH`] old).
+async fn dead_letters(
+    State(ingest): State<Arc<Ingest>>,
+    Query(query): Query<DeadQuery>,
+) -> Json<Value> {
+    let board = &ingest.dashboard;
+    let mut cached = board.dead.lock().await;
+    let max_age = if query.fresh { REFRESH } else { DEAD_REFRESH };
+    if let Some((at, value)) = cached.as_ref() {
+        if at.elapsed() < max_age {
+            return Json(Value::clone(value));
+        }
+    }
+    let names = &ingest.topology.names;
+    let look = async {
+        let connection = shared::amqp::get_connection(&ingest.pool, super::CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        dead::scan::head(&connection, names, DEAD_SHOWN)
+            .await
+            .map_err(|e| format!("{e:#}"))
+    };
+    let value = match tokio::time::timeout(SOURCES_TIMEOUT, look).await {
+        Ok(Ok((depth, letters))) => {
+            let letters: Vec<Value> = letters
+                .into_iter()
+                .map(|letter| {
+                    let age = dead::since(letter.dead_at).map(|d| d.as_secs());
+                    let mut v = serde_json::to_value(&letter).unwrap_or_default();
+                    v["age"] = json!(age);
+                    v
+                })
+                .collect();
+            json!({ "ok": true, "error": null, "depth": depth, "letters": letters,
+                    "queue": names.dead_queue, "at": unix_now() })
+        }
+        Ok(Err(error)) => {
+            json!({ "ok": false, "error": shared::reason::bounded(error), "letters": [], "at": unix_now() })
+        }
+        Err(_) => json!({ "ok": false, "error": "no answer in time", "letters": [], "at": unix_now() }),
+    };
+    *cached = Some((Instant::now(), Arc::new(value.clone())));
+    Json(value)
+}
+
+#[derive(Deserialize)]
+struct ReplayAsk {
+    ids: Vec<Uuid>,
+}
+
+/// `POST /dashboard/dead/replay` `{"ids": [...]}`: replays those dead letters (jobs only, as
+/// `producer dead replay --id ...`), each removed from `jobs.dead` once its republish is
+/// confirmed. One replay at a time (409 otherwise); 202 if it is still running after a few
+/// seconds (it goes on).
+async fn replay(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
+    let ask: ReplayAsk = super::parse(&body)?;
+    if ask.ids.is_empty() || ask.ids.len() > MAX_REPLAY_IDS {
+        return Err(Failure::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format_args!("give 1 to {MAX_REPLAY_IDS} ids, not {}", ask.ids.len()),
+        ));
+    }
+    let board = &ingest.dashboard;
+    let Ok(guard) = Arc::clone(&board.replaying).try_lock_owned() else {
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            "a replay from the dashboard is running; try again when it is done",
+        ));
+    };
+    let task_ingest = Arc::clone(&ingest);
+    let stop = board.stop.clone();
+    let task = tokio::spawn(async move {
+        let _guard = guard;
+        let ingest = task_ingest;
+        let connection = shared::amqp::get_connection(&ingest.pool, super::CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let select = dead::Select {
+            ids: ask.ids,
+            ..dead::Select::default()
+        };
+        let act = dead::act::Act::Replay { force: false };
+        let names = &ingest.topology.names;
+        let tally = dead::act::run(&connection, names, &select, act, &mut std::io::sink(), true, &stop)
+            .await
+            .map_err(|e| format!("{e:#}"));
+        *ingest.dashboard.dead.lock().await = None;
+        if let Ok(tally) = &tally {
+            tracing::info!(replayed = tally.replayed, kept = tally.kept, failed = tally.failed,
+                           "dead letters replayed from the dashboard");
+        }
+        tally
+    });
+    match tokio::time::timeout(REPLAY_WAIT, task).await {
+        Ok(Ok(Ok(tally))) => Ok((StatusCode::OK, Json(json!({ "status": "done", "tally": tally })))
+            .into_response()),
+        Ok(Ok(Err(error))) => Err(Failure::unavailable(format_args!(
+            "the replay stopped: {error} (every letter not replayed is still dead)"
+        ))),
+        Ok(Err(_)) => Err(Failure::unavailable("the replay stopped unexpectedly")),
+        Err(_) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "status": "running", "tally": null })),
+        )
+            .into_response()),
+    }
+}
