@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Compose smoke test, in two parts.
 #  1. The real stack with the monitoring profile, three consumer replicas (each healthy on
-#     /readyz), a warm-up burst that Prometheus must count on every replica, then a producer
-#     burst with one replica stopped mid-run, and nothing lost.
+#     /readyz), a warm-up burst that Prometheus must count on every replica and that the
+#     dashboard service (producer serve) must see through the management API and every
+#     replica's /metrics, then a producer burst with one replica stopped mid-run, and nothing
+#     lost. (Grafana is not started: no image here.)
 #  2. The cluster profile: three clustered brokers, three consumer replicas and a producer
 #     given the three URLs; a rate-limited burst with the broker leading jobs.work stopped
 #     mid-burst (the producer and consumers fail over), then started again; nothing lost.
@@ -27,6 +29,8 @@ fi
 export BURST="${BURST:-20000}"
 export RABBITMQ_UI_PORT="${RABBITMQ_UI_PORT:-15680}"
 export PROMETHEUS_PORT="${PROMETHEUS_PORT:-9690}"
+export SERVE_PORT="${SERVE_PORT:-8690}"
+export SERVE_TOKEN="smoke-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 warmup="${WARMUP:-3000}"
 # One job at a time per replica: the run lasts long enough to stop a replica mid-run, and the
 # work is spread over all replicas.
@@ -114,6 +118,19 @@ print(int(float(result[0]["value"][1])) if result else 0)') || return 1
   [ "$got" = "$1" ]
 }
 
+# The dashboard (producer serve) reads the management API, and the /metrics of every replica
+# through the one name `consumer`, and counts the processed jobs they report as $warmup.
+dashboard_sees_all() {
+  curl -fsS -H "Authorization: Bearer $SERVE_TOKEN" "http://127.0.0.1:$SERVE_PORT/dashboard/data" 2>/dev/null \
+    | python3 -c '
+import json, sys
+d = json.load(sys.stdin)["sources"]
+m = d["metrics"]
+up = [t for t in m["targets"] if t["ok"]]
+ok = d["management"]["ok"] and len(up) == int(sys.argv[1]) and sum(t["processed"] for t in up) >= int(sys.argv[2])
+sys.exit(0 if ok else 1)' "$replicas" "$warmup"
+}
+
 # Every one of $1 jobs has an ok result (read back through the management API, so the first
 # broker must be up), and nothing is left in the work queues or dead letters.
 check_results() {
@@ -175,7 +192,7 @@ print(done if runs else -1, reconnects)')
 single_broker_part() {
   local t0=$SECONDS build_done victim so_far producer code
   log "up: broker, $replicas consumers and Prometheus (project $project)"
-  compose --profile monitoring up -d --build --scale consumer=$replicas rabbitmq consumer prometheus \
+  compose --profile monitoring up -d --build --scale consumer=$replicas rabbitmq consumer prometheus dashboard \
     >/dev/null 2>&1 || fail "docker-compose up"
   build_done=$SECONDS
   wait_for "every replica to be healthy (/readyz)" consuming
@@ -187,6 +204,8 @@ single_broker_part() {
   wait_for "Prometheus to report $replicas consumer targets up" targets_up
   wait_for "Prometheus to count $warmup processed jobs" processed_sum_is "$warmup"
   log "Prometheus: $replicas targets up, sum(consumer_jobs_processed_total) = $warmup"
+  wait_for "the dashboard to read the management API and all $replicas replicas' /metrics" dashboard_sees_all
+  log "dashboard: management API ok, $replicas of $replicas replicas' metrics read through one service name"
   log "up: producer, a burst of $BURST jobs"
   compose up -d --no-deps producer >/dev/null 2>&1 || fail "docker-compose up producer"
 

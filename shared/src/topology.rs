@@ -440,15 +440,25 @@ mod tests {
         let names = Names::new("ns");
         let role = |q: &str| names.role(q);
         assert_eq!(role("ns.jobs.work"), Some(QueueRole::Work));
-        assert_eq!(role(&names.kind_queue("text.analyze")), Some(QueueRole::Work));
+        assert_eq!(
+            role(&names.kind_queue("text.analyze")),
+            Some(QueueRole::Work)
+        );
         assert_eq!(role("ns.jobs.work.a+b"), Some(QueueRole::Work));
         assert_eq!(role(&names.delay_level(3)), Some(QueueRole::Delay));
-        assert_eq!(role(&names.retry_queue(Duration::from_secs(1))), Some(QueueRole::Delay));
+        assert_eq!(
+            role(&names.retry_queue(Duration::from_secs(1))),
+            Some(QueueRole::Delay)
+        );
         assert_eq!(role(&names.results_queue), Some(QueueRole::Results));
         assert_eq!(role(&names.dead_queue), Some(QueueRole::Dead));
         assert_eq!(role(&names.fanin_queue("x.0")), Some(QueueRole::Fanin));
         assert_eq!(role("other.jobs.work"), None, "another namespace");
-        assert_eq!(role("ns.jobs.results.wait.0a1b"), None, "a private results queue");
+        assert_eq!(
+            role("ns.jobs.results.wait.0a1b"),
+            None,
+            "a private results queue"
+        );
         assert_eq!(Names::new("").role("jobs.dead"), Some(QueueRole::Dead));
     }
 

@@ -72,6 +72,14 @@ struct QueueRow {
 struct QueueStats {
     #[serde(default)]
     publish: Option<u64>,
+    #[serde(default)]
+    publish_details: Option<Rate>,
+}
+
+#[derive(Deserialize)]
+struct Rate {
+    #[serde(default)]
+    rate: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -226,7 +234,7 @@ impl Management {
                     ("use_regex", "true"),
                     (
                         "columns",
-                        "name,type,messages_ready,messages_unacknowledged,consumers,message_stats.publish",
+                        "name,type,messages_ready,messages_unacknowledged,consumers,message_stats.publish,message_stats.publish_details.rate",
                     ),
                 ],
             )
@@ -256,6 +264,7 @@ impl Management {
     ) -> Value {
         let mut depth: HashMap<QueueRole, (u64, u64, u64)> = HashMap::new();
         let mut publish = 0u64;
+        let mut broker_rate: Option<f64> = None;
         let mut rates_collected = false;
         let mut listed = Vec::new();
         for q in &queues.items {
@@ -271,14 +280,25 @@ impl Management {
             entry.1 += unacked;
             entry.2 += 1;
             if role == QueueRole::Work {
-                if let Some(p) = q.message_stats.as_ref().and_then(|s| s.publish) {
+                let stats = q.message_stats.as_ref();
+                if let Some(p) = stats.and_then(|s| s.publish) {
                     publish += p;
                     rates_collected = true;
+                }
+                if let Some(r) = stats
+                    .and_then(|s| s.publish_details.as_ref())
+                    .and_then(|d| d.rate)
+                    .filter(|r| r.is_finite() && *r >= 0.0)
+                {
+                    *broker_rate.get_or_insert(0.0) += r;
                 }
             }
             listed.push((ready + unacked, q));
         }
+        // The broker's own rate (smoothed over its sampling) when it gives one; else the
+        // publish counters' change since the last sample.
         let in_now = match (rates_collected, self.last_publish) {
+            _ if broker_rate.is_some() => broker_rate.map(|r| (r * 10.0).round() / 10.0),
             (true, Some((then, before))) if now > then => {
                 #[allow(clippy::cast_precision_loss)]
                 let rate = publish.saturating_sub(before) as f64 / (now - then);
@@ -379,11 +399,8 @@ impl Management {
                         conn.peer = row.peer_host.clone().unwrap_or_default();
                     }
                 }
-                let short = |q: &String| {
-                    q.strip_prefix(self.names.prefix())
-                        .unwrap_or(q)
-                        .to_owned()
-                };
+                let short =
+                    |q: &String| q.strip_prefix(self.names.prefix()).unwrap_or(q).to_owned();
                 let queues: Vec<Value> = conn
                     .queues
                     .iter()
@@ -496,11 +513,18 @@ mod tests {
         assert_eq!(first["in_now"], Value::Null, "no rate from one sample");
         let second = m.assemble(102.0, &page(1400), &[], &[]);
         assert_eq!(second["in_now"], 200.0);
+        let rated: QueuePage = serde_json::from_value(json!({"items": [
+            {"name": "ns.jobs.kind.a", "message_stats": {"publish": 9, "publish_details": {"rate": 12.5}}},
+            {"name": "ns.jobs.work", "message_stats": {"publish": 9, "publish_details": {"rate": 1.25}}}
+        ]}))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let third = m.assemble(104.0, &rated, &[], &[]);
+        assert_eq!(third["in_now"], 13.8, "the broker's own rates, summed");
         assert_eq!(second["depths"]["work"]["ready"], 5);
         assert_eq!(second["depths"]["work"]["unacked"], 2);
         assert_eq!(second["depths"]["delay"]["ready"], 3);
         assert_eq!(second["depths"]["dead"]["ready"], 7);
-        assert_eq!(m.history().len(), 2);
+        assert_eq!(m.history().len(), 3);
         assert_eq!(m.history()[1]["dead"], 7);
     }
 

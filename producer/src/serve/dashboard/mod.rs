@@ -118,7 +118,8 @@ impl Dashboard {
     async fn sources(&self) -> Arc<Value> {
         let mut cached = self.sources.lock().await;
         if let Some((at, value)) = cached.as_ref() {
-            if at.elapsed() < REFRESH {
+            // A little under the poll interval, so that one page's polls each refresh.
+            if at.elapsed() < REFRESH.saturating_sub(Duration::from_millis(200)) {
                 return Arc::clone(value);
             }
         }
@@ -141,14 +142,20 @@ impl Dashboard {
         };
         let metrics = async {
             match &self.scraper {
-                Err(error) => json!({ "ok": false, "configured": true, "error": error, "targets": [] }),
+                Err(error) => {
+                    json!({ "ok": false, "configured": true, "error": error, "targets": [] })
+                }
                 Ok(s) if !s.configured() => json!({ "ok": false, "configured": false,
                     "error": "not configured (--consumer-metrics)", "targets": [] }),
                 Ok(s) => {
                     let rows = s.scrape().await;
                     let up = rows.iter().filter(|r| r["ok"] == true).count();
                     let error = (up < rows.len()).then(|| {
-                        format!("{} of {} endpoints did not answer", rows.len() - up, rows.len())
+                        format!(
+                            "{} of {} endpoints did not answer",
+                            rows.len() - up,
+                            rows.len()
+                        )
                     });
                     json!({ "ok": up > 0, "configured": true, "up": up, "error": error, "targets": rows })
                 }
@@ -198,8 +205,14 @@ pub(super) fn routes() -> Router<Arc<Ingest>> {
 /// The page itself: no data in it, so no token needed to load it.
 pub(super) fn assets() -> Router {
     Router::new()
-        .route("/dashboard", get(|| async { asset(PAGE, "text/html; charset=utf-8") }))
-        .route("/dashboard/", get(|| async { asset(PAGE, "text/html; charset=utf-8") }))
+        .route(
+            "/dashboard",
+            get(|| async { asset(PAGE, "text/html; charset=utf-8") }),
+        )
+        .route(
+            "/dashboard/",
+            get(|| async { asset(PAGE, "text/html; charset=utf-8") }),
+        )
         .route(
             "/dashboard/app.js",
             get(|| async { asset(SCRIPT, "text/javascript; charset=utf-8") }),
@@ -301,7 +314,9 @@ async fn dead_letters(
         Ok(Err(error)) => {
             json!({ "ok": false, "error": shared::reason::bounded(error), "letters": [], "at": unix_now() })
         }
-        Err(_) => json!({ "ok": false, "error": "no answer in time", "letters": [], "at": unix_now() }),
+        Err(_) => {
+            json!({ "ok": false, "error": "no answer in time", "letters": [], "at": unix_now() })
+        }
     };
     *cached = Some((Instant::now(), Arc::new(value.clone())));
     Json(value)
@@ -345,18 +360,33 @@ async fn replay(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Respon
         };
         let act = dead::act::Act::Replay { force: false };
         let names = &ingest.topology.names;
-        let tally = dead::act::run(&connection, names, &select, act, &mut std::io::sink(), true, &stop)
-            .await
-            .map_err(|e| format!("{e:#}"));
+        let tally = dead::act::run(
+            &connection,
+            names,
+            &select,
+            act,
+            &mut std::io::sink(),
+            true,
+            &stop,
+        )
+        .await
+        .map_err(|e| format!("{e:#}"));
         *ingest.dashboard.dead.lock().await = None;
         if let Ok(tally) = &tally {
-            tracing::info!(replayed = tally.replayed, kept = tally.kept, failed = tally.failed,
-                           "dead letters replayed from the dashboard");
+            tracing::info!(
+                replayed = tally.replayed,
+                kept = tally.kept,
+                failed = tally.failed,
+                "dead letters replayed from the dashboard"
+            );
         }
         tally
     });
     match tokio::time::timeout(REPLAY_WAIT, task).await {
-        Ok(Ok(Ok(tally))) => Ok((StatusCode::OK, Json(json!({ "status": "done", "tally": tally })))
+        Ok(Ok(Ok(tally))) => Ok((
+            StatusCode::OK,
+            Json(json!({ "status": "done", "tally": tally })),
+        )
             .into_response()),
         Ok(Ok(Err(error))) => Err(Failure::unavailable(format_args!(
             "the replay stopped: {error} (every letter not replayed is still dead)"

@@ -44,9 +44,12 @@ impl Scraper {
             .iter()
             .filter(|t| !t.trim().is_empty())
             .map(|t| {
-                let url = Url::parse(t.trim()).map_err(|e| format!("--consumer-metrics {t:?}: {e}"))?;
+                let url =
+                    Url::parse(t.trim()).map_err(|e| format!("--consumer-metrics {t:?}: {e}"))?;
                 if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-                    return Err(format!("--consumer-metrics {t:?}: not an http(s) URL with a host"));
+                    return Err(format!(
+                        "--consumer-metrics {t:?}: not an http(s) URL with a host"
+                    ));
                 }
                 Ok(url)
             })

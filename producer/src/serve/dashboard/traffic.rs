@@ -153,12 +153,12 @@ fn short(name: &str) -> String {
 }
 
 /// The histogram of `key` in `map`, or of `other` once the map holds `max` keys.
-fn slot<'m, K: std::hash::Hash + Eq>(
-    map: &'m mut HashMap<K, Hist>,
+fn slot<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Hist>,
     key: K,
     other: K,
     max: usize,
-) -> &'m mut Hist {
+) -> &mut Hist {
     let key = if map.len() >= max && !map.contains_key(&key) {
         other
     } else {
@@ -423,11 +423,24 @@ mod tests {
             traffic.note(&result(&kind, false, now, &"e".repeat(100_000)), now);
         }
         let inner = traffic.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let minute = inner.minutes.back().map(|m| (m.kinds.len(), m.stages.len()));
+        let minute = inner
+            .minutes
+            .back()
+            .map(|m| (m.kinds.len(), m.stages.len()));
         assert_eq!(minute, Some((MAX_KINDS + 1, MAX_STAGES + 1)));
-        assert!(inner.minutes.iter().all(|m| m.kinds.keys().all(|k| k.len() <= MAX_NAME)));
+        assert!(
+            inner
+                .minutes
+                .iter()
+                .all(|m| m.kinds.keys().all(|k| k.len() <= MAX_NAME))
+        );
         assert_eq!(inner.failures.len(), FAILURES);
-        assert!(inner.failures.iter().all(|f| f["error"].as_str().map_or(0, str::len) <= ERROR_BYTES));
+        assert!(
+            inner
+                .failures
+                .iter()
+                .all(|f| f["error"].as_str().map_or(0, str::len) <= ERROR_BYTES)
+        );
     }
 
     #[test]

@@ -104,20 +104,34 @@ function message(canvas, text) {
 }
 
 // series: [{ name, color, points: [[t, v|null], ...] }], times in unix seconds.
-function lines(canvas, series, t0, t1, unit) {
+// With `log`, the y axis is logarithmic (decades), for latencies that span orders of magnitude.
+function lines(canvas, series, t0, t1, unit, log) {
   const { ctx, width, height } = setup(canvas);
   const left = 48, right = 8, top = 18, bottom = 18;
-  let max = 0;
-  for (const s of series) for (const [, v] of s.points) if (v !== null && v > max) max = v;
-  max = niceMax(max);
+  let max = 0, min = Infinity;
+  for (const s of series) for (const [, v] of s.points) if (v !== null) { max = Math.max(max, v); if (v > 0) min = Math.min(min, v); }
   ctx.strokeStyle = '#e5e7eb';
   ctx.fillStyle = '#6b7280';
   ctx.textAlign = 'right';
   ctx.lineWidth = 1;
-  for (let i = 0; i <= 4; i++) {
-    const y = top + (height - top - bottom) * (1 - i / 4);
-    ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(width - right, y); ctx.stroke();
-    ctx.fillText(fmt(max * i / 4, max < 4 ? 1 : 0) + (unit || ''), left - 4, y + 4);
+  let scale;
+  if (log) {
+    const lo = Math.floor(Math.log10(Number.isFinite(min) ? min : 1));
+    const hi = Math.max(lo + 1, Math.ceil(Math.log10(max > 0 ? max : 10)));
+    scale = (v) => (Math.log10(Math.max(v, Math.pow(10, lo))) - lo) / (hi - lo);
+    for (let d = lo; d <= hi; d++) {
+      const y = top + (height - top - bottom) * (1 - (d - lo) / (hi - lo));
+      ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(width - right, y); ctx.stroke();
+      ctx.fillText(ms(Math.pow(10, d)), left - 4, y + 4);
+    }
+  } else {
+    max = niceMax(max);
+    scale = (v) => v / max;
+    for (let i = 0; i <= 4; i++) {
+      const y = top + (height - top - bottom) * (1 - i / 4);
+      ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(width - right, y); ctx.stroke();
+      ctx.fillText(fmt(max * i / 4, max < 4 ? 1 : 0) + (unit || ''), left - 4, y + 4);
+    }
   }
   ctx.textAlign = 'center';
   for (const back of [600, 300, 0]) {
@@ -125,7 +139,7 @@ function lines(canvas, series, t0, t1, unit) {
     ctx.fillText(back ? '-' + back / 60 + ' min' : 'now', Math.min(Math.max(x, left + 20), width - 20), height - 4);
   }
   const x = (t) => left + (width - left - right) * (t - t0) / (t1 - t0);
-  const y = (v) => top + (height - top - bottom) * (1 - v / max);
+  const y = (v) => top + (height - top - bottom) * (1 - scale(v));
   let legend = left;
   for (const s of series) {
     ctx.strokeStyle = s.color;
@@ -229,7 +243,7 @@ function render(data) {
   lines($('plot-latency'), [
     { name: 'p50', color: COLORS.p50, points: steps(traffic.latency, 'p50') },
     { name: 'p99', color: COLORS.p99, points: steps(traffic.latency, 'p99') },
-  ], t0, t1, '');
+  ], t0, t1, '', true);
   bars($('plot-kinds'), traffic.kinds.map((k) => ({ label: k.kind + ' (' + k.n + ')', p50: k.p50, p99: k.p99 })));
   bars($('plot-stages'), traffic.stages.map((s) => ({ label: s.kind + ' · ' + s.stage, p50: s.p50, p99: s.p99 })));
 
