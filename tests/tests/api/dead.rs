@@ -278,3 +278,29 @@ async fn a_replay_killed_midway_loses_no_dead_letter() {
     consumer.stop().await.unwrap();
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_looked_at_many_times_are_never_dropped() {
+    // Arrange: two dead letters. Every look (`list`, the dashboard's) takes them and gives them
+    // back; a quorum queue counts each give-back as a delivery, and RabbitMQ 4 drops a message
+    // over its delivery limit (20 by default) from a queue without a dead-letter exchange,
+    // such as jobs.dead. Letters given back 10 times are refreshed as fresh copies.
+    let app = TestApp::new().await;
+    let ids: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
+    for id in &ids {
+        bury(&app, &job(*id, "text.analyze"), Some(*id), "analyze", "boom", now()).await;
+    }
+
+    // Act: 30 looks
+    for look in 0..30 {
+        let (ok, out, err) = dead(&app, &["list", "--json"]).await;
+
+        // Assert: both letters are there every time
+        assert!(ok, "look {look}: {err}");
+        let listed: HashSet<String> = lines(&out)
+            .iter()
+            .filter_map(|l| l["job_id"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(listed.len(), 2, "look {look}: {out}");
+    }
+}
