@@ -1,6 +1,7 @@
 //! Acting on the selected dead letters: **replay** publishes each back to `jobs` (routed by
 //! its kind, mandatory, with a publisher confirm) and acks it only once the broker confirmed the
-//! republish; **purge** acks it. Up to [`WINDOW`] replays are in flight at once.
+//! republish; **purge** acks it. Up to [`WINDOW`] replays, and [`WINDOW_BYTES`] of their bodies,
+//! are in flight at once.
 
 use std::io::Write;
 
@@ -22,6 +23,10 @@ use super::{
 
 /// Replays in flight (published, not yet confirmed) at most.
 pub const WINDOW: usize = 256;
+/// Bytes of replayed bodies in flight at most (each is held until its confirm): 256 letters of
+/// the broker's largest message size would otherwise be gigabytes. One letter is always let
+/// through, whatever its size.
+pub const WINDOW_BYTES: usize = 64 * 1024 * 1024;
 
 /// Headers a replayed job leaves behind: the failure it died of, its attempt count (so it
 /// starts again at attempt 1), the broker's counts, and how long it had waited for a consumer.
@@ -86,9 +91,12 @@ pub async fn run(
     let mut tally = Tally::default();
     let mut in_flight = FuturesUnordered::new();
     let mut chosen = 0usize;
+    let mut bytes = 0usize;
     loop {
-        while in_flight.len() >= WINDOW {
-            if let Some(done) = in_flight.next().await {
+        while in_flight.len() >= WINDOW || (bytes > WINDOW_BYTES && !in_flight.is_empty()) {
+            let next: Option<(Letter, Delivery, _)> = in_flight.next().await;
+            if let Some(done) = next {
+                bytes = bytes.saturating_sub(done.1.data.len());
                 settle(&scan, done, &mut tally, out, json).await?;
             }
         }
@@ -132,6 +140,7 @@ pub async fn run(
                         replay_properties(&delivery.properties),
                     )
                     .await?;
+                bytes += delivery.data.len();
                 in_flight.push(async move {
                     let confirmed = match confirm.await {
                         Ok(confirmation) => shared::amqp::check_confirmation(confirmation),
