@@ -23,7 +23,7 @@ cleanup() {
   kill "$serve" 2>/dev/null || true
   rabbitmqctl -q list_queues name 2>/dev/null | grep "^$namespace\." | while read -r q; do
     rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
-  done
+  done || true
 }
 trap cleanup EXIT
 for _ in $(seq 100); do

@@ -87,10 +87,12 @@ async function main() {
     await page.goto(base + '/dashboard', { waitUntil: 'load' });
     await page.waitForSelector('#auth:not([hidden])', { timeout: 10000 });
     check(true, 'the page asks for a token');
-    tokenGiven = true;
     await page.fill('#token', token);
     await page.click('#token-save');
     await firstDrawn(page);
+    // From here on, any console error counts (a poll sent before the token may still have
+    // logged its 401 until now).
+    tokenGiven = true;
     check(await page.isHidden('#auth'), 'the token is taken and the page draws');
     for (const source of ['management', 'results', 'metrics']) {
       await page.waitForSelector(`[data-source="${source}"].ok`, { timeout: 15000 });
@@ -163,11 +165,13 @@ async function main() {
     check(true, 'the replayed letter is no longer listed as dead');
 
     // 6. Refresh cost on the broker: management API requests per second, one page and three.
-    const requests = async () => (await api('/dashboard/data')).body.sources.management.requests;
+    // Requests per second over the measured window (the reads themselves may refresh too).
+    const requests = async () => [Date.now(), (await api('/dashboard/data')).body.sources.management.requests];
+    const rate = ([t0, n0], [t1, n1]) => (n1 - n0) / ((t1 - t0) / 1000);
     await second.close();
     let before = await requests();
     await sleep(10000);
-    const one = ((await requests()) - before) / 10;
+    const one = rate(before, await requests());
     const more = [await context.newPage(), await context.newPage()];
     for (const p of more) {
       await p.addInitScript((t) => sessionStorage.setItem('queue-worker-token', t), token);
@@ -175,9 +179,11 @@ async function main() {
     }
     before = await requests();
     await sleep(10000);
-    const three = ((await requests()) - before) / 10;
+    const three = rate(before, await requests());
     log(`figure - management API requests/s: ${one.toFixed(2)} with one page open, ${three.toFixed(2)} with three`);
-    check(three <= 2.0, 'three open pages cost the broker no more than one refresh per 2 s (3 requests)');
+    // One refresh (4 requests) per 1.8 s at most, however many pages: 2.2/s; three pages
+    // polling on their own would be three times one page.
+    check(three <= 2.6, 'three open pages cost the broker no more than one refresh at a time');
 
     await page.screenshot({ path: `${shots}/dashboard.png`, fullPage: true });
     check(errors.length === 0, `no console errors (${errors.join(' | ') || 'none'})`);

@@ -22,8 +22,13 @@ if [ ! -f target/browser/node_modules/playwright-core/package.json ]; then
 fi
 namespace="browser-$(date +%s%N)"
 token="$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-port=$((20000 + RANDOM % 20000))
-metrics_port=$((port + 1))
+# Two free ports next to each other, clear of RabbitMQ's (25672 and up) and the ephemeral range.
+free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for _ in $(seq 50); do
+  port=$((20000 + RANDOM % 2000 * 2))
+  metrics_port=$((port + 1))
+  free "$port" && free "$metrics_port" && break
+done
 host="$(echo "$AMQP_URL" | sed -E 's#^amqps?://([^@/]*@)?([^:/]+).*#\2#')"
 mgmt="http://$host:15672"
 JOBS_NAMESPACE="$namespace" CONSUMER_HTTP_ADDR="127.0.0.1:$metrics_port" \
@@ -39,7 +44,7 @@ cleanup() {
   wait "$serve" "$consumer" 2>/dev/null || true
   rabbitmqctl -q list_queues name 2>/dev/null | grep "^$namespace\." | while read -r q; do
     rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
-  done
+  done || true
 }
 trap cleanup EXIT
 for _ in $(seq 150); do

@@ -177,6 +177,17 @@ pub struct ServeSettings {
     #[arg(long, env = "PRODUCER_MANAGEMENT_URL", hide_env_values = true)]
     pub management_url: Option<String>,
 
+    /// Bearer tokens of the dashboard's data and replay routes (`/dashboard/...`),
+    /// comma-separated (16 characters at least); when given, the ingest tokens no longer open
+    /// them, so that clients that submit jobs cannot read failures or replay dead letters.
+    #[arg(
+        long,
+        env = "PRODUCER_DASHBOARD_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub dashboard_tokens: Vec<String>,
+
     /// The consumers' metrics endpoints the dashboard reads (`http://consumer:9100/metrics`),
     /// comma-separated; a host name that resolves to several addresses (a compose service
     /// scaled out) is read at each.
@@ -216,6 +227,7 @@ impl ServeSettings {
             result_cache: DEFAULT_RESULT_CACHE,
             result_cache_bytes: DEFAULT_RESULT_CACHE_BYTES,
             management_url: None,
+            dashboard_tokens: Vec::new(),
             consumer_metrics: Vec::new(),
         }
     }

@@ -92,6 +92,8 @@ pub async fn run(
     let mut in_flight = FuturesUnordered::new();
     let mut chosen = 0usize;
     let mut bytes = 0usize;
+    let wanted: std::collections::HashSet<uuid::Uuid> = select.ids.iter().copied().collect();
+    let mut found = std::collections::HashSet::new();
     loop {
         while in_flight.len() >= WINDOW || (bytes > WINDOW_BYTES && !in_flight.is_empty()) {
             let next: Option<(Letter, Delivery, _)> = in_flight.next().await;
@@ -101,6 +103,13 @@ pub async fn run(
             }
         }
         if stop.is_cancelled() {
+            break;
+        }
+        // Done once every id asked for was found (ids are unique in the queue but for
+        // duplicates, which a later run takes), or after the letters it may look at.
+        let all_found = !wanted.is_empty() && found.len() >= wanted.len();
+        let scanned_enough = select.scan_limit.is_some_and(|n| tally.scanned >= n);
+        if all_found || scanned_enough {
             break;
         }
         let Some(delivery) = scan.next().await? else {
@@ -114,6 +123,9 @@ pub async fn run(
         }
         tally.matched += 1;
         chosen += 1;
+        if let Some(id) = letter.job_id.filter(|id| wanted.contains(id)) {
+            found.insert(id);
+        }
         match act {
             Act::Purge => {
                 scan.remove(&delivery).await?;

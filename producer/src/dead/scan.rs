@@ -61,6 +61,10 @@ pub struct Select {
     /// Every letter (`replay` and `purge` need this or a filter).
     #[arg(long)]
     pub all: bool,
+    /// Letters taken to look for the selected ones, at most (the dashboard's replays: they
+    /// look for letters it listed at the head of the queue); all of them when unset.
+    #[arg(skip)]
+    pub scan_limit: Option<u64>,
 }
 
 impl Select {
@@ -387,7 +391,7 @@ pub async fn list(
 }
 
 /// The first `n` letters at the head of the queue, and the queue's depth, all given back: a
-/// look that takes no longer than `n` letters, however deep the queue is (the dashboard's).
+/// look that takes no more than `n` letters, and takes none after `within` (the dashboard's).
 ///
 /// # Errors
 /// As [`Scan::start`] and [`Scan::next`].
@@ -395,11 +399,13 @@ pub async fn head(
     connection: &Connection,
     names: &Names,
     n: usize,
+    within: Duration,
 ) -> anyhow::Result<(u64, Vec<Letter>)> {
+    let started = std::time::Instant::now();
     let mut scan = Scan::start(connection, names).await?;
     let depth = scan.depth();
     let mut letters = Vec::new();
-    while letters.len() < n {
+    while letters.len() < n && started.elapsed() < within {
         let Some(delivery) = scan.next().await? else {
             break;
         };

@@ -278,6 +278,12 @@ pub async fn start(
         listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
     let (listening_tx, listening) = tokio::sync::watch::channel(false);
+    let dashboard = dashboard::Dashboard::new(
+        &common.amqp_url,
+        &common.namespace,
+        settings,
+        shutdown.child_token(),
+    )?;
     let ingest = Arc::new(Ingest {
         broker: pool.manager().brokers().display(),
         pool,
@@ -297,12 +303,7 @@ pub async fn start(
         permits: Arc::new(Semaphore::new(settings.max_in_flight)),
         request_timeout: settings.request_timeout(),
         listening,
-        dashboard: dashboard::Dashboard::new(
-            &common.amqp_url,
-            &common.namespace,
-            settings,
-            shutdown.child_token(),
-        ),
+        dashboard,
     });
     let collector = tokio::spawn(collect_results(
         Arc::clone(&ingest),
@@ -350,6 +351,7 @@ pub async fn start(
             let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT, close).await;
         }
         let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT * 2, collector).await;
+        ingest.dashboard.drain().await;
         let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT, amqp::close_pool(&ingest.pool)).await;
     });
     tracing::info!(%bound, "accepting jobs over HTTP");
@@ -361,7 +363,12 @@ pub async fn start(
 /// included (503).
 async fn admit(State(ingest): State<Arc<Ingest>>, request: Request, next: Next) -> Response {
     let post = request.method() == Method::POST;
-    let _permit = match ingest.admit(request.headers(), post) {
+    // The dashboard's data routes take its own tokens when it has any.
+    let tokens = match &ingest.dashboard.tokens {
+        Some(tokens) if request.uri().path().starts_with("/dashboard/") => tokens,
+        _ => &ingest.tokens,
+    };
+    let _permit = match ingest.admit(tokens, request.headers(), post) {
         Ok(permit) => permit,
         Err(failure) => return failure.into_response(),
     };
@@ -546,12 +553,17 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Failure> {
 impl Ingest {
     /// Lets a request in: its token (401), its content type for a body (415), and a place
     /// among the requests in flight (429 beyond `--max-in-flight`).
-    fn admit(&self, headers: &HeaderMap, json_body: bool) -> Result<OwnedSemaphorePermit, Failure> {
-        if self.tokens.configured() {
+    fn admit(
+        &self,
+        tokens: &auth::Tokens,
+        headers: &HeaderMap,
+        json_body: bool,
+    ) -> Result<OwnedSemaphorePermit, Failure> {
+        if tokens.configured() {
             let offered = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
-            if !self.tokens.allows(offered) {
+            if !tokens.allows(offered) {
                 return Err(Failure::new(
                     StatusCode::UNAUTHORIZED,
                     "a valid `Authorization: Bearer <token>` header is required",

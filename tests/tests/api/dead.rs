@@ -288,7 +288,15 @@ async fn dead_letters_looked_at_many_times_are_never_dropped() {
     let app = TestApp::new().await;
     let ids: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
     for id in &ids {
-        bury(&app, &job(*id, "text.analyze"), Some(*id), "analyze", "boom", now()).await;
+        bury(
+            &app,
+            &job(*id, "text.analyze"),
+            Some(*id),
+            "analyze",
+            "boom",
+            now(),
+        )
+        .await;
     }
 
     // Act: 30 looks

@@ -14,12 +14,15 @@ package follows it exactly:
 
 from .client import DEFAULT_URL, Client, ResultStream
 from .errors import (
+    BrokerError,
     ConfirmTimeout,
+    ConnectFailed,
     ContractError,
     JobFailed,
     JobRejected,
     QueueWorkerError,
     ResultTimeout,
+    StreamOverflow,
     TopologyError,
 )
 from .models import (
@@ -44,9 +47,11 @@ __all__ = [
     "FANOUT_SCHEMA_VERSION",
     "SCHEMA_VERSION",
     "WORKFLOW_SCHEMA_VERSION",
+    "BrokerError",
     "ChildOf",
     "Client",
     "ConfirmTimeout",
+    "ConnectFailed",
     "ContractError",
     "DeadLetter",
     "DelayPlan",
@@ -62,6 +67,7 @@ __all__ = [
     "ResultTimeout",
     "StageTiming",
     "Status",
+    "StreamOverflow",
     "TopologyError",
     "check_kind",
 ]

@@ -7,7 +7,7 @@ import logging
 import math
 import uuid
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,30 +16,49 @@ from typing import Any, Literal, Self
 
 import aio_pika
 import aiormq
+import pamqp.exceptions
+import yarl
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from ._time import utc_now
 from .errors import (
+    BrokerError,
     ConfirmTimeout,
+    ConnectFailed,
     ContractError,
     JobRejected,
     QueueWorkerError,
     ResultTimeout,
+    StreamOverflow,
     TopologyError,
 )
 from .models import FANOUT_SCHEMA_VERSION, WORKFLOW_SCHEMA_VERSION, Job, JobResult, as_uuid
 from .topology import LEVELS, MATCH_ALL, MAX_AHEAD, Names, check_kind, level_header, level_ttl
 
-__all__ = ["DEFAULT_URL", "Client", "ResultStream"]
+__all__ = ["DEFAULT_MAX_BUFFER_BYTES", "DEFAULT_URL", "Client", "ResultStream"]
 
 log = logging.getLogger("queue_worker")
 
 #: Broker URL used when none is given (the same default as the Rust binaries).
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2f"
 
+#: Default byte bound of the result buffer and of each results stream (64 MiB of JSON bodies).
+DEFAULT_MAX_BUFFER_BYTES = 64 * 1024 * 1024
+
 _CONTENT_TYPE = "application/json"
 _ACK_BATCH = 64
 _CLOSED: Any = object()
+
+#: What aio-pika, aiormq (and pamqp under it) and the socket raise when the broker or the
+#: connection fails; the public coroutines turn these into :class:`BrokerError`.
+#: (``TimeoutError`` and ``ConnectionError`` are ``OSError``s; aio-pika raises bare
+#: ``RuntimeError`` for a connection or channel that is not open.)
+_BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    pamqp.exceptions.PAMQPException,
+    OSError,
+    RuntimeError,
+)
 
 QueueType = Literal["quorum", "classic"]
 
@@ -59,39 +78,68 @@ class ResultStream:
     order: ``async for result in client.results(): ...``.
 
     It is registered when :meth:`Client.results` returns, so results of jobs submitted after
-    that call are never missed, even before iteration starts. At most ``maxsize`` results wait
-    in it; beyond that the client stops acknowledging results, so the broker stops sending
-    them (for every reader of this client) until the stream is read again: read it, or close
-    it (``aclose()``, ``async with``), or drop every reference to it (the client holds it
-    weakly, so ``async for r in client.results(): ... break`` leaves nothing behind).
-    Results are at-least-once: after a reconnection one may come twice.
+    that call are never missed, even before iteration starts.
+
+    **A stream nobody reads never holds anything else up.** Results wait in the stream until
+    read, at most ``stream_buffer`` of them and ``max_stream_bytes`` bytes of their JSON
+    bodies (one result larger than that still goes into an empty stream). When a result
+    comes for a stream already at a bound, the stream has fallen behind, and it is
+    *detached*: it gets no further result, and the client's one results listener goes on
+    serving every :meth:`Client.result` waiter, every other stream and the buffer as if the
+    stream were gone. Its reader still gets, in order, every result the stream held, then
+    :class:`StreamOverflow` (``error.job_id`` is the first result it missed; it missed every
+    later one too) once; iteration ends after that. So a reader sees a gap-free sequence up
+    to the error, and the error marks where the gap begins. The missed results are
+    acknowledged to the broker like every other (they reached everyone still listening; the
+    client's buffer keeps them for :meth:`Client.try_result` while they last). To keep up,
+    read promptly (hand slow work to other tasks), or connect with larger bounds; after an
+    overflow, open a new stream.
+
+    Close a stream you no longer read (``aclose()``, ``async with``), or drop every
+    reference to it (the client holds it weakly, so ``async for r in client.results(): ...
+    break`` leaves nothing behind). If the connection is closed for good underneath the
+    client (``client.connection.close()``), the stream raises :class:`BrokerError` after the
+    results it holds; :meth:`Client.close` ends it. Results are at-least-once: after a
+    reconnection one may come twice.
     """
 
-    def __init__(self, client: Client, maxsize: int) -> None:
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize)
+    def __init__(self, client: Client, maxsize: int, max_bytes: int) -> None:
+        self._items: deque[tuple[JobResult, int]] = deque()
+        self._bytes = 0
+        self._maxsize = maxsize
+        self._max_bytes = max_bytes
+        self._ready = asyncio.Event()
         self._client = weakref.ref(client)
-        self._closed = False
+        self._closed = False  # no more results go in
+        self._error: QueueWorkerError | None = None  # raised once the results held are read
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> JobResult:
-        if self._closed and self._queue.empty():
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if item is _CLOSED:
-            self._closed = True
-            raise StopAsyncIteration
-        return item  # type: ignore[no-any-return]
+        while not self._items:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if self._closed:
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+        result, size = self._items.popleft()
+        self._bytes -= size
+        return result
 
     async def aclose(self) -> None:
-        """Stops the stream: no more results are put in it."""
+        """Stops the stream: no more results are put in it, those it held are dropped, and
+        iteration ends."""
         self._closed = True
+        self._error = None
+        self._items.clear()
+        self._bytes = 0
+        self._ready.set()
         client = self._client()
         if client is not None:
             client._streams.discard(self)
-        while not self._queue.empty():
-            self._queue.get_nowait()
 
     async def __aenter__(self) -> Self:
         return self
@@ -99,16 +147,37 @@ class ResultStream:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _put(self, result: JobResult) -> None:
+    def _put(self, result: JobResult, size: int) -> bool:
+        """Adds a result without waiting; ``False`` if the stream takes no more (closed, or
+        full: then it fails with :class:`StreamOverflow` once what it holds is read)."""
+        if self._closed:
+            return False
+        if self._items and (len(self._items) >= self._maxsize or self._bytes + size > self._max_bytes):
+            overflow = StreamOverflow(
+                result.job_id,
+                waiting=len(self._items),
+                waiting_bytes=self._bytes,
+                maxsize=self._maxsize,
+                max_bytes=self._max_bytes,
+            )
+            log.warning("%s", overflow)
+            self._fail(overflow)
+            return False
+        self._items.append((result, size))
+        self._bytes += size
+        self._ready.set()
+        return True
+
+    def _fail(self, error: QueueWorkerError) -> None:
+        """Ends the stream with ``error``, raised after the results it holds."""
         if not self._closed:
-            await self._queue.put(result)
+            self._closed = True
+            self._error = error
+            self._ready.set()
 
     def _end(self) -> None:
         self._closed = True
-        try:
-            self._queue.put_nowait(_CLOSED)
-        except asyncio.QueueFull:
-            pass
+        self._ready.set()
 
 
 class Client:
@@ -139,6 +208,8 @@ class Client:
         stream_buffer: int,
         confirm_timeout: float,
         window: int,
+        max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+        max_stream_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
     ) -> None:
         """Use :meth:`connect`."""
         self._connection = connection
@@ -157,12 +228,18 @@ class Client:
         self._listener_tag: str | None = None
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
         self._dispatcher: asyncio.Task[None] | None = None
-        self._buffer: OrderedDict[uuid.UUID, JobResult] = OrderedDict()
+        # job id -> (result, size of its body), oldest first.
+        self._buffer: OrderedDict[uuid.UUID, tuple[JobResult, int]] = OrderedDict()
+        self._buffer_bytes = 0
         self._buffer_size = result_buffer
+        self._max_buffer_bytes = max_buffer_bytes
         self._stream_buffer = stream_buffer
+        self._max_stream_bytes = max_stream_bytes
         self._waiters: dict[uuid.UUID, list[asyncio.Future[JobResult]]] = {}
         self._streams: weakref.WeakSet[ResultStream] = weakref.WeakSet()
         self._closed = False
+        if connection is not None:
+            connection.close_callbacks.add(self._on_connection_closed)
 
     # ------------------------------------------------------------------ connecting
 
@@ -178,6 +255,8 @@ class Client:
         listen: bool = True,
         result_buffer: int = 10_000,
         stream_buffer: int = 10_000,
+        max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+        max_stream_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         listener_expires: float = 300.0,
         confirm_timeout: float = 30.0,
         window: int = 256,
@@ -202,8 +281,16 @@ class Client:
                 ``--queue-type``; it must match what the consumers use.
             listen: Listen to results (needed by :meth:`result` and :meth:`results`); a
                 client that only submits can leave it off.
-            result_buffer: Results kept for later :meth:`result` calls (the most recent).
-            stream_buffer: Results that may wait in each :meth:`results` stream.
+            result_buffer: Results kept for later :meth:`result` calls (the most recent;
+                0 keeps none).
+            stream_buffer: Results that may wait in each :meth:`results` stream (see
+                :class:`ResultStream` for what happens to a stream that falls behind).
+            max_buffer_bytes: Bytes of results (their JSON bodies) the buffer of
+                ``result_buffer`` keeps at most: beyond either bound the oldest results are
+                dropped from it (never one a :meth:`result` call waits for: those are handed
+                over on arrival), though the newest is always kept, whatever its size.
+            max_stream_bytes: Bytes of results (JSON bodies) that may wait in each
+                :meth:`results` stream.
             listener_expires: Seconds the private results queue outlives the connection
                 (``x-expires``), so that results published during a reconnection wait in it.
             reconnect_interval: Seconds between attempts to reconnect a lost connection (the
@@ -217,23 +304,34 @@ class Client:
 
         Raises:
             ValueError: A bad namespace or option.
+            ConnectFailed: The broker cannot be reached (within ``connect_timeout``), or
+                refused the login or the virtual host (``__cause__`` says which).
             TopologyError: The namespace's exchanges do not exist (see ``declare``).
-            aio_pika.exceptions.AMQPConnectionError: The broker cannot be reached or refused
-                the login.
+            BrokerError: Connected, but the broker refused to set the client up (declaring
+                its results queue or the topology: ``ACCESS_REFUSED``, ...).
         """
         names = Names(namespace)
         if queue_type not in ("quorum", "classic"):
             raise ValueError(f"queue_type must be 'quorum' or 'classic', not {queue_type!r}")
         if window < 1 or result_buffer < 0 or stream_buffer < 1:
             raise ValueError("window and stream_buffer must be at least 1, result_buffer at least 0")
+        if max_buffer_bytes < 1 or max_stream_bytes < 1:
+            raise ValueError("max_buffer_bytes and max_stream_bytes must be at least 1")
         if not 0 < listener_expires * 1000 < 2**32:
             raise ValueError("listener_expires must be above 0 and below 2^32 ms")
-        connection = await aio_pika.connect_robust(
-            url,
-            timeout=connect_timeout,
-            client_properties={"connection_name": connection_name},
-            reconnect_interval=reconnect_interval,
-        )
+        try:
+            connection = await aio_pika.connect_robust(
+                url,
+                timeout=connect_timeout,
+                client_properties={"connection_name": connection_name},
+                reconnect_interval=reconnect_interval,
+            )
+        except _BROKER_ERRORS as error:
+            if isinstance(error, TimeoutError):
+                reason = f"no answer within {connect_timeout:g} s"
+            else:
+                reason = _describe(error)
+            raise ConnectFailed(f"cannot connect to {_redact(url)}: {reason}") from error
         client = cls(
             connection,
             names,
@@ -243,6 +341,8 @@ class Client:
             stream_buffer=stream_buffer,
             confirm_timeout=confirm_timeout,
             window=window,
+            max_buffer_bytes=max_buffer_bytes,
+            max_stream_bytes=max_stream_bytes,
         )
         try:
             if declare:
@@ -253,8 +353,16 @@ class Client:
             client._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             if listen:
                 await client._start_listener(listener_expires)
-        except BaseException:
-            await connection.close()
+        except BaseException as error:
+            client._closed = True
+            try:
+                await connection.close()
+            except Exception as closing:  # the error that matters is `error`
+                log.debug("could not close the connection: %r", closing)
+            if isinstance(error, _BROKER_ERRORS) and not isinstance(error, QueueWorkerError):
+                raise BrokerError(
+                    f"connected to {_redact(url)}, but the broker refused to set the client up: {_describe(error)}"
+                ) from error
             raise
         return client
 
@@ -292,7 +400,8 @@ class Client:
     async def close(self) -> None:
         """Stops listening, deletes the private results queue, and closes the connection.
         Pending :meth:`result` calls raise :class:`QueueWorkerError`; result streams end.
-        Idempotent."""
+        Idempotent, and never raises for the broker: what fails while closing (a broker
+        already gone, ...) is logged at debug level."""
         if self._closed:
             return
         self._closed = True
@@ -322,7 +431,37 @@ class Client:
                 await asyncio.wait_for(queue.delete(if_unused=False, if_empty=False), 5)
             except Exception as error:  # best effort: it expires by itself
                 log.debug("could not delete the results queue: %s", error)
-        await self._connection.close()
+        try:
+            await self._connection.close()
+        except Exception as error:  # nothing left to do with it
+            log.debug("could not close the connection: %r", error)
+
+    def _connection_gone(self) -> bool:
+        """Whether the robust connection was closed for good (not lost: it would come back)."""
+        connection = self._connection
+        return connection is not None and (connection.is_closed or connection.close_called)
+
+    def _check_open(self) -> None:
+        """Raises unless the client and its connection are usable (possibly reconnecting)."""
+        if self._closed:
+            raise QueueWorkerError("the client is closed")
+        if self._connection_gone():
+            raise BrokerError(_GONE)
+
+    def _on_connection_closed(self, _sender: object, _error: BaseException | None = None) -> None:
+        """Close callback of the robust connection, called on every loss of it: when it is
+        closed for good by someone else than :meth:`close`, waits fail and streams end with
+        :class:`BrokerError` (nothing can arrive any more) instead of waiting for ever."""
+        if self._closed or not self._connection_gone():
+            return
+        waiters, self._waiters = self._waiters, {}
+        for futures in waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(BrokerError(_GONE))
+        for stream in list(self._streams):
+            stream._fail(BrokerError(_GONE))
+        self._streams.clear()
 
     # ------------------------------------------------------------------ topology
 
@@ -522,6 +661,9 @@ class Client:
             JobRejected: The broker nacked the job or returned it as unroutable.
             ConfirmTimeout: No confirm came within ``confirm_timeout``.
             TopologyError: An exchange it needs does not exist.
+            BrokerError: The broker refused the publish and closed the channel
+                (``ACCESS_REFUSED``, ...), or the connection was closed for good.
+            QueueWorkerError: The client is closed (or was closed meanwhile).
         """
         job = self.new_job(kind, payload, id=id, delay=delay, not_before=not_before)
         outgoing = self._prepare(job)
@@ -559,7 +701,9 @@ class Client:
             ValueError: A bad job (nothing was published).
             JobRejected: Some jobs were not stored (or not confirmed in time):
                 ``error.failed`` maps each to its error (:class:`JobRejected`,
-                :class:`ConfirmTimeout`, ...), ``error.confirmed`` lists those that were stored.
+                :class:`ConfirmTimeout`, :class:`BrokerError`, ... as :meth:`submit` raises
+                them), ``error.confirmed`` lists those that were stored; ``__cause__`` is the
+                first job's error.
             TopologyError: An exchange it needs does not exist.
         """
         prepared: list[_Outgoing] = []
@@ -605,10 +749,10 @@ class Client:
             confirmed = [o.id for o in prepared if o.id not in failed]
             raise JobRejected(
                 first_id,
-                f"{len(failed)} of {len(prepared)} jobs were not stored; the first: {first}",
+                f"{len(failed)} of {len(prepared)} jobs were not stored; the first: {_describe(first)}",
                 confirmed=confirmed,
                 failed=failed,
-            )
+            ) from first
         return [o.id for o in prepared]
 
     def _prepare(self, job: Job) -> _Outgoing:
@@ -629,7 +773,8 @@ class Client:
     async def _publish(self, outgoing: _Outgoing) -> None:
         """Publishes one job and awaits its confirm. A publish cut off by a lost connection
         is sent again once the robust connection is back (as the Rust producer republishes
-        what was unconfirmed), all within ``confirm_timeout``."""
+        what was unconfirmed), all within ``confirm_timeout``. Raises only this package's
+        exceptions (and ``CancelledError`` when the caller is cancelled)."""
         if self._closed or self._channel is None:
             raise QueueWorkerError("the client is closed")
         exchange = self._names.jobs_exchange
@@ -637,13 +782,15 @@ class Client:
         try:
             async with asyncio.timeout(self._confirm_timeout):
                 while True:
+                    self._check_open()
                     exchange, properties = self._route(outgoing)
+                    lost: BaseException
                     try:
                         if exchange != self._names.jobs_exchange:
                             await self._ensure_ladder()
                         # Straight to aiormq (the robust channel's current channel): aio_pika's
                         # Message and Exchange layers cost about as much as the publish itself.
-                        channel = await self._channel.get_underlay_channel()
+                        channel = await self._underlay()
                         await channel.basic_publish(
                             outgoing.body,
                             exchange=exchange,
@@ -652,14 +799,21 @@ class Client:
                             mandatory=True,
                         )
                         return
+                    except asyncio.CancelledError as cancelled:
+                        if _cancelling():
+                            raise  # the caller's cancellation, or confirm_timeout
+                        # aiormq cancels the confirms it awaits when their channel closes.
+                        lost = cancelled
                     except Exception as error:
                         if not _connection_lost(error):
                             raise
-                        if self._closed:
-                            raise QueueWorkerError("the client was closed") from None
-                        log.info("job %s: connection lost before its confirm (%s); again", outgoing.id, error)
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, 1.0)
+                        lost = error
+                    if self._closed:
+                        raise QueueWorkerError("the client was closed") from None
+                    self._check_open()
+                    log.info("job %s: connection lost before its confirm (%r); again", outgoing.id, lost)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 1.0)
         except aiormq.exceptions.PublishError as error:
             ret = getattr(error.message, "delivery", None)
             raise JobRejected(
@@ -676,6 +830,30 @@ class Client:
                 f"cannot publish to exchange {exchange!r}: {error}; has a consumer of namespace "
                 f"{self.namespace!r} started (or connect with declare=True)?"
             ) from None
+        except QueueWorkerError:
+            raise
+        except _BROKER_ERRORS as error:
+            raise BrokerError(
+                f"job {outgoing.id} (kind {outgoing.kind!r}, to {exchange!r}) failed: {_describe(error)}; it may not "
+                f"be stored (submitting it again with the same id is safe)"
+            ) from error
+
+    async def _underlay(self) -> aiormq.abc.AbstractChannel:
+        """The publish channel's current aiormq channel. While the robust connection
+        reconnects this waits for it, but not once it is closed for good (:class:`BrokerError`:
+        aio-pika would wait for ever)."""
+        assert self._channel is not None
+        connection = self._connection
+        if connection is not None and not connection.connected.is_set():
+            back = asyncio.ensure_future(connection.connected.wait())
+            gone = asyncio.ensure_future(connection.closed())
+            try:
+                await asyncio.wait((back, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                back.cancel()
+                gone.cancel()
+            self._check_open()
+        return await self._channel.get_underlay_channel()
 
     def _route(self, outgoing: _Outgoing) -> tuple[str, aiormq.spec.Basic.Properties]:
         """The exchange and properties of a publish of ``outgoing`` now: a job due later
@@ -717,7 +895,10 @@ class Client:
 
     async def _dispatch(self) -> None:
         """Hands each arriving result to its waiters, the streams and the buffer, then acks
-        (one ``multiple`` ack per batch)."""
+        (one ``multiple`` ack per batch). Nothing in it waits for a reader: a stream that
+        falls behind is detached (see :class:`ResultStream`), so one slow reader cannot hold
+        up the others; the broker's flow control is the prefetch (results received and not
+        yet acked)."""
         unacked: AbstractIncomingMessage | None = None
         count = 0
         while True:
@@ -738,23 +919,44 @@ class Client:
                 log.warning("ignoring a result that cannot be read: %r", error)
             else:
                 try:
-                    await self._deliver(result)
+                    await self._deliver(result, len(message.body))
                 except Exception:  # never let one result stop the listener
                     log.exception("while handing over the result of job %s", result.job_id)
             unacked = message
             count += 1
 
-    async def _deliver(self, result: JobResult) -> None:
-        if self._buffer_size:
-            self._buffer[result.job_id] = result
-            self._buffer.move_to_end(result.job_id)
-            while len(self._buffer) > self._buffer_size:
-                self._buffer.popitem(last=False)
+    async def _deliver(self, result: JobResult, size: int | None = None) -> None:
+        """Hands one result (``size``: its body's, by default its re-encoded size) to its
+        waiters, the buffer and every stream, without waiting for anyone."""
+        if size is None:
+            size = len(result.to_bytes())
         for future in self._waiters.pop(result.job_id, ()):
             if not future.done():
                 future.set_result(result)
+        self._keep(result, size)
         for stream in list(self._streams):
-            await stream._put(result)
+            if not stream._put(result, size):
+                self._streams.discard(stream)
+
+    def _keep(self, result: JobResult, size: int) -> None:
+        """Buffers a result; drops the oldest beyond ``result_buffer`` results or
+        ``max_buffer_bytes`` bytes, but always keeps the newest."""
+        if not self._buffer_size:
+            return
+        previous = self._buffer.pop(result.job_id, None)
+        if previous is not None:
+            self._buffer_bytes -= previous[1]
+        self._buffer[result.job_id] = (result, size)
+        self._buffer_bytes += size
+        while len(self._buffer) > 1 and (
+            len(self._buffer) > self._buffer_size or self._buffer_bytes > self._max_buffer_bytes
+        ):
+            _, (_, dropped) = self._buffer.popitem(last=False)
+            self._buffer_bytes -= dropped
+
+    def _buffered(self, job_id: uuid.UUID) -> JobResult | None:
+        entry = self._buffer.get(job_id)
+        return None if entry is None else entry[0]
 
     def _check_listening(self) -> None:
         if self._closed:
@@ -763,18 +965,21 @@ class Client:
             raise QueueWorkerError("this client does not listen to results: connect with listen=True")
 
     def try_result(self, job_id: uuid.UUID | str) -> JobResult | None:
-        """The result of ``job_id`` if it has arrived (and is still among the last
-        ``result_buffer`` results), else ``None``; never waits."""
+        """The result of ``job_id`` if it has arrived (and is still in the buffer: among the
+        last ``result_buffer`` results, within ``max_buffer_bytes``), else ``None``; never
+        waits."""
         self._check_listening()
-        return self._buffer.get(as_uuid(job_id))
+        return self._buffered(as_uuid(job_id))
 
     async def result(self, job_id: uuid.UUID | str, timeout: float | None = 30.0) -> JobResult:
         """Waits for the result of ``job_id`` and returns it (whatever its status: see
         :meth:`JobResult.raise_for_status`).
 
-        Results published since this client connected are found, whenever they came: the
-        client keeps the last ``result_buffer`` of them. A result published before it
-        connected is not (read those from the durable ``jobs.results`` queue).
+        A result that arrives while this waits is handed over whatever the buffer's bounds.
+        One that came before the call is found in the buffer, which keeps the most recent
+        results since this client connected: the last ``result_buffer`` of them within
+        ``max_buffer_bytes`` bytes (the newest always). A result published before the client
+        connected is not seen (read those from the durable ``jobs.results`` queue).
 
         Args:
             job_id: The job's id.
@@ -783,12 +988,15 @@ class Client:
         Raises:
             ResultTimeout: No result came within ``timeout``.
             QueueWorkerError: The client was closed meanwhile, or does not listen.
+            BrokerError: The connection was closed for good (``client.connection.close()``),
+                before or during the wait: no result can come any more.
         """
         self._check_listening()
         job_id = as_uuid(job_id)
-        found = self._buffer.get(job_id)
+        found = self._buffered(job_id)
         if found is not None:
             return found
+        self._check_open()
         future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, []).append(future)
         try:
@@ -811,7 +1019,8 @@ class Client:
                     ...
         """
         self._check_listening()
-        stream = ResultStream(self, self._stream_buffer)
+        self._check_open()
+        stream = ResultStream(self, self._stream_buffer, self._max_stream_bytes)
         self._streams.add(stream)
         return stream
 
@@ -843,6 +1052,30 @@ def _connection_lost(error: BaseException) -> bool:
     return isinstance(
         error, (aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError)
     ) or type(error) is aiormq.exceptions.ChannelClosed
+
+
+_GONE = "the client's connection was closed for good (client.connection.close()); connect a new client"
+
+
+def _cancelling() -> bool:
+    """Whether the current task is being cancelled (rather than an awaited future of a
+    library having been cancelled under it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password."""
+    try:
+        parsed = yarl.URL(url)
+        return str(parsed.with_password("***") if parsed.password else parsed)
+    except (TypeError, ValueError):
+        return "the broker"
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:

@@ -1,14 +1,23 @@
 //! What the broker's management API tells the dashboard: queue depths by role, the rate jobs
 //! come in, and the connected consumers with their state.
 //!
-//! One refresh is three GET requests (queues, consumers, connections), each with a deadline
-//! ([`REQUEST_TIMEOUT`]) and a bounded answer ([`MAX_ANSWER_BYTES`]); the queue list is one
-//! page of at most [`MAX_QUEUES`] queues of the namespace. The caller ([`super::Dashboard`])
-//! refreshes at most once per [`super::REFRESH`], however many pages are open.
+//! One refresh is four GET requests at once (the namespace's queues, its fan-in mailboxes
+//! counted, the consumers and the connections), each with a deadline ([`REQUEST_TIMEOUT`]) and
+//! a bounded answer ([`MAX_ANSWER_BYTES`]). The queue list is one page of at most
+//! [`MAX_QUEUES`] of the topology's fixed queues (work, kind, delay, results, dead; not the
+//! mailboxes nor private listeners, which would push them off the page). A failed consumers or
+//! connections request costs only the consumers list. After a failed refresh the next waits,
+//! from 2 s doubling up to [`MAX_BACKOFF`], so an ailing management API is not pressed. The
+//! caller ([`super::Dashboard`]) refreshes at most once per [`super::REFRESH`], however many
+//! pages are open.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    time::Duration,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use reqwest::Url;
@@ -26,6 +35,8 @@ pub const MAX_QUEUES: usize = 500;
 pub const MAX_CONNECTIONS: usize = 100;
 /// Samples of depths and rates kept for the plots (ten minutes at one per 2 s).
 pub const HISTORY: usize = 300;
+/// Longest wait between refreshes after failures.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// A client of the management API for one namespace.
 pub struct Management {
@@ -38,11 +49,21 @@ pub struct Management {
     vhost: String,
     names: Names,
     namespace: String,
+    samples: Mutex<Samples>,
+    /// Requests sent so far.
+    requests: AtomicU64,
+}
+
+/// What refreshes leave for the next ones.
+#[derive(Default)]
+struct Samples {
     history: VecDeque<Value>,
     /// The last sample's time and the work queues' publish counter then.
     last_publish: Option<(f64, u64)>,
-    /// Requests sent so far.
-    pub requests: u64,
+    /// Failed refreshes in a row, and when the next may be tried.
+    failures: u32,
+    not_before: Option<Instant>,
+    last_error: String,
 }
 
 #[derive(Deserialize)]
@@ -137,10 +158,17 @@ impl Management {
         let brokers = shared::amqp::Brokers::parse(amqp_url).map_err(|e| e.to_string())?;
         let first = brokers.nodes().first().ok_or("no broker")?;
         let (amqp_user, amqp_password) = first.credentials();
+        // Over TLS to the broker, the management API is asked over TLS too (its TLS port),
+        // trusting what the AMQP URL trusts: the password never goes in clear.
+        let (scheme, port) = if first.tls().is_some() {
+            ("https", 15671)
+        } else {
+            ("http", 15672)
+        };
         let text = match url {
             Some(url) => url.to_owned(),
-            None if first.host().contains(':') => format!("http://[{}]:15672/", first.host()),
-            None => format!("http://{}:15672/", first.host()),
+            None if first.host().contains(':') => format!("{scheme}://[{}]:{port}/", first.host()),
+            None => format!("{scheme}://{}:{port}/", first.host()),
         };
         let mut base = Url::parse(&text).map_err(|e| format!("--management-url: {e}"))?;
         if !matches!(base.scheme(), "http" | "https") {
@@ -157,12 +185,23 @@ impl Management {
         };
         let _ = base.set_username("");
         let _ = base.set_password(None);
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(REQUEST_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| e.to_string())?;
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(tls) = first.tls() {
+            if let Some(ca) = &tls.ca_file {
+                let pem =
+                    std::fs::read(ca).map_err(|e| format!("cacertfile {}: {e}", ca.display()))?;
+                for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| format!("cacertfile {}: {e}", ca.display()))?
+                {
+                    builder = builder.add_root_certificate(cert);
+                }
+            }
+            builder = builder.danger_accept_invalid_certs(tls.verify_none);
+        }
+        let client = builder.build().map_err(|e| e.to_string())?;
         Ok(Self {
             client,
             display: base.as_str().trim_end_matches('/').to_owned(),
@@ -172,9 +211,8 @@ impl Management {
             vhost: first.vhost().to_owned(),
             names: Names::new(namespace),
             namespace: namespace.to_owned(),
-            history: VecDeque::new(),
-            last_publish: None,
-            requests: 0,
+            samples: Mutex::new(Samples::default()),
+            requests: AtomicU64::new(0),
         })
     }
 
@@ -183,7 +221,18 @@ impl Management {
         &self.display
     }
 
-    async fn get(&mut self, segments: &[&str], query: &[(&str, &str)]) -> Result<Vec<u8>, String> {
+    /// Requests sent to the management API so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn samples(&self) -> std::sync::MutexGuard<'_, Samples> {
+        self.samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn get(&self, segments: &[&str], query: &[(&str, &str)]) -> Result<Vec<u8>, String> {
         let mut url = self.base.clone();
         {
             let mut path = url
@@ -198,7 +247,7 @@ impl Management {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
-        self.requests += 1;
+        self.requests.fetch_add(1, Ordering::Relaxed);
         let response = self
             .client
             .get(url)
@@ -216,49 +265,122 @@ impl Management {
         super::read_bounded(response, MAX_ANSWER_BYTES).await
     }
 
-    /// Reads the queues, consumers and connections and adds a sample to the history.
+    /// Reads the queues, the mailboxes' count, the consumers and the connections, and adds a
+    /// sample to the history; while backing off after a failure, answers that failure again.
     ///
     /// # Errors
-    /// A request failed, timed out, or answered something unreadable.
-    pub async fn refresh(&mut self, now: f64) -> Result<Value, String> {
+    /// The queues could not be read (no answer in time, refused, unreadable).
+    pub async fn refresh(&self, now: f64) -> Result<Value, String> {
+        {
+            let samples = self.samples();
+            if samples.not_before.is_some_and(|t| Instant::now() < t) {
+                return Err(format!("{} (backing off)", samples.last_error));
+            }
+        }
+        let outcome = self.read(now).await;
+        let mut samples = self.samples();
+        match &outcome {
+            Ok(_) => {
+                samples.failures = 0;
+                samples.not_before = None;
+            }
+            Err(error) => {
+                samples.failures = samples.failures.saturating_add(1);
+                let wait = Duration::from_secs(2)
+                    .saturating_mul(1 << samples.failures.min(5))
+                    .min(MAX_BACKOFF);
+                samples.not_before = Some(Instant::now() + wait);
+                samples.last_error.clone_from(error);
+            }
+        }
+        outcome
+    }
+
+    async fn read(&self, now: f64) -> Result<Value, String> {
         let vhost = self.vhost.clone();
-        let pattern = format!("^{}jobs\\.", regex_escape(self.names.prefix()));
+        let prefix = regex_escape(self.names.prefix());
+        // The fixed queues only: `jobs.fanin.*` and private `jobs.results.wait.*` sort before
+        // them and could push them off the page.
+        let fixed =
+            format!("^{prefix}jobs\\.(work($|\\.)|kind\\.|delay\\.|retry\\.|results$|dead$)");
+        let mailboxes = format!("^{prefix}jobs\\.fanin\\.");
         let page_size = MAX_QUEUES.to_string();
-        let queues = self
-            .get(
+        let queues = async {
+            self.get(
+            &["queues", &vhost],
+            &[
+                ("page", "1"),
+                ("page_size", &page_size),
+                ("name", &fixed),
+                ("use_regex", "true"),
+                (
+                    "columns",
+                    "name,type,messages_ready,messages_unacknowledged,consumers,message_stats.publish,message_stats.publish_details.rate",
+                ),
+            ],
+        )
+            .await
+        };
+        let fanin = async {
+            self.get(
                 &["queues", &vhost],
                 &[
                     ("page", "1"),
-                    ("page_size", &page_size),
-                    ("name", &pattern),
+                    ("page_size", "1"),
+                    ("name", &mailboxes),
                     ("use_regex", "true"),
-                    (
-                        "columns",
-                        "name,type,messages_ready,messages_unacknowledged,consumers,message_stats.publish,message_stats.publish_details.rate",
-                    ),
+                    ("columns", "name"),
                 ],
             )
-            .await?;
-        let queues: QueuePage =
-            serde_json::from_slice(&queues).map_err(|e| format!("queues: unreadable: {e}"))?;
-        let consumers = self.get(&["consumers", &vhost], &[]).await?;
-        let consumers: Vec<ConsumerRow> = serde_json::from_slice(&consumers)
-            .map_err(|e| format!("consumers: unreadable: {e}"))?;
-        let connections = self
-            .get(
+            .await
+        };
+        let consumers = async {
+            self.get(
+            &["consumers", &vhost],
+            &[(
+                "columns",
+                "queue.name,channel_details.connection_name,channel_details.peer_host,prefetch_count,activity_status",
+            )],
+        )
+            .await
+        };
+        let connections = async {
+            self.get(
                 &["vhosts", &vhost, "connections"],
                 &[("columns", "name,user_provided_name,state,peer_host")],
             )
-            .await?;
-        let connections: Vec<ConnectionRow> = serde_json::from_slice(&connections)
-            .map_err(|e| format!("connections: unreadable: {e}"))?;
-        Ok(self.assemble(now, &queues, &consumers, &connections))
+            .await
+        };
+        let (queues, fanin, consumers, connections) =
+            tokio::join!(queues, fanin, consumers, connections);
+        let queues: QueuePage =
+            serde_json::from_slice(&queues?).map_err(|e| format!("queues: unreadable: {e}"))?;
+        let fanin = fanin
+            .ok()
+            .and_then(|body| serde_json::from_slice::<QueuePage>(&body).ok())
+            .and_then(|page| page.filtered_count);
+        let listed = consumers.and_then(|body| {
+            serde_json::from_slice::<Vec<ConsumerRow>>(&body)
+                .map_err(|e| format!("consumers: unreadable: {e}"))
+        });
+        let named = connections.and_then(|body| {
+            serde_json::from_slice::<Vec<ConnectionRow>>(&body)
+                .map_err(|e| format!("connections: unreadable: {e}"))
+        });
+        let (consumers, connections, consumers_error) = match (listed, named) {
+            (Ok(c), Ok(n)) => (c, n, None),
+            (Err(e), _) | (_, Err(e)) => (Vec::new(), Vec::new(), Some(e)),
+        };
+        let mut view = self.assemble(now, &queues, fanin, &consumers, &connections);
+        view["consumers_error"] = json!(consumers_error);
+        Ok(view)
     }
 
     fn assemble(
-        &mut self,
+        &self,
         now: f64,
         queues: &QueuePage,
+        mailboxes: Option<u64>,
         consumers: &[ConsumerRow],
         connections: &[ConnectionRow],
     ) -> Value {
@@ -297,7 +419,8 @@ impl Management {
         }
         // The broker's own rate (smoothed over its sampling) when it gives one; else the
         // publish counters' change since the last sample.
-        let in_now = match (rates_collected, self.last_publish) {
+        let mut samples = self.samples();
+        let in_now = match (rates_collected, samples.last_publish) {
             _ if broker_rate.is_some() => broker_rate.map(|r| (r * 10.0).round() / 10.0),
             (true, Some((then, before))) if now > then => {
                 #[allow(clippy::cast_precision_loss)]
@@ -306,7 +429,7 @@ impl Management {
             }
             _ => None,
         };
-        self.last_publish = rates_collected.then_some((now, publish));
+        samples.last_publish = rates_collected.then_some((now, publish));
         let role_depth = |role| {
             let (ready, unacked, queues) = depth.get(&role).copied().unwrap_or_default();
             json!({ "ready": ready, "unacked": unacked, "queues": queues })
@@ -316,18 +439,18 @@ impl Management {
                 .get(&role)
                 .map_or(0, |(ready, unacked, _)| ready + unacked)
         };
-        self.history.push_back(json!({
+        samples.history.push_back(json!({
             "t": now,
             "in": in_now,
             "work": total(QueueRole::Work),
             "delay": total(QueueRole::Delay),
             "results": total(QueueRole::Results),
             "dead": total(QueueRole::Dead),
-            "fanin": total(QueueRole::Fanin),
         }));
-        while self.history.len() > HISTORY {
-            self.history.pop_front();
+        while samples.history.len() > HISTORY {
+            samples.history.pop_front();
         }
+        drop(samples);
         listed.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.name.cmp(&b.1.name)));
         let queue_rows: Vec<Value> = listed
             .iter()
@@ -348,8 +471,8 @@ impl Management {
                 "delay": role_depth(QueueRole::Delay),
                 "results": role_depth(QueueRole::Results),
                 "dead": role_depth(QueueRole::Dead),
-                "fanin": role_depth(QueueRole::Fanin),
             },
+            "fanouts_waiting": mailboxes,
             "queues": queue_rows,
             "queues_matched": queues.filtered_count.unwrap_or(queues.items.len() as u64),
             "in_now": in_now,
@@ -421,7 +544,7 @@ impl Management {
 
     /// The samples taken so far, oldest first.
     pub fn history(&self) -> Vec<Value> {
-        self.history.iter().cloned().collect()
+        self.samples().history.iter().cloned().collect()
     }
 }
 
@@ -493,11 +616,18 @@ mod tests {
         assert_eq!(given.display(), "https://mgmt");
         assert_eq!((given.user.as_str(), given.password.as_str()), ("a", "b!"));
         assert!(Management::new(Some("ftp://x"), "amqp://h", "").is_err());
+        let tls =
+            Management::new(None, "amqps://u:p@rabbit/", "").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            tls.display(),
+            "https://rabbit:15671",
+            "TLS to the broker, TLS to its API"
+        );
     }
 
     #[test]
     fn queues_are_grouped_by_role_and_the_in_rate_comes_from_publish_counters() {
-        let mut m = Management::new(None, "amqp://h", "ns").unwrap_or_else(|e| panic!("{e}"));
+        let m = Management::new(None, "amqp://h", "ns").unwrap_or_else(|e| panic!("{e}"));
         let page = |publish: u64| -> QueuePage {
             serde_json::from_value(json!({"items": [
                 {"name": "ns.jobs.kind.a", "messages_ready": 5, "messages_unacknowledged": 2,
@@ -509,21 +639,22 @@ mod tests {
             ], "filtered_count": 5}))
             .unwrap_or_else(|e| panic!("{e}"))
         };
-        let first = m.assemble(100.0, &page(1000), &[], &[]);
+        let first = m.assemble(100.0, &page(1000), Some(4), &[], &[]);
         assert_eq!(first["in_now"], Value::Null, "no rate from one sample");
-        let second = m.assemble(102.0, &page(1400), &[], &[]);
+        let second = m.assemble(102.0, &page(1400), Some(4), &[], &[]);
         assert_eq!(second["in_now"], 200.0);
         let rated: QueuePage = serde_json::from_value(json!({"items": [
             {"name": "ns.jobs.kind.a", "message_stats": {"publish": 9, "publish_details": {"rate": 12.5}}},
             {"name": "ns.jobs.work", "message_stats": {"publish": 9, "publish_details": {"rate": 1.25}}}
         ]}))
         .unwrap_or_else(|e| panic!("{e}"));
-        let third = m.assemble(104.0, &rated, &[], &[]);
+        let third = m.assemble(104.0, &rated, None, &[], &[]);
         assert_eq!(third["in_now"], 13.8, "the broker's own rates, summed");
         assert_eq!(second["depths"]["work"]["ready"], 5);
         assert_eq!(second["depths"]["work"]["unacked"], 2);
         assert_eq!(second["depths"]["delay"]["ready"], 3);
         assert_eq!(second["depths"]["dead"]["ready"], 7);
+        assert_eq!(second["fanouts_waiting"], 4);
         assert_eq!(m.history().len(), 3);
         assert_eq!(m.history()[1]["dead"], 7);
     }

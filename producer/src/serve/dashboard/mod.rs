@@ -12,15 +12,15 @@
 //! | route | auth | answer |
 //! |---|---|---|
 //! | `GET /dashboard` (`/dashboard/app.js`, `/dashboard/app.css`) | none: the page holds no data | the page |
-//! | `GET /dashboard/data` | the ingest API's tokens | one snapshot of every source |
+//! | `GET /dashboard/data` | the ingest API's tokens, or `--dashboard-tokens` when given | one snapshot of every source |
 //! | `GET /dashboard/dead` | same | the depth of `jobs.dead` and its first [`DEAD_SHOWN`] letters |
 //! | `POST /dashboard/dead/replay` `{"ids": [...]}` | same | what the replay did |
 //!
 //! The broker pays for the page once per [`REFRESH`], whatever the number of viewers: the
-//! management API and metrics answers are cached and refreshed by one request at a time. The
-//! dead letters are looked at once per [`DEAD_REFRESH`] at most (a look takes the first
-//! [`DEAD_SHOWN`] letters and gives them back). Every source says whether it answered, and
-//! why not.
+//! management API and metrics answers are cached and refreshed by one request at a time, within
+//! a deadline. The dead letters are looked at once per [`DEAD_REFRESH`] at most (a look takes
+//! the first [`DEAD_SHOWN`] letters and gives them back); looks and replays from the page take
+//! turns. Every source says whether it answered, and why not.
 
 pub mod management;
 pub mod scrape;
@@ -50,16 +50,25 @@ use crate::dead;
 
 /// How often the page polls, and how long the broker's answers are reused.
 pub const REFRESH: Duration = Duration::from_secs(2);
-/// How long a look at the dead letters is reused.
-pub const DEAD_REFRESH: Duration = Duration::from_secs(15);
+/// How long a look at the dead letters is reused (a failed look: [`REFRESH`]).
+pub const DEAD_REFRESH: Duration = Duration::from_secs(30);
+/// How long a look at the dead letters takes letters, at most.
+const DEAD_LOOK: Duration = Duration::from_secs(2);
+/// Letters a replay from the page scans to find the ones asked for, at most (they were among
+/// the first [`DEAD_SHOWN`] when the page looked).
+pub const REPLAY_SCAN: u64 = 10_000;
 /// Dead letters shown on the page.
 pub const DEAD_SHOWN: usize = 50;
 /// Dead letters one replay from the page may name.
 pub const MAX_REPLAY_IDS: usize = 100;
-/// Longest wait for the management API and the metrics together, per refresh.
+/// Longest wait for the management API and the metrics, per refresh (less when
+/// `--request-timeout` is short).
 const SOURCES_TIMEOUT: Duration = Duration::from_secs(4);
-/// Longest a replay request waits for the replay before answering that it still runs.
+/// Longest a replay request waits for the replay before answering that it still runs (less
+/// when `--request-timeout` is short).
 const REPLAY_WAIT: Duration = Duration::from_secs(8);
+/// Longest a stopping server waits for a replay from the page to settle.
+const REPLAY_DRAIN: Duration = Duration::from_secs(15);
 
 const PAGE: &str = include_str!("assets/index.html");
 const SCRIPT: &str = include_str!("assets/app.js");
@@ -69,31 +78,46 @@ const STYLE: &str = include_str!("assets/app.css");
 pub struct Dashboard {
     /// What the results tell.
     pub traffic: traffic::Traffic,
-    management: Result<Mutex<management::Management>, String>,
+    /// Tokens of the dashboard's data routes, when they differ from the ingest API's.
+    pub tokens: Option<super::auth::Tokens>,
+    management: Result<management::Management, String>,
     scraper: Result<scrape::Scraper, String>,
     /// The last answer of the management API and the metrics, and when.
     sources: Mutex<Option<(Instant, Arc<Value>)>>,
-    /// The last look at the dead letters, and when.
-    dead: Mutex<Option<(Instant, Arc<Value>)>>,
-    /// Held while a replay from the page runs: one at a time.
-    replaying: Arc<Mutex<()>>,
+    /// The last look at the dead letters, when, and how long it may be reused. Held across a
+    /// look and across a replay, so that they never take each other's letters.
+    dead: Arc<Mutex<Option<(Instant, Duration, Value)>>>,
+    /// Whether a replay from the page runs: one at a time.
+    replaying: Arc<std::sync::atomic::AtomicBool>,
+    /// The replays from the page, awaited by a stopping server.
+    replays: tokio_util::task::TaskTracker,
     namespace: String,
     started: Instant,
     stop: CancellationToken,
+    /// Deadlines within the server's `--request-timeout`.
+    sources_timeout: Duration,
+    replay_wait: Duration,
 }
 
 impl Dashboard {
     /// The dashboard of a server for `namespace`; a bad `--management-url` or
     /// `--consumer-metrics` is shown on the page as that source's error.
+    ///
+    /// # Errors
+    /// `--dashboard-tokens` could not be read.
     pub fn new(
         amqp_url: &str,
         namespace: &str,
         settings: &crate::settings::ServeSettings,
         stop: CancellationToken,
-    ) -> Self {
+    ) -> Result<Self, super::auth::TokensError> {
+        let tokens = if settings.dashboard_tokens.is_empty() {
+            None
+        } else {
+            Some(super::auth::Tokens::new(&settings.dashboard_tokens, None)?)
+        };
         let management =
-            management::Management::new(settings.management_url.as_deref(), amqp_url, namespace)
-                .map(Mutex::new);
+            management::Management::new(settings.management_url.as_deref(), amqp_url, namespace);
         if let Err(error) = &management {
             tracing::warn!(%error, "dashboard: no management API");
         }
@@ -101,17 +125,33 @@ impl Dashboard {
         if let Err(error) = &scraper {
             tracing::warn!(%error, "dashboard: consumer metrics not read");
         }
-        Self {
+        // Leave a second of the request's deadline for the rest of the answer.
+        let within = settings
+            .request_timeout()
+            .saturating_sub(Duration::from_secs(1))
+            .max(Duration::from_millis(500));
+        Ok(Self {
             traffic: traffic::Traffic::default(),
+            tokens,
             management,
             scraper,
             sources: Mutex::new(None),
-            dead: Mutex::new(None),
-            replaying: Arc::new(Mutex::new(())),
+            dead: Arc::new(Mutex::new(None)),
+            replaying: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            replays: tokio_util::task::TaskTracker::new(),
             namespace: namespace.to_owned(),
             started: Instant::now(),
             stop,
-        }
+            sources_timeout: SOURCES_TIMEOUT.min(within),
+            replay_wait: REPLAY_WAIT.min(within),
+        })
+    }
+
+    /// Waits (at most [`REPLAY_DRAIN`]) for a replay from the page to settle: its acks
+    /// applied and its channels closed, so that no letter is both replayed and still dead.
+    pub async fn drain(&self) {
+        self.replays.close();
+        let _ = tokio::time::timeout(REPLAY_DRAIN, self.replays.wait()).await;
     }
 
     /// The management API's and the metrics' view, refreshed if older than [`REFRESH`].
@@ -124,18 +164,18 @@ impl Dashboard {
             }
         }
         let now = unix_now();
+        let deadline = self.sources_timeout;
         let broker = async {
             match &self.management {
                 Err(error) => json!({ "ok": false, "error": error }),
                 Ok(m) => {
-                    let mut m = m.lock().await;
-                    let refreshed = tokio::time::timeout(SOURCES_TIMEOUT, m.refresh(now)).await;
+                    let refreshed = tokio::time::timeout(deadline, m.refresh(now)).await;
                     let (ok, error, view) = match refreshed {
                         Ok(Ok(view)) => (true, Value::Null, view),
                         Ok(Err(e)) => (false, json!(shared::reason::bounded(e)), Value::Null),
                         Err(_) => (false, json!("no answer in time"), Value::Null),
                     };
-                    json!({ "ok": ok, "error": error, "url": m.display(), "requests": m.requests,
+                    json!({ "ok": ok, "error": error, "url": m.display(), "requests": m.requests(),
                             "view": view, "history": m.history() })
                 }
             }
@@ -148,7 +188,7 @@ impl Dashboard {
                 Ok(s) if !s.configured() => json!({ "ok": false, "configured": false,
                     "error": "not configured (--consumer-metrics)", "targets": [] }),
                 Ok(s) => {
-                    let rows = s.scrape().await;
+                    let rows = s.scrape(deadline).await;
                     let up = rows.iter().filter(|r| r["ok"] == true).count();
                     let error = (up < rows.len()).then(|| {
                         format!(
@@ -282,10 +322,14 @@ async fn dead_letters(
 ) -> Json<Value> {
     let board = &ingest.dashboard;
     let mut cached = board.dead.lock().await;
-    let max_age = if query.fresh { REFRESH } else { DEAD_REFRESH };
-    if let Some((at, value)) = cached.as_ref() {
-        if at.elapsed() < max_age {
-            return Json(Value::clone(value));
+    if let Some((at, keep, value)) = cached.as_ref() {
+        let keep = if query.fresh {
+            REFRESH.min(*keep)
+        } else {
+            *keep
+        };
+        if at.elapsed() < keep {
+            return Json(value.clone());
         }
     }
     let names = &ingest.topology.names;
@@ -293,11 +337,13 @@ async fn dead_letters(
         let connection = shared::amqp::get_connection(&ingest.pool, super::CONNECT_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?;
-        dead::scan::head(&connection, names, DEAD_SHOWN)
+        dead::scan::head(&connection, names, DEAD_SHOWN, DEAD_LOOK)
             .await
             .map_err(|e| format!("{e:#}"))
     };
-    let value = match tokio::time::timeout(SOURCES_TIMEOUT, look).await {
+    // The look stops taking letters after DEAD_LOOK, then gives them back properly; this outer
+    // deadline only guards against a broker that stops answering.
+    let (value, keep) = match tokio::time::timeout(board.sources_timeout, look).await {
         Ok(Ok((depth, letters))) => {
             let letters: Vec<Value> = letters
                 .into_iter()
@@ -308,18 +354,32 @@ async fn dead_letters(
                     v
                 })
                 .collect();
-            json!({ "ok": true, "error": null, "depth": depth, "letters": letters,
-                    "queue": names.dead_queue, "at": unix_now() })
+            let value = json!({ "ok": true, "error": null, "depth": depth, "letters": letters,
+                                "queue": names.dead_queue, "at": unix_now() });
+            (value, DEAD_REFRESH)
         }
         Ok(Err(error)) => {
-            json!({ "ok": false, "error": shared::reason::bounded(error), "letters": [], "at": unix_now() })
+            let value = json!({ "ok": false, "error": shared::reason::bounded(error),
+                                "letters": [], "at": unix_now() });
+            (value, REFRESH)
         }
         Err(_) => {
-            json!({ "ok": false, "error": "no answer in time", "letters": [], "at": unix_now() })
+            let value = json!({ "ok": false, "error": "no answer in time", "letters": [],
+                                "at": unix_now() });
+            (value, REFRESH)
         }
     };
-    *cached = Some((Instant::now(), Arc::new(value.clone())));
+    *cached = Some((Instant::now(), keep, value.clone()));
     Json(value)
+}
+
+/// Marks the page's replay as ended when dropped, whatever ends it.
+struct Running(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 #[derive(Deserialize)]
@@ -329,8 +389,9 @@ struct ReplayAsk {
 
 /// `POST /dashboard/dead/replay` `{"ids": [...]}`: replays those dead letters (jobs only, as
 /// `producer dead replay --id ...`), each removed from `jobs.dead` once its republish is
-/// confirmed. One replay at a time (409 otherwise); 202 if it is still running after a few
-/// seconds (it goes on).
+/// confirmed; the scan stops once every id is found, or after [`REPLAY_SCAN`] letters. One
+/// replay at a time (409 otherwise), and no look at the letters meanwhile; 202 if it is still
+/// running after a few seconds (it goes on, and a stopping server waits for it).
 async fn replay(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Response, Failure> {
     let ask: ReplayAsk = super::parse(&body)?;
     if ask.ids.is_empty() || ask.ids.len() > MAX_REPLAY_IDS {
@@ -340,38 +401,41 @@ async fn replay(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Respon
         ));
     }
     let board = &ingest.dashboard;
-    let Ok(guard) = Arc::clone(&board.replaying).try_lock_owned() else {
+    let running = Arc::clone(&board.replaying);
+    if running.swap(true, std::sync::atomic::Ordering::AcqRel) {
         return Err(Failure::new(
             StatusCode::CONFLICT,
             "a replay from the dashboard is running; try again when it is done",
         ));
-    };
+    }
     let task_ingest = Arc::clone(&ingest);
     let stop = board.stop.clone();
-    let task = tokio::spawn(async move {
-        let _guard = guard;
+    let dead_look = Arc::clone(&board.dead);
+    let task = board.replays.spawn(async move {
+        let _running = Running(running);
         let ingest = task_ingest;
-        let connection = shared::amqp::get_connection(&ingest.pool, super::CONNECT_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
-        let select = dead::Select {
-            ids: ask.ids,
-            ..dead::Select::default()
+        // No look takes letters while the replay looks for them (nor the other way round);
+        // the last look is stale afterwards.
+        let mut look = dead_look.lock().await;
+        let replayed = async {
+            let connection = shared::amqp::get_connection(&ingest.pool, super::CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            let select = dead::Select {
+                ids: ask.ids,
+                scan_limit: Some(REPLAY_SCAN),
+                ..dead::Select::default()
+            };
+            let act = dead::act::Act::Replay { force: false };
+            let names = &ingest.topology.names;
+            let mut sink = std::io::sink();
+            dead::act::run(&connection, names, &select, act, &mut sink, true, &stop)
+                .await
+                .map_err(|e| format!("{e:#}"))
         };
-        let act = dead::act::Act::Replay { force: false };
-        let names = &ingest.topology.names;
-        let tally = dead::act::run(
-            &connection,
-            names,
-            &select,
-            act,
-            &mut std::io::sink(),
-            true,
-            &stop,
-        )
-        .await
-        .map_err(|e| format!("{e:#}"));
-        *ingest.dashboard.dead.lock().await = None;
+        let tally = replayed.await;
+        *look = None;
+        drop(look);
         if let Ok(tally) = &tally {
             tracing::info!(
                 replayed = tally.replayed,
@@ -382,7 +446,7 @@ async fn replay(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Respon
         }
         tally
     });
-    match tokio::time::timeout(REPLAY_WAIT, task).await {
+    match tokio::time::timeout(board.replay_wait, task).await {
         Ok(Ok(Ok(tally))) => Ok((
             StatusCode::OK,
             Json(json!({ "status": "done", "tally": tally })),

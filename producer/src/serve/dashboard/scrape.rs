@@ -68,12 +68,17 @@ impl Scraper {
         !self.targets.is_empty()
     }
 
-    /// Reads every address of every target; one row per address, sorted.
-    pub async fn scrape(&self) -> Vec<Value> {
-        let mut each = Vec::new();
-        for target in &self.targets {
-            let host = target.host_str().unwrap_or_default().to_owned();
+    /// Reads every address of every target, all at once, within `deadline` (a target not
+    /// read by then is a row that says so); one row per target and address, sorted.
+    pub async fn scrape(&self, deadline: std::time::Duration) -> Vec<Value> {
+        let lookups = self.targets.iter().map(|target| async move {
+            let host = target.host_str().unwrap_or_default();
             let port = target.port_or_known_default().unwrap_or(80);
+            // An https target is read by its name (its certificate names the host, not an
+            // address); an http one at each address its name resolves to.
+            if target.scheme() == "https" {
+                return vec![(target.clone(), None, true)];
+            }
             let lookup = tokio::time::timeout(
                 SCRAPE_TIMEOUT,
                 tokio::net::lookup_host((host.trim_matches(['[', ']']), port)),
@@ -84,44 +89,73 @@ impl Scraper {
                     let mut addresses: Vec<SocketAddr> = addresses.collect();
                     addresses.sort_unstable();
                     addresses.dedup();
-                    for address in addresses {
-                        if each.len() < MAX_TARGETS {
-                            each.push((target.clone(), Some(address)));
-                        }
-                    }
+                    addresses
+                        .into_iter()
+                        .map(|a| (target.clone(), Some(a), true))
+                        .collect()
                 }
-                _ => each.push((target.clone(), None)),
+                _ => vec![(target.clone(), None, false)],
             }
-        }
-        let rows: Vec<Value> = futures::stream::iter(each)
-            .map(|(target, address)| self.one(target, address))
-            .buffer_unordered(8)
-            .collect()
-            .await;
+        });
+        let all = async {
+            let mut each: Vec<(Url, Option<SocketAddr>, bool)> = futures::future::join_all(lookups)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            each.truncate(MAX_TARGETS);
+            futures::stream::iter(each)
+                .map(|(target, address, resolved)| self.one(target, address, resolved))
+                .buffer_unordered(MAX_TARGETS)
+                .collect::<Vec<Value>>()
+                .await
+        };
+        let rows = match tokio::time::timeout(deadline, all).await {
+            Ok(rows) => rows,
+            Err(_) => self
+                .targets
+                .iter()
+                .map(|t| {
+                    json!({ "target": t.as_str(), "key": t.as_str(), "address": null,
+                                 "ok": false, "error": "no answer in time" })
+                })
+                .collect(),
+        };
         let mut sorted: BTreeMap<String, Value> = BTreeMap::new();
         for row in rows {
-            let key = format!("{}", row["address"]);
+            let key = row["key"].as_str().unwrap_or_default().to_owned();
             sorted.insert(key, row);
         }
         sorted.into_values().collect()
     }
 
-    async fn one(&self, target: Url, address: Option<SocketAddr>) -> Value {
+    async fn one(&self, target: Url, address: Option<SocketAddr>, resolved: bool) -> Value {
         let shown = target.as_str().to_owned();
-        let Some(address) = address else {
-            return json!({ "target": shown, "address": Value::Null, "ok": false,
-                           "error": "the host name does not resolve" });
+        let key = match address {
+            Some(a) => format!("{shown} {a}"),
+            None => shown.clone(),
         };
-        let mut url = target.clone();
-        let _ = url.set_ip_host(address.ip());
-        let mut request = self.client.get(url);
-        if let Some(host) = target.host_str() {
-            let host = match target.port() {
-                Some(port) => format!("{host}:{port}"),
-                None => host.to_owned(),
-            };
-            request = request.header(reqwest::header::HOST, host);
+        if !resolved {
+            return json!({ "target": shown, "key": key, "address": null, "ok": false,
+                           "error": "the host name does not resolve" });
         }
+        let mut url = target.clone();
+        let mut request = match address {
+            Some(address) => {
+                let _ = url.set_ip_host(address.ip());
+                let mut request = self.client.get(url);
+                if let Some(host) = target.host_str() {
+                    let host = match target.port() {
+                        Some(port) => format!("{host}:{port}"),
+                        None => host.to_owned(),
+                    };
+                    request = request.header(reqwest::header::HOST, host);
+                }
+                request
+            }
+            None => self.client.get(url),
+        };
+        request = request.header(reqwest::header::ACCEPT, "text/plain");
         let read = async {
             let response = request
                 .send()
@@ -132,15 +166,17 @@ impl Scraper {
             }
             super::read_bounded(response, MAX_ANSWER_BYTES).await
         };
+        let ip = address.map(|a| a.ip().to_string());
         match read.await {
             Ok(body) => {
                 let mut row = parse(&String::from_utf8_lossy(&body));
                 row["target"] = json!(shown);
-                row["address"] = json!(address.ip().to_string());
+                row["key"] = json!(key);
+                row["address"] = json!(ip);
                 row["ok"] = json!(true);
                 row
             }
-            Err(error) => json!({ "target": shown, "address": address.ip().to_string(),
+            Err(error) => json!({ "target": shown, "key": key, "address": ip,
                                   "ok": false, "error": shared::reason::bounded(error) }),
         }
     }

@@ -14,7 +14,7 @@ use std::{
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shared::schema::{StageTiming, Status};
+use shared::schema::Status;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -108,14 +108,22 @@ struct Seen<'a> {
     #[serde(borrow)]
     kind: Cow<'a, str>,
     status: Status,
-    #[serde(default)]
-    error: Option<String>,
+    #[serde(default, borrow)]
+    error: Option<Cow<'a, str>>,
     #[serde(default)]
     attempts: u32,
     #[serde(default, with = "time::serde::rfc3339::option")]
     job_created_at: Option<OffsetDateTime>,
-    #[serde(default)]
-    stages: Vec<StageTiming>,
+    #[serde(default, borrow)]
+    stages: Vec<StageSeen<'a>>,
+}
+
+/// A stage's timing as a result carries it, its name borrowed from the body.
+#[derive(Deserialize)]
+struct StageSeen<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    micros: u64,
 }
 
 /// One minute of per-kind and per-stage latencies.
@@ -135,6 +143,10 @@ struct Inner {
     failures: VecDeque<Value>,
     total: u64,
     unreadable: u64,
+    /// Results whose job was created after they arrived (clocks apart): not in the latencies.
+    skewed: u64,
+    /// The latest second noted: a clock that steps back notes into it, keeping rings in order.
+    last_second: i64,
 }
 
 /// The results' statistics (see the module doc).
@@ -152,19 +164,23 @@ fn short(name: &str) -> String {
     name[..end].to_owned()
 }
 
-/// The histogram of `key` in `map`, or of `other` once the map holds `max` keys.
-fn slot<K: std::hash::Hash + Eq>(
-    map: &mut HashMap<K, Hist>,
-    key: K,
-    other: K,
-    max: usize,
-) -> &mut Hist {
-    let key = if map.len() >= max && !map.contains_key(&key) {
-        other
+/// Adds `micros` to the histogram of `key` in `map`, or of `other()` once the map holds `max`
+/// keys. Keys are built only when new.
+fn add<K, Q>(map: &mut HashMap<K, Hist>, key: &Q, other: impl Fn() -> K, max: usize, micros: u64)
+where
+    K: std::hash::Hash + Eq + std::borrow::Borrow<Q>,
+    Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+{
+    if let Some(hist) = map.get_mut(key) {
+        hist.add(micros);
+        return;
+    }
+    let key = if map.len() >= max {
+        other()
     } else {
-        key
+        key.to_owned()
     };
-    map.entry(key).or_insert_with(Hist::new)
+    map.entry(key).or_insert_with(Hist::new).add(micros);
 }
 
 impl Traffic {
@@ -180,7 +196,8 @@ impl Traffic {
             inner.unreadable += 1;
             return;
         };
-        let second = now.unix_timestamp();
+        let second = now.unix_timestamp().max(inner.last_second);
+        inner.last_second = second;
         inner.total += 1;
         let ok = seen.status == Status::Ok;
         match inner.seconds.back_mut() {
@@ -202,8 +219,13 @@ impl Traffic {
         {
             inner.seconds.pop_front();
         }
-        if let Some(created) = seen.job_created_at {
-            let micros = u64::try_from((now - created).whole_microseconds()).unwrap_or(0);
+        let waited = seen
+            .job_created_at
+            .map(|created| (now - created).whole_microseconds());
+        if waited.is_some_and(|w| w < 0) {
+            inner.skewed += 1;
+        }
+        if let Some(Ok(micros)) = waited.map(u64::try_from) {
             let slice = second - second.rem_euclid(SLICE_SECS);
             if inner.slices.back().is_none_or(|(s, _)| *s != slice) {
                 inner.slices.push_back((slice, Hist::new()));
@@ -231,11 +253,12 @@ impl Traffic {
             }
             if let Some(m) = inner.minutes.back_mut() {
                 let kind = short(&seen.kind);
-                slot(&mut m.kinds, kind.clone(), "(other)".into(), MAX_KINDS).add(micros);
+                let other = || "(other)".to_owned();
+                add(&mut m.kinds, kind.as_str(), other, MAX_KINDS, micros);
                 for stage in seen.stages.iter().take(64) {
                     let key = (kind.clone(), short(&stage.name));
-                    let other = ("(other)".into(), "(other)".into());
-                    slot(&mut m.stages, key, other, MAX_STAGES).add(stage.micros);
+                    let other = || ("(other)".to_owned(), "(other)".to_owned());
+                    add(&mut m.stages, &key, other, MAX_STAGES, stage.micros);
                 }
             }
         }
@@ -361,6 +384,7 @@ impl Traffic {
         json!({
             "total": inner.total,
             "unreadable": inner.unreadable,
+            "skewed": inner.skewed,
             "out_now": out_now,
             "out": { "start": start, "step": RATE_STEP_SECS, "ok": per_second(ok), "failed": per_second(failed) },
             "latency_now": last_minute.summary(),
@@ -399,10 +423,16 @@ mod tests {
             traffic.note(&result("text.analyze", i % 10 != 0, created, "boom"), now);
         }
         traffic.note(b"not json", now);
+        let future = now + time::Duration::seconds(30);
+        traffic.note(&result("text.analyze", true, future, ""), now);
         let later = now + time::Duration::seconds(1);
         let snap = traffic.snapshot(later);
-        assert_eq!(snap["total"], 100);
+        assert_eq!(snap["total"], 101);
         assert_eq!(snap["unreadable"], 1);
+        assert_eq!(
+            snap["skewed"], 1,
+            "created after it arrived: kept out of the latencies"
+        );
         assert!(snap["out_now"].as_f64().unwrap_or(0.0) > 30.0, "{snap}");
         let p50 = snap["latency_now"]["p50"].as_f64().unwrap_or(0.0);
         assert!((50.0..80.0).contains(&p50), "p50 {p50}");

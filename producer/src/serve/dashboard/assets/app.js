@@ -236,7 +236,7 @@ function render(data) {
     { name: 'failed', color: COLORS.failed, points: steps(traffic.out, 'failed') },
   ], t0, t1, '/s');
   if (history.length) {
-    lines($('plot-depths'), ['work', 'delay', 'results', 'dead', 'fanin'].map((k) => ({ name: k, color: COLORS[k], points: from(k) })), t0, t1, '');
+    lines($('plot-depths'), ['work', 'delay', 'results', 'dead'].map((k) => ({ name: k, color: COLORS[k], points: from(k) })), t0, t1, '');
   } else {
     message($('plot-depths'), 'no depths: ' + (mgmt.error || 'the management API has not answered yet'));
   }
@@ -247,12 +247,19 @@ function render(data) {
   bars($('plot-kinds'), traffic.kinds.map((k) => ({ label: k.kind + ' (' + k.n + ')', p50: k.p50, p99: k.p99 })));
   bars($('plot-stages'), traffic.stages.map((s) => ({ label: s.kind + ' · ' + s.stage, p50: s.p50, p99: s.p99 })));
 
-  const scraped = new Map((metrics.targets || []).filter((t) => t.ok).map((t) => [t.address, t]));
+  // A connection gets an endpoint's metrics only when it is the one connection from that
+  // address and the endpoint the one there (replicas of a compose service); others are listed
+  // apart, never counted twice.
+  const targets = metrics.targets || [];
   const consumers = view ? view.consumers : [];
+  const count = (list, key) => list.reduce((m, x) => m.set(x[key], (m.get(x[key]) || 0) + 1), new Map());
+  const peers = count(consumers, 'peer');
+  const addresses = count(targets, 'address');
+  const unique = (t) => t.ok && t.address && addresses.get(t.address) === 1 && peers.get(t.address) === 1;
+  const scraped = new Map(targets.filter(unique).map((t) => [t.address, t]));
   const rows = consumers.map((c) => Object.assign({}, c, { metrics: scraped.get(c.peer) }));
-  const joined = new Set(rows.filter((r) => r.metrics).map((r) => r.peer));
-  for (const t of metrics.targets || []) {
-    if (!joined.has(t.address)) rows.push({ name: '(metrics only) ' + t.target, peer: t.address, state: t.ok ? 'answering' : (t.error || 'down'), queues: [], metrics: t.ok ? t : null });
+  for (const t of targets) {
+    if (!unique(t)) rows.push({ name: '(metrics) ' + t.target, peer: t.address, state: t.ok ? 'answering' : (t.error || 'down'), queues: [], metrics: t.ok ? t : null });
   }
   $('consumer-count').textContent = view ? String(consumers.length) : '–';
   fill($('consumers').tBodies[0], rows, 9, (tr, c) => {
@@ -274,13 +281,18 @@ function render(data) {
     cell(tr, f.attempts, 'num');
     cell(tr, f.error, 'error');
   });
+  if (view && view.consumers_error) $('consumer-count').textContent = '?';
   const dead = view ? view.depths.dead.ready + view.depths.dead.unacked : null;
   if (dead !== null && dead !== lastDeadDepth) { lastDeadDepth = dead; loadDead(false); }
 }
 
 let lastDeadDepth = null;
+let polling = false;
 
+// One poll at a time: a slow server gets no pile of requests from this page.
 async function poll() {
+  if (polling) return;
+  polling = true;
   try {
     const { status, body } = await call('/dashboard/data');
     if (status === 200) {
@@ -293,6 +305,8 @@ async function poll() {
     }
   } catch (e) {
     if (e.message !== 'unauthorized') $('updated').textContent = 'no answer from the server (' + e.message + ')';
+  } finally {
+    polling = false;
   }
 }
 
@@ -306,9 +320,14 @@ function updateReplayButton() {
   $('dead-replay').disabled = selected().length === 0;
 }
 
+let deadAsked = 0;
+
+// Looks at the dead letters; an answer older than one asked for since is dropped.
 async function loadDead(fresh) {
+  const asked = ++deadAsked;
   try {
     const { status, body } = await call('/dashboard/dead' + (fresh ? '?fresh=true' : ''));
+    if (asked !== deadAsked) return;
     if (status !== 200) { $('dead-status').textContent = 'the server answered ' + status; return; }
     if (!body.ok) {
       $('dead-depth').textContent = '';
@@ -389,8 +408,9 @@ function start() {
   });
   poll();
   loadDead(false);
+  // Dead letters are looked at when their count changes, and on "Look again": a look takes
+  // them from the queue and gives them back, so the page does not do it on a timer.
   setInterval(poll, 2000);
-  setInterval(() => loadDead(false), 15000);
 }
 
 document.addEventListener('DOMContentLoaded', start);
