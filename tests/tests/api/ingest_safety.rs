@@ -242,3 +242,109 @@ async fn a_broker_that_confirms_nothing_gets_503_in_time_and_429_beyond_the_boun
     shutdown.cancel();
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_page_is_open_and_its_data_takes_the_dashboard_tokens() {
+    // Arrange: a server whose dashboard has tokens of its own and a management API that does
+    // not answer; a result with a kind of 100 KB and a reason of 1 MB reaches it
+    const DASH: &str = "dashboard-token-0123456789";
+    let app = TestApp::new().await;
+    let (addr, shutdown) = serve(&app, |s| {
+        s.dashboard_tokens = vec![DASH.to_owned()];
+        s.management_url = Some("http://127.0.0.1:1".to_owned());
+    })
+    .await;
+    let base = format!("http://{addr}");
+    let ready = async {
+        while call(format!("{base}/readyz"), Some(TOKEN), None, None)
+            .await
+            .status
+            != 200
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    within("serve to be ready", ready).await;
+    let hostile = json!({
+        "schema_version": 3, "job_id": Uuid::new_v4(), "kind": "k".repeat(100_000),
+        "status": "failed", "output": null, "error": "e".repeat(1_000_000), "attempts": 1,
+        "finished_at": "2026-11-26T00:00:00Z", "job_created_at": "2026-11-26T00:00:00Z",
+        "stages": [{"name": "s".repeat(100_000), "micros": 5}],
+    });
+    let confirm = app
+        .channel
+        .basic_publish(
+            app.topology.names.results_exchange.as_str().into(),
+            "text.analyze".into(),
+            shared::amqp::mandatory(),
+            hostile.to_string().as_bytes(),
+            deadpool_lapin::lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    shared::amqp::check_confirmation(confirm.await.unwrap()).unwrap();
+
+    // Act + Assert: the page needs no token; its data needs the dashboard's, not the ingest's
+    let page = call(format!("{base}/dashboard"), None, None, None).await;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body
+            .as_str()
+            .is_some_and(|html| html.contains("/dashboard/app.js"))
+    );
+    let data = format!("{base}/dashboard/data");
+    assert_eq!(
+        call(data.clone(), Some(TOKEN), None, None).await.status,
+        401
+    );
+    assert_eq!(call(data.clone(), None, None, None).await.status, 401);
+    let jobs = call(
+        format!("{base}/jobs"),
+        Some(DASH),
+        Some("application/json"),
+        Some(job("a", Uuid::new_v4())),
+    );
+    assert_eq!(
+        jobs.await.status,
+        401,
+        "a dashboard token does not submit jobs"
+    );
+    let replay = call(
+        format!("{base}/dashboard/dead/replay"),
+        Some(DASH),
+        Some("application/json"),
+        Some(json!({"ids": []})),
+    );
+    assert_eq!(replay.await.status, 422);
+    let seen = async {
+        loop {
+            let reply = call(data.clone(), Some(DASH), None, None).await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            if reply.body["traffic"]["total"] == 1 {
+                return reply.body;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let body = within("the dashboard to note the result", seen).await;
+    let management = &body["sources"]["management"];
+    assert_eq!(management["ok"], false, "{management}");
+    assert!(management["error"].as_str().is_some_and(|e| !e.is_empty()));
+    let kind = body["traffic"]["kinds"][0]["kind"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        kind.len() <= 64,
+        "a kind is cut to 64 bytes, not {}",
+        kind.len()
+    );
+    let reason = body["traffic"]["failures"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        !reason.is_empty() && reason.len() <= 300,
+        "{}",
+        reason.len()
+    );
+    shutdown.cancel();
+}

@@ -319,6 +319,7 @@ class Client:
             raise ValueError("max_buffer_bytes and max_stream_bytes must be at least 1")
         if not 0 < listener_expires * 1000 < 2**32:
             raise ValueError("listener_expires must be above 0 and below 2^32 ms")
+        _check_url(url)
         try:
             connection = await aio_pika.connect_robust(
                 url,
@@ -355,6 +356,8 @@ class Client:
                 await client._start_listener(listener_expires)
         except BaseException as error:
             client._closed = True
+            if client._dispatcher is not None:
+                client._dispatcher.cancel()
             try:
                 await connection.close()
             except Exception as closing:  # the error that matters is `error`
@@ -1067,6 +1070,16 @@ def _cancelling() -> bool:
 def _describe(error: BaseException) -> str:
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _check_url(url: str) -> None:
+    """Raises :class:`ValueError` for a URL aio-pika would retry for ever."""
+    try:
+        parsed = yarl.URL(url)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"not an AMQP URL: {error}") from None
+    if parsed.scheme not in ("amqp", "amqps") or not parsed.host:
+        raise ValueError(f"not an AMQP URL (amqp://host or amqps://host): {_redact(url)!r}")
 
 
 def _redact(url: str) -> str:
