@@ -68,7 +68,7 @@ const SOURCES_TIMEOUT: Duration = Duration::from_secs(4);
 /// when `--request-timeout` is short).
 const REPLAY_WAIT: Duration = Duration::from_secs(8);
 /// Longest a stopping server waits for a replay from the page to settle.
-const REPLAY_DRAIN: Duration = Duration::from_secs(15);
+pub const REPLAY_DRAIN: Duration = Duration::from_secs(15);
 
 const PAGE: &str = include_str!("assets/index.html");
 const SCRIPT: &str = include_str!("assets/app.js");
