@@ -17,9 +17,9 @@ Endpoints:
   (poll ``GET /jobs/{id}`` then).
 
 One :class:`Client` is connected at startup (FastAPI lifespan) and shared by every request.
-Results are kept in the client's buffer (the last 10,000), so ``GET`` finds a result that
-arrived before it was asked for; results of jobs sent before this app started are not known
-to it.
+Results are kept in the client's buffer (the last 10,000, within 64 MiB), so ``GET`` finds a
+result that arrived before it was asked for; results of jobs sent before this app started
+are not known to it.
 """
 
 import os

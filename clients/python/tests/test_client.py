@@ -5,23 +5,30 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
 import time
 import uuid
 from datetime import timedelta
 
 import aio_pika
+import aiormq
 import pytest
+import yarl
 from helpers import AMQP_URL, Consumer, start_consumer, stop_consumer, wait_ready
 
 from queue_worker import (
+    BrokerError,
     Client,
+    ConnectFailed,
     Job,
     JobFailed,
     JobRejected,
     JobResult,
+    QueueWorkerError,
     ResultTimeout,
     Status,
+    StreamOverflow,
     TopologyError,
 )
 from queue_worker._time import format_rfc3339, parse_rfc3339
@@ -313,5 +320,176 @@ async def test_a_closed_client_fails_pending_waits() -> None:
                 await waiting
             assert [r async for r in stream] == []
             await client.close()  # idempotent
+    finally:
+        await delete_namespace(AMQP_URL, namespace)
+
+
+async def test_a_results_stream_nobody_reads_does_not_stall_the_client(consumer: Consumer) -> None:
+    """A stream that is never read fills up: it is detached with StreamOverflow, while the
+    waiters and the other stream get every result (the listener used to stop at the stalled
+    stream, and every wait timed out)."""
+    async with asyncio.timeout(60):
+        async with await Client.connect(consumer.url, consumer.namespace, stream_buffer=5) as client:
+            stalled = client.results()
+            reader = client.results()
+            jobs = [client.new_job("text.analyze", {"text": f"job {i}"}) for i in range(30)]
+            ids = [job.id for job in jobs]
+
+            async def read_all() -> list[JobResult]:
+                """Every result (others of the namespace too) in arrival order, until ours."""
+                seen: list[JobResult] = []
+                wanted = set(ids)
+                async for result in reader:
+                    seen.append(result)
+                    wanted.discard(result.job_id)
+                    if not wanted:
+                        break
+                return seen
+
+            reading = asyncio.ensure_future(read_all())
+            assert await client.submit_many(jobs) == ids
+            results = await client.wait_all(ids, timeout=30)
+            assert set(results) == set(ids)
+            seen = await reading
+            assert reader in client._streams and stalled not in client._streams
+            got = []
+            with pytest.raises(StreamOverflow) as raised:
+                async for result in stalled:
+                    got.append(result)
+            assert [r.job_id for r in got] == [r.job_id for r in seen[:5]]
+            assert raised.value.job_id == seen[5].job_id
+            await reader.aclose()
+
+
+async def test_the_result_buffer_is_bounded_in_bytes_but_waiters_get_every_result(consumer: Consumer) -> None:
+    """With a buffer of 2 KiB (a few results of ~500 bytes), waiting for 20 results gets them
+    all (waiters are handed their result on arrival), and the buffer keeps only the newest
+    within 2 KiB."""
+    bound = 2_048
+    async with asyncio.timeout(60):
+        async with await Client.connect(consumer.url, consumer.namespace, max_buffer_bytes=bound) as client:
+            jobs = [client.new_job("text.analyze", {"text": " ".join(f"w{i}x{k}" for k in range(30))}) for i in range(20)]
+            ids = [job.id for job in jobs]
+            stream = client.results()
+            waiting = asyncio.ensure_future(client.wait_all(ids, timeout=30))
+            await asyncio.sleep(0.1)  # its result() calls are waiting before the first job goes
+            assert set(client._waiters) == set(ids)
+            assert await client.submit_many(jobs) == ids
+            results = await waiting
+            assert set(results) == set(ids) and all(r.ok for r in results.values())
+            arrived: list[uuid.UUID] = []
+            async with stream:
+                async for result in stream:
+                    if result.job_id in results:
+                        arrived.append(result.job_id)
+                        if len(arrived) == len(ids):
+                            break
+            assert 0 < client._buffer_bytes <= bound
+            assert client._buffer_bytes == sum(size for _, size in client._buffer.values())
+            kept = [i for i in ids if client.try_result(i) is not None]
+            assert 1 <= len(kept) < len(ids)
+            assert client.try_result(arrived[-1]) is results[arrived[-1]], "the newest is kept"
+            assert client.try_result(arrived[0]) is None, "the oldest went first"
+
+
+async def test_a_publish_the_broker_refuses_raises_broker_error() -> None:
+    """The jobs exchange is internal: the broker refuses every publish to it and closes the
+    channel (403 ACCESS_REFUSED). The client raises its own BrokerError (the aiormq error as
+    its cause), not aiormq's, and stays usable."""
+    namespace = fresh_namespace("py-refused")
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        await channel.declare_exchange(f"{namespace}.jobs", aio_pika.ExchangeType.TOPIC, durable=True, internal=True)
+        async with asyncio.timeout(30):
+            async with await Client.connect(AMQP_URL, namespace, listen=False) as client:
+                for _ in range(2):  # the channel comes back: the second publish is refused too
+                    with pytest.raises(BrokerError, match="ACCESS_REFUSED") as raised:
+                        await client.submit("text.analyze", {"text": "not here"})
+                    assert isinstance(raised.value.__cause__, aiormq.exceptions.ChannelAccessRefused)
+                with pytest.raises(JobRejected) as many:
+                    await client.submit_many([("text.analyze", {"text": "x"})] * 5)
+                assert len(many.value.failed) == 5 and many.value.confirmed == []
+                assert all(isinstance(e, BrokerError) for e in many.value.failed.values())
+                assert isinstance(many.value.__cause__, BrokerError)
+    finally:
+        await connection.close()
+        await delete_namespace(AMQP_URL, namespace)
+
+
+async def test_connect_failures_raise_the_packages_errors() -> None:
+    # Nothing listens on the port.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConnectFailed, match="cannot connect") as raised:
+        await Client.connect(f"amqp://guest:guest@127.0.0.1:{port}/%2f", "x", connect_timeout=5)
+    assert isinstance(raised.value, BrokerError) and isinstance(raised.value, ConnectionError)
+    assert isinstance(raised.value.__cause__, aiormq.exceptions.AMQPConnectionError)
+    # A refused login (and the password is not in the message).
+    wrong = str(yarl.URL(AMQP_URL).with_password("not-the-password"))
+    with pytest.raises(ConnectFailed) as raised:
+        await Client.connect(wrong, "x", connect_timeout=5)
+    assert isinstance(raised.value.__cause__, aiormq.exceptions.AMQPConnectionError)
+    assert "not-the-password" not in str(raised.value)
+    # Connected, but the broker refuses the declares ("amq." names are reserved): a BrokerError.
+    with pytest.raises(BrokerError, match="ACCESS_REFUSED") as refused:
+        await Client.connect(AMQP_URL, "amq", declare=True)
+    assert not isinstance(refused.value, ConnectFailed)
+    assert isinstance(refused.value.__cause__, aiormq.exceptions.ChannelAccessRefused)
+    # Not an AMQP URL: a bad argument (aio-pika would retry it for ever).
+    for url in ("localhost:5672", "http://localhost/"):
+        with pytest.raises(ValueError, match="AMQP URL"):
+            await Client.connect(url, "x")
+
+
+async def test_a_connection_closed_underneath_fails_fast(consumer: Consumer) -> None:
+    """client.connection.close() (not client.close()): the robust connection will not come
+    back, so waits, streams and publishes raise BrokerError at once rather than hang until
+    their timeouts."""
+    async with asyncio.timeout(30):
+        client = await Client.connect(consumer.url, consumer.namespace)
+        done = await client.submit("text.analyze", {"text": "before"})
+        found = await client.result(done, timeout=20)
+        waiting = asyncio.ensure_future(client.result(uuid.uuid4(), timeout=20))
+        stream = client.results()
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await client.connection.close()
+        with pytest.raises(BrokerError, match="closed for good"):
+            await waiting
+        with pytest.raises(BrokerError):
+            await stream.__anext__()
+        with pytest.raises(BrokerError):
+            await client.submit("text.analyze", {"text": "after"})
+        with pytest.raises(BrokerError):
+            await client.result(uuid.uuid4(), timeout=20)
+        assert await client.result(done, timeout=1) is found, "results already here stay readable"
+        assert time.monotonic() - started < 5
+        await client.close()  # does not raise
+        with pytest.raises(QueueWorkerError, match="closed"):
+            await client.submit("text.analyze", {"text": "closed"})
+
+
+async def test_closing_the_client_during_submit_many_fails_the_rest_cleanly() -> None:
+    """Publishes in flight when the client closes fail with QueueWorkerError, not with the
+    CancelledError of aiormq's cancelled confirms (which looked like a cancellation of the
+    caller)."""
+    namespace = fresh_namespace("py-closing")
+    try:
+        async with asyncio.timeout(60):
+            client = await Client.connect(AMQP_URL, namespace, declare=True, listen=False)
+            publishing = asyncio.ensure_future(client.submit_many([("text.analyze", {"text": "x"})] * 20_000))
+            await asyncio.sleep(0.1)
+            await client.close()
+            try:
+                await publishing
+                pytest.skip("every job was confirmed before the close")
+            except JobRejected as error:
+                assert error.failed
+                assert len(error.failed) + len(error.confirmed) == 20_000
+                assert all(type(e) is QueueWorkerError for e in error.failed.values()), {
+                    type(e) for e in error.failed.values()
+                }
     finally:
         await delete_namespace(AMQP_URL, namespace)

@@ -82,18 +82,20 @@ class ResultStream:
 
     **A stream nobody reads never holds anything else up.** Results wait in the stream until
     read, at most ``stream_buffer`` of them and ``max_stream_bytes`` bytes of their JSON
-    bodies (one result larger than that still goes into an empty stream). When a result
-    comes for a stream already at a bound, the stream has fallen behind, and it is
-    *detached*: it gets no further result, and the client's one results listener goes on
-    serving every :meth:`Client.result` waiter, every other stream and the buffer as if the
-    stream were gone. Its reader still gets, in order, every result the stream held, then
-    :class:`StreamOverflow` (``error.job_id`` is the first result it missed; it missed every
-    later one too) once; iteration ends after that. So a reader sees a gap-free sequence up
-    to the error, and the error marks where the gap begins. The missed results are
-    acknowledged to the broker like every other (they reached everyone still listening; the
-    client's buffer keeps them for :meth:`Client.try_result` while they last). To keep up,
-    read promptly (hand slow work to other tasks), or connect with larger bounds; after an
-    overflow, open a new stream.
+    bodies (one result larger than that still goes into an empty stream). The listener lets
+    readers run after each result, so a reader that awaits nothing else between results
+    keeps up; the bounds are for a reader that stops, or is slower than the results come for
+    longer than the bounds last. When a result comes for a stream already at a bound, the
+    stream has fallen behind, and it is *detached*: it gets no further result, and the
+    client's one results listener goes on serving every :meth:`Client.result` waiter, every
+    other stream and the buffer as if the stream were gone. Its reader still gets, in order,
+    every result the stream held, then :class:`StreamOverflow` once (``error.job_id`` is the
+    first result it missed; it missed every later one too); iteration ends after that. So a
+    reader sees a gap-free sequence up to the error, and the error marks where the gap
+    begins. The missed results are acknowledged to the broker like every other (they reached
+    everyone still listening; the client's buffer keeps them for :meth:`Client.try_result`
+    while they last). To keep up, read promptly (hand slow work to other tasks), or connect
+    with larger bounds; after an overflow, open a new stream.
 
     Close a stream you no longer read (``aclose()``, ``async with``), or drop every
     reference to it (the client holds it weakly, so ``async for r in client.results(): ...
@@ -901,7 +903,8 @@ class Client:
         (one ``multiple`` ack per batch). Nothing in it waits for a reader: a stream that
         falls behind is detached (see :class:`ResultStream`), so one slow reader cannot hold
         up the others; the broker's flow control is the prefetch (results received and not
-        yet acked)."""
+        yet acked). While there are streams it yields after each result, so that their
+        readers run between the results of a burst."""
         unacked: AbstractIncomingMessage | None = None
         count = 0
         while True:
@@ -927,6 +930,11 @@ class Client:
                     log.exception("while handing over the result of job %s", result.job_id)
             unacked = message
             count += 1
+            if self._streams:
+                # Let the streams' readers run before the next result of a burst (the
+                # inbox holds up to a prefetch of them): a stream read promptly keeps up
+                # whatever its bound.
+                await asyncio.sleep(0)
 
     async def _deliver(self, result: JobResult, size: int | None = None) -> None:
         """Hands one result (``size``: its body's, by default its re-encoded size) to its
@@ -1035,6 +1043,7 @@ class Client:
 
         Raises:
             ResultTimeout: Not every result came in time (for the first id still missing).
+            QueueWorkerError, BrokerError: As :meth:`result`.
         """
         ids = [as_uuid(i) for i in job_ids]
 
