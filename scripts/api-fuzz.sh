@@ -21,9 +21,7 @@ JOBS_NAMESPACE="$namespace" PRODUCER_TOKENS="$token" PRODUCER_LISTEN="127.0.0.1:
 serve=$!
 cleanup() {
   kill "$serve" 2>/dev/null || true
-  rabbitmqctl -q list_queues name 2>/dev/null | grep "^$namespace\." | while read -r q; do
-    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
-  done || true
+  scripts/delete-namespace.sh "$namespace"
 }
 trap cleanup EXIT
 for _ in $(seq 100); do

@@ -42,9 +42,7 @@ serve=$!
 cleanup() {
   kill "$serve" "$consumer" 2>/dev/null || true
   wait "$serve" "$consumer" 2>/dev/null || true
-  rabbitmqctl -q list_queues name 2>/dev/null | grep "^$namespace\." | while read -r q; do
-    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
-  done || true
+  scripts/delete-namespace.sh "$namespace"
 }
 trap cleanup EXIT
 for _ in $(seq 150); do

@@ -22,6 +22,4 @@ echo -n "  python submit_many: "
 namespace="bench-rust-$(date +%s%N)"
 echo -n "  rust producer:      "
 JOBS_NAMESPACE="$namespace" target/release/producer --count 20000 --size 64 2>&1 >/dev/null | tail -1
-rabbitmqctl -q list_queues name 2>/dev/null | grep "^$namespace\." | while read -r q; do
-  rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
-done
+scripts/delete-namespace.sh "$namespace"
