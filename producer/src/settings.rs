@@ -188,7 +188,7 @@ pub struct ServeSettings {
     )]
     pub dashboard_tokens: Vec<String>,
 
-    /// The consumers' metrics endpoints the dashboard reads (`http://consumer:9100/metrics`),
+    /// The consumers' metrics endpoints the dashboard reads (`http://consumer:9400/metrics`),
     /// comma-separated; a host name that resolves to several addresses (a compose service
     /// scaled out) is read at each.
     #[arg(long, env = "PRODUCER_CONSUMER_METRICS", value_delimiter = ',')]

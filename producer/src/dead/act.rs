@@ -23,6 +23,11 @@ use super::{
 
 /// Replays in flight (published, not yet confirmed) at most.
 pub const WINDOW: usize = 256;
+/// Longest wait for a republish to go out and for its confirm. A broker that blocks
+/// publishers (a memory or disk alarm) for longer ends the run: the letters not confirmed stay
+/// dead, and the run says the broker stopped confirming.
+pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Bytes of replayed bodies in flight at most (each is held until its confirm): 256 letters of
 /// the broker's largest message size would otherwise be gigabytes. One letter is always let
 /// through, whatever its size.
@@ -94,23 +99,27 @@ pub async fn run(
     let mut bytes = 0usize;
     let wanted: std::collections::HashSet<uuid::Uuid> = select.ids.iter().copied().collect();
     let mut found = std::collections::HashSet::new();
+    let mut stalled = false;
     loop {
         while in_flight.len() >= WINDOW || (bytes > WINDOW_BYTES && !in_flight.is_empty()) {
             let next: Option<(Letter, Delivery, _)> = in_flight.next().await;
             if let Some(done) = next {
                 bytes = bytes.saturating_sub(done.1.data.len());
+                stalled |= matches!(done.2, Err(shared::amqp::PublishError::TimedOut(_)));
                 settle(&scan, done, &mut tally, out, json).await?;
             }
         }
-        if stop.is_cancelled() {
+        if stop.is_cancelled() || stalled {
             break;
         }
-        // Done once every id asked for was found (ids are unique in the queue but for
-        // duplicates, which a later run takes), or after the letters it may look at.
-        let all_found = !wanted.is_empty() && found.len() >= wanted.len();
-        let scanned_enough = select.scan_limit.is_some_and(|n| tally.scanned >= n);
-        if all_found || scanned_enough {
-            break;
+        // A bounded scan (the dashboard's) is done once every id asked for was found, or
+        // after the letters it may look at. Otherwise every letter is looked at, so that
+        // `--id` acts on each copy of a letter the queue holds twice.
+        if let Some(most) = select.scan_limit {
+            let all_found = !wanted.is_empty() && found.len() >= wanted.len();
+            if all_found || tally.scanned >= most {
+                break;
+            }
         }
         let Some(delivery) = scan.next().await? else {
             break;
@@ -143,20 +152,31 @@ pub async fn run(
                     .kind
                     .clone()
                     .unwrap_or_else(|| delivery.routing_key.as_str().to_owned());
-                let confirm = publisher
-                    .basic_publish(
-                        names.jobs_exchange.as_str().into(),
-                        routing_key.as_str().into(),
-                        shared::amqp::mandatory(),
-                        &delivery.data,
-                        replay_properties(&delivery.properties),
-                    )
-                    .await?;
+                let publish = publisher.basic_publish(
+                    names.jobs_exchange.as_str().into(),
+                    routing_key.as_str().into(),
+                    shared::amqp::mandatory(),
+                    &delivery.data,
+                    replay_properties(&delivery.properties),
+                );
+                let Ok(confirm) = tokio::time::timeout(CONFIRM_TIMEOUT, publish).await else {
+                    // The broker takes no publish (flow control): this letter stays dead,
+                    // given back with the others when the scan ends.
+                    tally.failed += 1;
+                    tally.kept += 1;
+                    let why =
+                        "the broker took no publish in time (blocked?): the letter stays dead";
+                    let _ = report::acted(out, &letter, "kept", Some(why), json);
+                    stalled = true;
+                    continue;
+                };
+                let confirm = confirm?;
                 bytes += delivery.data.len();
                 in_flight.push(async move {
-                    let confirmed = match confirm.await {
-                        Ok(confirmation) => shared::amqp::check_confirmation(confirmation),
-                        Err(error) => Err(error.into()),
+                    let confirmed = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
+                        Ok(Ok(confirmation)) => shared::amqp::check_confirmation(confirmation),
+                        Ok(Err(error)) => Err(error.into()),
+                        Err(_) => Err(shared::amqp::PublishError::TimedOut(CONFIRM_TIMEOUT)),
                     };
                     (letter, delivery, confirmed)
                 });

@@ -30,6 +30,8 @@ pub const SETTLE_PAUSE: Duration = Duration::from_secs(1);
 
 /// A letter given back this many times is put back as a fresh copy instead.
 pub const REFRESH_AT: i64 = 10;
+/// Longest wait for a fresh copy's confirm; without it, the old letter stays as it is.
+pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which dead letters a command acts on. Every filter given must match.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -311,18 +313,24 @@ impl Scan {
         if let Some(headers) = headers {
             properties = properties.with_headers(headers);
         }
-        let confirm = self
-            .publisher
-            .basic_publish(
-                "".into(),
-                self.queue.as_str().into(),
-                shared::amqp::mandatory(),
-                &delivery.data,
-                properties,
-            )
-            .await?
-            .await?;
-        if shared::amqp::check_confirmation(confirm).is_ok() {
+        let publish = async {
+            self.publisher
+                .basic_publish(
+                    "".into(),
+                    self.queue.as_str().into(),
+                    shared::amqp::mandatory(),
+                    &delivery.data,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        // A broker that takes no publish (flow control) leaves the old letter, to be given
+        // back: a look never waits on an alarm.
+        let Ok(confirm) = tokio::time::timeout(REFRESH_TIMEOUT, publish).await else {
+            return Ok(());
+        };
+        if shared::amqp::check_confirmation(confirm?).is_ok() {
             self.remove(delivery).await?;
         }
         Ok(())

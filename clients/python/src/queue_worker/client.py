@@ -429,7 +429,12 @@ class Client:
             self._inbox.put_nowait(_CLOSED)
             try:
                 await asyncio.wait_for(self._dispatcher, 5)
-            except (TimeoutError, asyncio.CancelledError, Exception):
+            except asyncio.CancelledError:
+                self._dispatcher.cancel()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the caller was cancelled: never swallowed
+            except Exception:  # TimeoutError included
                 self._dispatcher.cancel()
         if queue is not None and live:
             try:

@@ -9,7 +9,8 @@
 //! connections request costs only the consumers list. After a failed refresh the next waits,
 //! from 2 s doubling up to [`MAX_BACKOFF`], so an ailing management API is not pressed. The
 //! caller ([`super::Dashboard`]) refreshes at most once per [`super::REFRESH`], however many
-//! pages are open.
+//! pages are open. RabbitMQ matches queue names without regard to case: queues of a namespace
+//! that differs only in case are read too, then left out here by [`Names::role`].
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -154,7 +155,14 @@ impl Management {
     ///
     /// # Errors
     /// The URL is not an `http`/`https` URL.
-    pub fn new(url: Option<&str>, amqp_url: &str, namespace: &str) -> Result<Self, String> {
+    /// Each request may take up to `timeout` (at most [`REQUEST_TIMEOUT`]).
+    pub fn new(
+        url: Option<&str>,
+        amqp_url: &str,
+        namespace: &str,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let timeout = timeout.min(REQUEST_TIMEOUT);
         let brokers = shared::amqp::Brokers::parse(amqp_url).map_err(|e| e.to_string())?;
         let first = brokers.nodes().first().ok_or("no broker")?;
         let (amqp_user, amqp_password) = first.credentials();
@@ -185,9 +193,11 @@ impl Management {
         };
         let _ = base.set_username("");
         let _ = base.set_password(None);
+        // No proxy: the broker's credentials go to the broker only.
         let mut builder = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(REQUEST_TIMEOUT)
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none());
         if let Some(tls) = first.tls() {
             if let Some(ca) = &tls.ca_file {
@@ -287,7 +297,7 @@ impl Management {
             Err(error) => {
                 samples.failures = samples.failures.saturating_add(1);
                 let wait = Duration::from_secs(2)
-                    .saturating_mul(1 << samples.failures.min(5))
+                    .saturating_mul(1 << (samples.failures - 1).min(4))
                     .min(MAX_BACKOFF);
                 samples.not_before = Some(Instant::now() + wait);
                 samples.last_error.clone_from(error);
@@ -313,6 +323,8 @@ impl Management {
                 ("page_size", &page_size),
                 ("name", &fixed),
                 ("use_regex", "true"),
+                // Without it, a broker that collects no statistics leaves the counts out.
+                ("enable_queue_totals", "true"),
                 (
                     "columns",
                     "name,type,messages_ready,messages_unacknowledged,consumers,message_stats.publish,message_stats.publish_details.rate",
@@ -606,18 +618,28 @@ mod tests {
 
     #[test]
     fn the_default_url_is_the_first_brokers_host_with_its_credentials() {
-        let m = Management::new(None, "amqp://u%40x:p%2Fw@rabbit:5672/v1", "ns");
+        let m = Management::new(
+            None,
+            "amqp://u%40x:p%2Fw@rabbit:5672/v1",
+            "ns",
+            REQUEST_TIMEOUT,
+        );
         let m = m.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(m.display(), "http://rabbit:15672");
         assert_eq!((m.user.as_str(), m.password.as_str()), ("u@x", "p/w"));
         assert_eq!(m.vhost, "v1");
-        let given = Management::new(Some("https://a:b%21@mgmt:443"), "amqp://u:p@h/", "");
+        let given = Management::new(
+            Some("https://a:b%21@mgmt:443"),
+            "amqp://u:p@h/",
+            "",
+            REQUEST_TIMEOUT,
+        );
         let given = given.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(given.display(), "https://mgmt");
         assert_eq!((given.user.as_str(), given.password.as_str()), ("a", "b!"));
-        assert!(Management::new(Some("ftp://x"), "amqp://h", "").is_err());
-        let tls =
-            Management::new(None, "amqps://u:p@rabbit/", "").unwrap_or_else(|e| panic!("{e}"));
+        assert!(Management::new(Some("ftp://x"), "amqp://h", "", REQUEST_TIMEOUT).is_err());
+        let tls = Management::new(None, "amqps://u:p@rabbit/", "", REQUEST_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             tls.display(),
             "https://rabbit:15671",
@@ -627,7 +649,8 @@ mod tests {
 
     #[test]
     fn queues_are_grouped_by_role_and_the_in_rate_comes_from_publish_counters() {
-        let m = Management::new(None, "amqp://h", "ns").unwrap_or_else(|e| panic!("{e}"));
+        let m = Management::new(None, "amqp://h", "ns", REQUEST_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
         let page = |publish: u64| -> QueuePage {
             serde_json::from_value(json!({"items": [
                 {"name": "ns.jobs.kind.a", "messages_ready": 5, "messages_unacknowledged": 2,

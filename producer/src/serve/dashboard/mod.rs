@@ -111,13 +111,22 @@ impl Dashboard {
         settings: &crate::settings::ServeSettings,
         stop: CancellationToken,
     ) -> Result<Self, super::auth::TokensError> {
-        let tokens = if settings.dashboard_tokens.is_empty() {
-            None
-        } else {
-            Some(super::auth::Tokens::new(&settings.dashboard_tokens, None)?)
-        };
-        let management =
-            management::Management::new(settings.management_url.as_deref(), amqp_url, namespace);
+        // Only tokens that open something: an empty setting (`PRODUCER_DASHBOARD_TOKENS=`)
+        // leaves the dashboard behind the ingest tokens, never behind none.
+        let tokens = Some(super::auth::Tokens::new(&settings.dashboard_tokens, None)?)
+            .filter(super::auth::Tokens::configured);
+        // Leave a second of the request's deadline for the rest of the answer.
+        let within = settings
+            .request_timeout()
+            .saturating_sub(Duration::from_secs(1))
+            .max(Duration::from_millis(500));
+        let sources_timeout = SOURCES_TIMEOUT.min(within);
+        let management = management::Management::new(
+            settings.management_url.as_deref(),
+            amqp_url,
+            namespace,
+            sources_timeout,
+        );
         if let Err(error) = &management {
             tracing::warn!(%error, "dashboard: no management API");
         }
@@ -125,11 +134,6 @@ impl Dashboard {
         if let Err(error) = &scraper {
             tracing::warn!(%error, "dashboard: consumer metrics not read");
         }
-        // Leave a second of the request's deadline for the rest of the answer.
-        let within = settings
-            .request_timeout()
-            .saturating_sub(Duration::from_secs(1))
-            .max(Duration::from_millis(500));
         Ok(Self {
             traffic: traffic::Traffic::default(),
             tokens,
@@ -142,7 +146,7 @@ impl Dashboard {
             namespace: namespace.to_owned(),
             started: Instant::now(),
             stop,
-            sources_timeout: SOURCES_TIMEOUT.min(within),
+            sources_timeout,
             replay_wait: REPLAY_WAIT.min(within),
         })
     }
@@ -321,7 +325,12 @@ async fn dead_letters(
     Query(query): Query<DeadQuery>,
 ) -> Json<Value> {
     let board = &ingest.dashboard;
-    let mut cached = board.dead.lock().await;
+    // A replay from the page (or another look) holds the lock: answer with the last look
+    // rather than wait.
+    let Ok(mut cached) = Arc::clone(&board.dead).try_lock_owned() else {
+        return Json(json!({ "ok": false, "letters": [], "at": unix_now(),
+            "error": "a replay or a look from the dashboard is running; look again in a moment" }));
+    };
     if let Some((at, keep, value)) = cached.as_ref() {
         let keep = if query.fresh {
             REFRESH.min(*keep)
@@ -332,45 +341,56 @@ async fn dead_letters(
             return Json(value.clone());
         }
     }
-    let names = &ingest.topology.names;
-    let look = async {
-        let connection = shared::amqp::get_connection(&ingest.pool, super::CONNECT_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
-        dead::scan::head(&connection, names, DEAD_SHOWN, DEAD_LOOK)
-            .await
-            .map_err(|e| format!("{e:#}"))
-    };
-    // The look stops taking letters after DEAD_LOOK, then gives them back properly; this outer
-    // deadline only guards against a broker that stops answering.
-    let (value, keep) = match tokio::time::timeout(board.sources_timeout, look).await {
-        Ok(Ok((depth, letters))) => {
-            let letters: Vec<Value> = letters
-                .into_iter()
-                .map(|letter| {
-                    let age = dead::since(letter.dead_at).map(|d| d.as_secs());
-                    let mut v = serde_json::to_value(&letter).unwrap_or_default();
-                    v["age"] = json!(age);
-                    v
-                })
-                .collect();
-            let value = json!({ "ok": true, "error": null, "depth": depth, "letters": letters,
-                                "queue": names.dead_queue, "at": unix_now() });
-            (value, DEAD_REFRESH)
-        }
-        Ok(Err(error)) => {
-            let value = json!({ "ok": false, "error": shared::reason::bounded(error),
-                                "letters": [], "at": unix_now() });
-            (value, REFRESH)
-        }
-        Err(_) => {
-            let value = json!({ "ok": false, "error": "no answer in time", "letters": [],
-                                "at": unix_now() });
-            (value, REFRESH)
-        }
-    };
-    *cached = Some((Instant::now(), keep, value.clone()));
-    Json(value)
+    // The look runs in a task of its own, holding the lock: a request that ends early (its
+    // deadline, a client gone) never cuts a look between a fresh copy and its ack, nor before
+    // it gives the letters back.
+    let task_ingest = Arc::clone(&ingest);
+    let taking = DEAD_LOOK.min(board.sources_timeout / 2);
+    let look = tokio::spawn(async move {
+        let ingest = task_ingest;
+        let names = &ingest.topology.names;
+        let looked = async {
+            let connection = shared::amqp::get_connection(&ingest.pool, super::CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            dead::scan::head(&connection, names, DEAD_SHOWN, taking)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        };
+        let (value, keep) = match looked.await {
+            Ok((depth, letters)) => {
+                let letters: Vec<Value> = letters
+                    .into_iter()
+                    .map(|letter| {
+                        let age = dead::since(letter.dead_at).map(|d| d.as_secs());
+                        let mut v = serde_json::to_value(&letter).unwrap_or_default();
+                        v["age"] = json!(age);
+                        v
+                    })
+                    .collect();
+                let value = json!({ "ok": true, "error": null, "depth": depth,
+                                    "letters": letters, "queue": names.dead_queue,
+                                    "at": unix_now() });
+                (value, DEAD_REFRESH)
+            }
+            Err(error) => {
+                let value = json!({ "ok": false, "error": shared::reason::bounded(error),
+                                    "letters": [], "at": unix_now() });
+                (value, REFRESH)
+            }
+        };
+        *cached = Some((Instant::now(), keep, value.clone()));
+        value
+    });
+    match tokio::time::timeout(board.sources_timeout, look).await {
+        Ok(Ok(value)) => Json(value),
+        Ok(Err(_)) => Json(
+            json!({ "ok": false, "error": "the look stopped unexpectedly",
+                                   "letters": [], "at": unix_now() }),
+        ),
+        Err(_) => Json(json!({ "ok": false, "letters": [], "at": unix_now(),
+            "error": "the look is taking long (the broker is slow?); look again in a moment" })),
+    }
 }
 
 /// Marks the page's replay as ended when dropped, whatever ends it.

@@ -57,6 +57,7 @@ impl Scraper {
         let client = reqwest::Client::builder()
             .timeout(SCRAPE_TIMEOUT)
             .connect_timeout(SCRAPE_TIMEOUT)
+            .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| e.to_string())?;
@@ -87,6 +88,11 @@ impl Scraper {
             match lookup {
                 Ok(Ok(addresses)) => {
                     let mut addresses: Vec<SocketAddr> = addresses.collect();
+                    // One family: `localhost` is 127.0.0.1 and ::1, one process, and a
+                    // consumer listens on IPv4 by default.
+                    if addresses.iter().any(SocketAddr::is_ipv4) {
+                        addresses.retain(SocketAddr::is_ipv4);
+                    }
                     addresses.sort_unstable();
                     addresses.dedup();
                     addresses

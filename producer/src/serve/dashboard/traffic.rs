@@ -196,6 +196,14 @@ impl Traffic {
             inner.unreadable += 1;
             return;
         };
+        // A clock that steps back a little notes into the latest second, keeping the rings in
+        // order; one that steps back further starts them again.
+        if now.unix_timestamp() < inner.last_second - 5 {
+            inner.seconds.clear();
+            inner.slices.clear();
+            inner.minutes.clear();
+            inner.last_second = now.unix_timestamp();
+        }
         let second = now.unix_timestamp().max(inner.last_second);
         inner.last_second = second;
         inner.total += 1;

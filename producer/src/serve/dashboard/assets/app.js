@@ -16,7 +16,8 @@ function token() { return sessionStorage.getItem(TOKEN_KEY) || ''; }
 async function call(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
   if (token()) headers.Authorization = 'Bearer ' + token();
-  const response = await fetch(path, Object.assign({}, options, { headers, cache: 'no-store' }));
+  // Every request has a deadline: a stalled connection must not freeze the page.
+  const response = await fetch(path, Object.assign({}, options, { headers, cache: 'no-store', signal: AbortSignal.timeout(10000) }));
   if (response.status === 401) {
     $('auth').hidden = false;
     $('auth-error').textContent = token() ? 'this token is refused' : 'this server needs a token';
@@ -321,6 +322,7 @@ function updateReplayButton() {
 }
 
 let deadAsked = 0;
+let keepStatus = false;
 
 // Looks at the dead letters; an answer older than one asked for since is dropped.
 async function loadDead(fresh) {
@@ -334,6 +336,8 @@ async function loadDead(fresh) {
       $('dead-status').textContent = 'cannot look at the dead letters: ' + body.error;
       return;
     }
+    if (!keepStatus) $('dead-status').textContent = '';
+    keepStatus = false;
     const kept = new Set(selected());
     $('dead-depth').textContent = '(' + body.depth + ' in ' + body.queue + (body.depth > body.letters.length ? ', first ' + body.letters.length + ' shown' : '') + ')';
     fill($('dead').tBodies[0], body.letters, 7, (tr, l) => {
@@ -377,7 +381,7 @@ async function replay() {
     });
     if (status === 200) {
       const t = body.tally;
-      $('dead-status').textContent = 'replayed ' + t.replayed + (t.kept ? ', kept ' + t.kept : '') + (t.failed ? ', failed ' + t.failed : '') + (t.matched < ids.length ? ' (' + (ids.length - t.matched) + ' no longer dead)' : '');
+      $('dead-status').textContent = 'replayed ' + t.replayed + (t.kept ? ', kept ' + t.kept : '') + (t.failed ? ', failed ' + t.failed : '') + (t.matched < ids.length ? ' (' + (ids.length - t.matched) + ' not found: replayed or purged since, or further back than ' + t.scanned + ' letters)' : '');
     } else if (status === 202) {
       $('dead-status').textContent = 'the replay is still running; look again in a moment';
     } else {
@@ -386,6 +390,7 @@ async function replay() {
   } catch (e) {
     if (e.message !== 'unauthorized') $('dead-status').textContent = 'not replayed: ' + e.message;
   }
+  keepStatus = true;
   await loadDead(true);
 }
 
