@@ -483,3 +483,29 @@ async fn replay(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Respon
             .into_response()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_dashboard_token_setting_leaves_the_ingest_tokens_in_charge() {
+        let mut settings =
+            crate::settings::ServeSettings::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+        for empty in [
+            vec![String::new()],
+            vec![" ".to_owned(), String::new()],
+            vec![],
+        ] {
+            settings.dashboard_tokens = empty;
+            let board = Dashboard::new("amqp://h", "ns", &settings, CancellationToken::new());
+            assert!(
+                board.is_ok_and(|b| b.tokens.is_none()),
+                "never a dashboard open to all"
+            );
+        }
+        settings.dashboard_tokens = vec!["dashboard-token-0123456789".to_owned()];
+        let board = Dashboard::new("amqp://h", "ns", &settings, CancellationToken::new());
+        assert!(board.is_ok_and(|b| b.tokens.is_some()));
+    }
+}
