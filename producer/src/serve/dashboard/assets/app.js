@@ -35,7 +35,7 @@ function fmt(n, digits = 0) {
 
 function ms(n) {
   if (n === null || n === undefined) return '–';
-  if (n >= 10000) return (n / 1000).toFixed(1) + ' s';
+  if (n >= 1000) return (n / 1000).toFixed(n >= 10000 ? 0 : 1) + ' s';
   if (n >= 100) return Math.round(n) + ' ms';
   return n.toFixed(n >= 10 ? 1 : 2) + ' ms';
 }
@@ -153,7 +153,14 @@ function lines(canvas, series, t0, t1, unit, log) {
       drawing = true;
     }
     ctx.stroke();
+    // A point with no neighbour (a short burst) is drawn as a dot, not left invisible.
     ctx.fillStyle = s.color;
+    s.points.forEach(([t, v], i) => {
+      const alone = (j) => j < 0 || j >= s.points.length || s.points[j][1] === null;
+      if (v !== null && t >= t0 && alone(i - 1) && alone(i + 1)) {
+        ctx.beginPath(); ctx.arc(x(t), y(v), 2.5, 0, 2 * Math.PI); ctx.fill();
+      }
+    });
     ctx.textAlign = 'left';
     ctx.fillRect(legend, 4, 10, 10);
     ctx.fillStyle = '#1d2330';
@@ -167,7 +174,7 @@ function bars(canvas, rows) {
   if (!rows.length) { message(canvas, 'no results in the last 5 minutes'); return; }
   const { ctx, width, height } = setup(canvas);
   const labelWidth = Math.min(260, Math.max(...rows.map((r) => ctx.measureText(r.label).width)) + 8);
-  const left = labelWidth, right = 70;
+  const left = labelWidth, right = 110;
   const shown = rows.slice(0, Math.max(1, Math.floor((height - 4) / 16)));
   const max = niceMax(Math.max(...shown.map((r) => r.p99 || 0)));
   const bar = Math.min(14, (height - 4) / shown.length - 2);
@@ -206,7 +213,7 @@ function render(data) {
   $('updated').textContent = 'updated ' + new Date(data.at * 1000).toLocaleTimeString();
 
   source('management', mgmt.ok, mgmt.ok
-    ? 'ok · ' + (mgmt.url || '') + (view && !view.rates_collected ? ' · the broker collects no message rates' : '')
+    ? 'ok · ' + (mgmt.url || '') + (view && !view.rates_collected ? ' · no message rates from the broker (yet)' : '')
     : 'unreachable: ' + (mgmt.error || 'no answer') + (mgmt.url ? ' (' + mgmt.url + ')' : ''));
   source('results', data.sources.results.ok, data.sources.results.ok
     ? 'ok · ' + fmt(data.sources.results.received) + ' received'
