@@ -156,6 +156,38 @@ pub struct ServeSettings {
           value_parser = parse_seconds)]
     pub request_timeout: f64,
 
+    /// Longest time a request head may take to arrive, in seconds: from a connection's start
+    /// for its first request, from its first byte for later ones. A slower client is
+    /// disconnected.
+    #[arg(long, env = "PRODUCER_HEADER_TIMEOUT", default_value_t = DEFAULT_HEADER_TIMEOUT_SECS,
+          value_parser = parse_seconds)]
+    pub header_timeout: f64,
+
+    /// Longest time a connection with no request in flight may stay silent, in seconds
+    /// (keep-alive between requests included).
+    #[arg(long, env = "PRODUCER_IDLE_TIMEOUT", default_value_t = DEFAULT_IDLE_TIMEOUT_SECS,
+          value_parser = parse_seconds)]
+    pub idle_timeout: f64,
+
+    /// Most connections open at once. One more closes the quietest connection with no request
+    /// in flight, so that idle or half-open sockets cannot lock clients out.
+    #[arg(long, env = "PRODUCER_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS,
+          value_parser = parse_positive)]
+    pub max_connections: usize,
+
+    /// Longest time from SIGTERM to exit, in seconds: requests in flight are answered within
+    /// it, then every connection left is dropped, whatever its client does.
+    #[arg(long, env = "PRODUCER_SHUTDOWN_TIMEOUT", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+          value_parser = parse_seconds)]
+    pub shutdown_timeout: f64,
+
+    /// Host names clients may reach the server by (the `Host` header), comma-separated, besides
+    /// `localhost` and IP addresses. Without tokens, any other name gets 403: a web page whose
+    /// name was rebound to 127.0.0.1 (DNS rebinding) cannot submit jobs or read the dashboard.
+    /// When given, the check applies with tokens too.
+    #[arg(long, env = "PRODUCER_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+
     /// Largest request body, in bytes; larger ones get 413.
     #[arg(long, env = "PRODUCER_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES,
           value_parser = parse_positive)]
@@ -211,6 +243,14 @@ pub const DEFAULT_RESULT_CACHE_BYTES: usize = 256 * 1024 * 1024;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// Longest time a `producer serve` request may take, in seconds.
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: f64 = 10.0;
+/// Longest time a request head may take to arrive, in seconds.
+pub const DEFAULT_HEADER_TIMEOUT_SECS: f64 = 10.0;
+/// Longest time a connection with no request in flight may stay silent, in seconds.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: f64 = 60.0;
+/// Connections `producer serve` keeps open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Longest time from SIGTERM to the end of `producer serve`, in seconds.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: f64 = 15.0;
 
 impl ServeSettings {
     /// Defaults, listening on `listen`.
@@ -223,12 +263,28 @@ impl ServeSettings {
             tokens_file: None,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT_SECS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT_SECS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT_SECS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT_SECS,
+            allowed_hosts: Vec::new(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             result_cache: DEFAULT_RESULT_CACHE,
             result_cache_bytes: DEFAULT_RESULT_CACHE_BYTES,
             management_url: None,
             dashboard_tokens: Vec::new(),
             consumer_metrics: Vec::new(),
+        }
+    }
+
+    /// The connections' deadlines and bounds.
+    #[must_use]
+    pub fn limits(&self) -> crate::serve::http::Limits {
+        crate::serve::http::Limits {
+            header_timeout: Duration::from_secs_f64(self.header_timeout),
+            idle_timeout: Duration::from_secs_f64(self.idle_timeout),
+            max_connections: self.max_connections,
+            shutdown_timeout: Duration::from_secs_f64(self.shutdown_timeout),
         }
     }
 

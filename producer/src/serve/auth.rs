@@ -11,6 +11,11 @@ use std::{
 
 /// How often the tokens file is checked for changes, at most.
 const RECHECK: Duration = Duration::from_secs(1);
+/// How soon a file seen changed is read again: its new tokens are taken only once two reads
+/// agree, so that a file being rewritten in place is never taken half-written.
+const SETTLE: Duration = Duration::from_millis(100);
+/// Largest tokens file read; a larger one is refused (fail closed).
+const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// Tokens shorter than this are refused at start: a guessable token is no protection.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -23,11 +28,20 @@ pub struct Tokens {
     loaded: Mutex<Loaded>,
 }
 
+/// What the tokens file gave, and what it is turning into.
 #[derive(Debug)]
 struct Loaded {
     checked: Option<Instant>,
-    modified: Option<SystemTime>,
+    /// The file's content as last taken whole.
+    taken: Option<String>,
+    /// A content read once that differs from `taken`, waiting for a second read to agree.
+    pending: Option<String>,
+    /// The tokens admitted now. While a change is pending, only the tokens both in the old and
+    /// the new content (a token removed is refused at once; one added waits for the file to
+    /// settle). When the file cannot be read or holds an invalid line, none (fail closed).
     tokens: Vec<String>,
+    /// Why the file is refused, if it is (logged once per change).
+    broken: Option<String>,
 }
 
 /// Why the tokens cannot be used.
@@ -40,6 +54,12 @@ pub enum TokensError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The tokens file is larger than anyone's tokens.
+    #[error("the tokens file {path} is over {MAX_FILE_BYTES} bytes")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
     },
     /// A token is too short.
     #[error("a token is shorter than {MIN_TOKEN_LEN} characters")]
@@ -66,15 +86,18 @@ impl Tokens {
             file,
             loaded: Mutex::new(Loaded {
                 checked: None,
-                modified: None,
+                taken: None,
+                pending: None,
                 tokens: Vec::new(),
+                broken: None,
             }),
         };
         if let Some(path) = &tokens.file {
-            let read = read_file(path)?;
+            let text = read_file(path)?;
+            let parsed = parse(&text)?;
             let mut loaded = tokens.lock();
-            loaded.modified = read.0;
-            loaded.tokens = read.1;
+            loaded.tokens = parsed;
+            loaded.taken = Some(text);
             loaded.checked = Some(Instant::now());
         }
         Ok(tokens)
@@ -86,35 +109,33 @@ impl Tokens {
         !self.fixed.is_empty() || self.file.is_some()
     }
 
-    /// Whether an `Authorization` header value carries an accepted bearer token.
+    /// Whether an `Authorization` header value carries an accepted bearer token. With a tokens
+    /// file that cannot be read or holds an invalid line, no token is accepted, not even those
+    /// of `--tokens`: a broken file fails closed.
     #[must_use]
     pub fn allows(&self, authorization: Option<&str>) -> bool {
         let Some(offered) = authorization.and_then(|h| h.strip_prefix("Bearer ")) else {
             return false;
         };
         let offered = offered.trim().as_bytes();
-        if self.fixed.iter().any(|t| same(t.as_bytes(), offered)) {
-            return true;
-        }
         let Some(path) = &self.file else {
-            return false;
+            return self.fixed.iter().any(|t| same(t.as_bytes(), offered));
         };
         let mut loaded = self.lock();
-        if loaded.checked.is_none_or(|t| t.elapsed() >= RECHECK) {
+        let due = if loaded.pending.is_some() {
+            SETTLE
+        } else {
+            RECHECK
+        };
+        if loaded.checked.is_none_or(|t| t.elapsed() >= due) {
             loaded.checked = Some(Instant::now());
-            let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-            if modified != loaded.modified {
-                match read_file(path) {
-                    Ok((modified, tokens)) => {
-                        tracing::info!(tokens = tokens.len(), "tokens file changed; reloaded");
-                        loaded.modified = modified;
-                        loaded.tokens = tokens;
-                    }
-                    Err(error) => tracing::warn!(%error, "keeping the previous tokens"),
-                }
-            }
+            loaded.refresh(path);
         }
-        loaded.tokens.iter().any(|t| same(t.as_bytes(), offered))
+        if loaded.broken.is_some() {
+            return false;
+        }
+        self.fixed.iter().any(|t| same(t.as_bytes(), offered))
+            || loaded.tokens.iter().any(|t| same(t.as_bytes(), offered))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
@@ -124,13 +145,64 @@ impl Tokens {
     }
 }
 
-fn read_file(path: &PathBuf) -> Result<(Option<SystemTime>, Vec<String>), TokensError> {
+impl Loaded {
+    /// Reads the file again and moves towards what it says now.
+    fn refresh(&mut self, path: &PathBuf) {
+        let read = read_file(path).and_then(|text| parse(&text).map(|tokens| (text, tokens)));
+        let (text, tokens) = match read {
+            Ok(read) => read,
+            Err(error) => {
+                let error = error.to_string();
+                if self.broken.as_ref() != Some(&error) {
+                    tracing::error!(%error, "the tokens file is refused: no token is accepted until it is fixed");
+                }
+                self.broken = Some(error);
+                self.tokens.clear();
+                self.taken = None;
+                self.pending = None;
+                return;
+            }
+        };
+        if self.taken.as_ref() == Some(&text) && self.broken.is_none() {
+            self.pending = None;
+            return;
+        }
+        if self.pending.as_ref() == Some(&text) {
+            // Two reads agree: the file is whole.
+            tracing::info!(tokens = tokens.len(), "tokens file changed; reloaded");
+            self.tokens = tokens;
+            self.taken = Some(text);
+            self.pending = None;
+            self.broken = None;
+            return;
+        }
+        // A first sight of new content: refuse at once what it no longer holds, take what it
+        // adds once a second read agrees.
+        self.tokens.retain(|t| tokens.contains(t));
+        self.pending = Some(text);
+    }
+}
+
+/// The file's text, bounded.
+fn read_file(path: &PathBuf) -> Result<String, TokensError> {
+    use std::io::Read as _;
     let read = |source| TokensError::Read {
         path: path.clone(),
         source,
     };
-    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let text = std::fs::read_to_string(path).map_err(read)?;
+    let file = std::fs::File::open(path).map_err(read)?;
+    let mut text = String::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(TokensError::TooLarge { path: path.clone() });
+    }
+    Ok(text)
+}
+
+/// The tokens of a file's text: one a line, `#` starts a comment.
+fn parse(text: &str) -> Result<Vec<String>, TokensError> {
     let tokens: Vec<String> = text
         .lines()
         .map(str::trim)
@@ -140,7 +212,7 @@ fn read_file(path: &PathBuf) -> Result<(Option<SystemTime>, Vec<String>), Tokens
     if tokens.iter().any(|t| t.len() < MIN_TOKEN_LEN) {
         return Err(TokensError::TooShort);
     }
-    Ok((modified, tokens))
+    Ok(tokens)
 }
 
 /// Compares in time that depends on the lengths only, not on where the bytes differ.
@@ -168,24 +240,69 @@ mod tests {
         assert!(!Tokens::new(&[], None).unwrap().configured());
     }
 
+    /// Waits past the next check of the tokens file and asks again.
+    fn after_check(tokens: &Tokens, token: &str) -> bool {
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        let first = tokens.allows(Some(&format!("Bearer {token}")));
+        std::thread::sleep(SETTLE + Duration::from_millis(50));
+        let settled = tokens.allows(Some(&format!("Bearer {token}")));
+        assert!(!first || settled, "admitted before the file settled, refused after");
+        settled
+    }
+
     #[test]
     fn a_tokens_file_is_read_again_when_it_changes() {
         let path = std::env::temp_dir().join(format!("tokens-{}", uuid::Uuid::new_v4()));
         std::fs::write(&path, format!("# comment\n{T1}\n")).unwrap();
         let tokens = Tokens::new(&[], Some(path.clone())).unwrap();
         assert!(tokens.allows(Some(&format!("Bearer {T1}"))));
-        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        // Rewritten in place with the same length and, on coarse filesystems, the same
+        // modification time: the content decides, not the metadata.
+        std::fs::write(&path, format!("# comment\n{T2}\n")).unwrap();
+        assert!(after_check(&tokens, T2));
+        assert!(!tokens.allows(Some(&format!("Bearer {T1}"))));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_removed_token_is_refused_at_the_first_check_an_added_one_once_the_file_settles() {
+        let path = std::env::temp_dir().join(format!("tokens-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, format!("{T1}\n{T2}\n")).unwrap();
+        let tokens = Tokens::new(&[], Some(path.clone())).unwrap();
         std::fs::write(&path, format!("{T2}\n")).unwrap();
-        // Some filesystems keep one-second mtimes: make sure this one looks changed.
-        let later = SystemTime::now() + Duration::from_secs(2);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert!(!tokens.allows(Some(&format!("Bearer {T1}"))), "revoked at once");
+        assert!(tokens.allows(Some(&format!("Bearer {T2}"))));
+        // Half of a new token written: never taken as a token of its own.
+        std::fs::write(&path, format!("{T2}\n{}", &T1[..T1.len() - 1])).unwrap();
         assert!(tokens.allows(Some(&format!("Bearer {T2}"))));
         assert!(!tokens.allows(Some(&format!("Bearer {T1}"))));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_deleted_emptied_or_invalid_tokens_file_fails_closed() {
+        let path = std::env::temp_dir().join(format!("tokens-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&path, format!("{T1}\n")).unwrap();
+        let tokens = Tokens::new(&[T2.to_owned()], Some(path.clone())).unwrap();
+        assert!(tokens.allows(Some(&format!("Bearer {T1}"))));
+
+        std::fs::remove_file(&path).unwrap();
+        assert!(!after_check(&tokens, T1), "deleted: the file's tokens refused");
+        assert!(!tokens.allows(Some(&format!("Bearer {T2}"))), "and --tokens too");
+
+        std::fs::write(&path, format!("{T1}\n")).unwrap();
+        assert!(after_check(&tokens, T1), "restored: admitted again");
+
+        std::fs::write(&path, "").unwrap();
+        assert!(!after_check(&tokens, T1), "emptied");
+
+        std::fs::write(&path, format!("{T1}\nshort\n")).unwrap();
+        assert!(!after_check(&tokens, T1), "an invalid line");
+        assert!(!tokens.allows(Some(&format!("Bearer {T2}"))));
+
+        std::fs::write(&path, vec![b'a'; 2 * 1024 * 1024]).unwrap();
+        assert!(!after_check(&tokens, T1), "too large");
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -28,6 +28,8 @@
 
 pub mod auth;
 pub mod dashboard;
+pub mod host;
+pub mod http;
 pub mod openapi;
 
 use std::{collections::HashSet, net::SocketAddr, sync::Arc, time::Duration};
@@ -277,6 +279,12 @@ pub async fn start(
         );
         listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
+    // Without tokens, the loopback listener is the only guard: refuse names a page could
+    // have rebound to 127.0.0.1. With tokens, only when names are given.
+    let hosts = Arc::new(host::Allowed::new(
+        &settings.allowed_hosts,
+        !tokens.configured() || !settings.allowed_hosts.is_empty(),
+    ));
     let (listening_tx, listening) = tokio::sync::watch::channel(false);
     let dashboard = dashboard::Dashboard::new(
         &common.amqp_url,
@@ -331,14 +339,12 @@ pub async fn start(
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(middleware::from_fn_with_state(Arc::clone(&ingest), admit))
         .with_state(Arc::clone(&ingest))
-        .merge(dashboard::assets());
+        .merge(dashboard::assets())
+        .layer(middleware::from_fn_with_state(hosts, host::check));
+    let limits = settings.limits();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "the HTTP server stopped");
-        }
+        http::serve(listener, app, limits, shutdown).await;
+        tracing::info!("HTTP server stopped; closing the broker connections");
         // In order, once no request is in flight: the publishing link (channel.close, then
         // connection.close); the results listener (its channel closed, its connection back in
         // the pool, its queue left to expire); then every connection left in the pool, so
