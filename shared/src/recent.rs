@@ -90,8 +90,31 @@ impl<V: Clone> Recent<V> {
             && self.lock().by_id.contains_key(job_id)
     }
 
+    /// The value already stored for `job_id`, or, when there is none, stores `value` and
+    /// answers `None`: one step, so that of two callers racing for one id, one stores and the
+    /// other sees what it stored.
+    pub fn get_or_insert(&self, job_id: Uuid, value: V) -> Option<V> {
+        if self.capacity == 0 {
+            return None;
+        }
+        let mut window = self.lock();
+        if let Some(known) = window.by_id.get(&job_id) {
+            return Some(known.clone());
+        }
+        self.insert_locked(&mut window, job_id, value);
+        None
+    }
+
     /// Remembers `value` for `job_id`, forgetting the oldest beyond capacity.
     pub fn insert(&self, job_id: Uuid, value: V) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut window = self.lock();
+        self.insert_locked(&mut window, job_id, value);
+    }
+
+    fn insert_locked(&self, window: &mut Window<V>, job_id: Uuid, value: V) {
         if self.capacity == 0 {
             return;
         }
@@ -99,7 +122,6 @@ impl<V: Clone> Recent<V> {
         if weight > self.max_bytes {
             return;
         }
-        let mut window = self.lock();
         window.bytes += weight;
         match window.by_id.insert(job_id, value) {
             None => window.order.push_back(job_id),
@@ -162,6 +184,15 @@ mod tests {
         assert_ne!(key, repeat_key(id, "k", b"{ }"));
         assert_ne!(key, repeat_key(id, "other", b"{}"));
         assert_ne!(key, repeat_key(Uuid::new_v4(), "k", b"{}"));
+    }
+
+    #[test]
+    fn get_or_insert_keeps_the_first_value() {
+        let recent = Recent::new(2);
+        let id = Uuid::new_v4();
+        assert_eq!(recent.get_or_insert(id, 1), None);
+        assert_eq!(recent.get_or_insert(id, 2), Some(1));
+        assert_eq!(recent.get(&id), Some(1));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::{
     path::PathBuf,
     sync::Mutex,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 /// How often the tokens file is checked for changes, at most.
@@ -164,6 +164,8 @@ impl Loaded {
             }
         };
         if self.taken.as_ref() == Some(&text) && self.broken.is_none() {
+            // Unchanged, or back to what was taken before a change that did not settle.
+            self.tokens = tokens;
             self.pending = None;
             return;
         }
@@ -296,6 +298,14 @@ mod tests {
 
         std::fs::write(&path, "").unwrap();
         assert!(!after_check(&tokens, T1), "emptied");
+        // Emptied, then back before the empty file settled: admitted again.
+        std::fs::write(&path, format!("{T1}\n")).unwrap();
+        assert!(after_check(&tokens, T1), "restored");
+        std::fs::write(&path, "").unwrap();
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert!(!tokens.allows(Some(&format!("Bearer {T1}"))), "refused at once");
+        std::fs::write(&path, format!("{T1}\n")).unwrap();
+        assert!(after_check(&tokens, T1), "back to what was taken");
 
         std::fs::write(&path, format!("{T1}\nshort\n")).unwrap();
         assert!(!after_check(&tokens, T1), "an invalid line");

@@ -22,8 +22,9 @@
 //! Every route needs `Authorization: Bearer <token>` when tokens are configured ([`auth`]);
 //! without any, the server listens on 127.0.0.1 only. A client may send its own `id` (a UUID)
 //! so that a retried request does not create a second job: consumers answer a repeat of a
-//! completed job with its stored result. An id already accepted here for another kind or
-//! payload is refused (409), and consumers key repeats by id, kind and payload, so an id
+//! completed job with its stored result. An id already posted here for another kind or
+//! payload is refused (409), even while that post is still waiting for its confirm or after it
+//! failed (the job may have reached the broker), and consumers key repeats by id, kind and payload, so an id
 //! reused for another job never returns the other job's result.
 
 pub mod auth;
@@ -100,6 +101,11 @@ struct Ingest {
     results: Recent<Body>,
     /// Jobs accepted here, by id, with the key of what they asked for (kind and payload).
     accepted: Recent<Uuid>,
+    /// Ids posted here, confirmed or not, with the key of what they asked for: an id is
+    /// reserved before its job is published, so that of two concurrent posts of one id with
+    /// different jobs, one is published and the other refused (409). A post that failed (503)
+    /// keeps its reservation: the job may have reached the broker.
+    reserved: Recent<Uuid>,
     /// The last progress event ([`shared::schema::Progress`]) of the jobs that hopped, by id.
     hops: Recent<Body>,
     /// How many children of the fan-outs seen here have ended, by parent job id.
@@ -117,6 +123,8 @@ struct Ingest {
     dashboard: dashboard::Dashboard,
 }
 
+/// Bytes of hop progress events kept for `GET /jobs/{id}`, at most.
+const HOP_BYTES: usize = 64 * 1024 * 1024;
 /// Bytes of fan-out progress kept for `GET /jobs/{id}`, at most.
 const FAN_BYTES: usize = 64 * 1024 * 1024;
 
@@ -302,8 +310,9 @@ pub async fn start(
             b.len()
         }),
         accepted: Recent::new(settings.result_cache),
+        reserved: Recent::new(settings.result_cache),
         delayed: Recent::new(settings.result_cache),
-        hops: Recent::new(settings.result_cache),
+        hops: Recent::weighed(settings.result_cache, HOP_BYTES, |b| b.len()),
         fans: Recent::weighed(settings.result_cache, FAN_BYTES, |fan| {
             fan.lock().map_or(0, |f| f.seen.len() * 8 + 64)
         }),
@@ -621,8 +630,8 @@ impl Ingest {
         }
         let asked = repeat_key(job.id, &job.kind, job.payload.get().as_bytes());
         if self
-            .accepted
-            .get(&job.id)
+            .reserved
+            .get_or_insert(job.id, asked)
             .is_some_and(|earlier| earlier != asked)
         {
             return Err(Failure::new(

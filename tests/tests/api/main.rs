@@ -34,6 +34,7 @@ mod reconnect;
 mod repeats;
 mod retries;
 mod routing;
+mod serve_network;
 mod shutdown;
 mod tls;
 mod upgrades;

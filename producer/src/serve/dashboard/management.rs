@@ -203,9 +203,14 @@ impl Management {
             if let Some(ca) = &tls.ca_file {
                 let pem =
                     std::fs::read(ca).map_err(|e| format!("cacertfile {}: {e}", ca.display()))?;
-                for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                    .map_err(|e| format!("cacertfile {}: {e}", ca.display()))?
-                {
+                let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| format!("cacertfile {}: {e}", ca.display()))?;
+                if certs.is_empty() {
+                    return Err(format!("cacertfile {}: no certificate in it", ca.display()));
+                }
+                // The CA given is the only one trusted, as for AMQP: not added to the system's.
+                builder = builder.tls_built_in_root_certs(false);
+                for cert in certs {
                     builder = builder.add_root_certificate(cert);
                 }
             }
