@@ -24,7 +24,7 @@ set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "${LOCAL_IMAGES:-1}" = 1 ]; then
-  eval "$(scripts/local-images.sh)"
+  out="$(scripts/local-images.sh)"; eval "$out"
 fi
 export BURST="${BURST:-20000}"
 export RABBITMQ_UI_PORT="${RABBITMQ_UI_PORT:-15680}"

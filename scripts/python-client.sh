@@ -13,7 +13,7 @@ fi
 "$venv/bin/pip" install --quiet --disable-pip-version-check './clients/python[test,fastapi]'
 (
   cd clients/python
-  CONSUMER_BIN="$PWD/../../target/release/consumer" \
+  CONSUMER_BIN="$PWD/../../target/release/consumer" QW_REQUIRE_RABBITMQCTL=1 \
     "../../$venv/bin/python" -m pytest -q -p no:cacheprovider
 )
 echo "submit rate, 20,000 jobs, same broker, no consumer (fresh namespace each):"

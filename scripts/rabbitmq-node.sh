@@ -5,6 +5,7 @@
 # never reaches tests running in parallel on the shared broker.
 #
 #   eval "$(scripts/rabbitmq-node.sh)"     # exports ISOLATED_AMQP_URL and ISOLATED_RABBITMQ_NODE
+#   scripts/rabbitmq-node.sh stop          # stops it (its data stays, for the next start)
 #
 # Idempotent: does nothing if the node already runs. Needs root (or sudo), like the Debian
 # wrapper, which runs nodes as the `rabbitmq` user. NODE_NAME and NODE_PORT override the
@@ -19,6 +20,14 @@ base="/var/lib/rabbitmq-nodes/$name"
 log() { echo "rabbitmq-node: $*" >&2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+
+if [ "${1:-}" = stop ]; then
+  if as_root rabbitmqctl -q -n "$node" status >/dev/null 2>&1; then
+    log "stopping $node"
+    as_root timeout 60 rabbitmqctl -q -n "$node" stop >/dev/null 2>&1 || true
+  fi
+  exit 0
+fi
 
 if ! command -v rabbitmq-server >/dev/null 2>&1; then
   log "installing rabbitmq-server from Debian"

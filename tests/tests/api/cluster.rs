@@ -341,7 +341,7 @@ async fn assert_nothing_lost(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_work_leader_then_the_results_leader_loses_no_job() {
     let Some(cluster) = cluster() else {
-        println!("skipped: CLUSTER_AMQP_URL is not set (scripts/rabbitmq-cluster.sh)");
+        crate::helpers::skip("CLUSTER_AMQP_URL is not set (scripts/rabbitmq-cluster.sh)", "REQUIRE_CLUSTER");
         return;
     };
     // Arrange
@@ -391,7 +391,7 @@ async fn losing_the_work_leader_then_the_results_leader_loses_no_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_node_loses_no_job() {
     let Some(cluster) = cluster() else {
-        println!("skipped: CLUSTER_AMQP_URL is not set (scripts/rabbitmq-cluster.sh)");
+        crate::helpers::skip("CLUSTER_AMQP_URL is not set (scripts/rabbitmq-cluster.sh)", "REQUIRE_CLUSTER");
         return;
     };
     // Arrange

@@ -800,3 +800,15 @@ pub fn stage_names(result: &Value) -> Vec<&str> {
         .map(|s| s["name"].as_str().expect("a stage name"))
         .collect()
 }
+
+/// Says that a test cannot run here (its broker is not set up) and returns, so that the caller
+/// returns: the test prints "skipped". When `require` is set in the environment (CI sets
+/// `REQUIRE_TLS` and `REQUIRE_CLUSTER` in the phases that start those brokers), it fails
+/// instead: a broken setup can never pass as skipped.
+pub fn skip(why: &str, require: &str) {
+    assert!(
+        std::env::var_os(require).is_none(),
+        "{require} is set but this test cannot run: {why}"
+    );
+    println!("skipped: {why}");
+}

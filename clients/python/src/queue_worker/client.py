@@ -815,6 +815,10 @@ class Client:
                         # aiormq cancels the confirms it awaits when their channel closes.
                         lost = cancelled
                     except Exception as error:
+                        if self._closed:
+                            # Closed under it: aiormq fails what was in flight with whatever
+                            # the close carried (a bare Exception, seen under load).
+                            raise QueueWorkerError("the client was closed") from None
                         if not _connection_lost(error):
                             raise
                         lost = error
@@ -842,7 +846,11 @@ class Client:
             ) from None
         except QueueWorkerError:
             raise
-        except _BROKER_ERRORS as error:
+        except Exception as error:
+            # _BROKER_ERRORS, and anything else aio-pika or aiormq raise: never let their
+            # exceptions escape (the README promises only this package's).
+            if self._closed:
+                raise QueueWorkerError("the client was closed") from None
             raise BrokerError(
                 f"job {outgoing.id} (kind {outgoing.kind!r}, to {exchange!r}) failed: {_describe(error)}; it may not "
                 f"be stored (submitting it again with the same id is safe)"
