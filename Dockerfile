@@ -22,9 +22,13 @@ RUN for crate in shared producer consumer tests; do \
  && cargo build --release --locked -p producer -p consumer \
  && rm -rf shared producer consumer tests bench
 COPY . .
+# The image ships stripped binaries (about 12 MB each instead of about 75 MB with line
+# tables); the unstripped ones, for symbolizing a crash report, stay in this build stage
+# (`docker build --target build`, then /src/target/release/).
 RUN touch shared/src/lib.rs producer/src/lib.rs consumer/src/lib.rs \
  && cargo build --release --locked -p producer -p consumer \
- && cp target/release/producer target/release/consumer /usr/local/bin/
+ && cp target/release/producer target/release/consumer /usr/local/bin/ \
+ && strip /usr/local/bin/producer /usr/local/bin/consumer
 
 FROM ${RUNTIME_IMAGE}
 RUN useradd --system --no-create-home --shell /usr/sbin/nologin worker

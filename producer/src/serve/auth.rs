@@ -248,7 +248,10 @@ mod tests {
         let first = tokens.allows(Some(&format!("Bearer {token}")));
         std::thread::sleep(SETTLE + Duration::from_millis(50));
         let settled = tokens.allows(Some(&format!("Bearer {token}")));
-        assert!(!first || settled, "admitted before the file settled, refused after");
+        assert!(
+            !first || settled,
+            "admitted before the file settled, refused after"
+        );
         settled
     }
 
@@ -273,7 +276,10 @@ mod tests {
         let tokens = Tokens::new(&[], Some(path.clone())).unwrap();
         std::fs::write(&path, format!("{T2}\n")).unwrap();
         std::thread::sleep(RECHECK + Duration::from_millis(50));
-        assert!(!tokens.allows(Some(&format!("Bearer {T1}"))), "revoked at once");
+        assert!(
+            !tokens.allows(Some(&format!("Bearer {T1}"))),
+            "revoked at once"
+        );
         assert!(tokens.allows(Some(&format!("Bearer {T2}"))));
         // Half of a new token written: never taken as a token of its own.
         std::fs::write(&path, format!("{T2}\n{}", &T1[..T1.len() - 1])).unwrap();
@@ -290,8 +296,14 @@ mod tests {
         assert!(tokens.allows(Some(&format!("Bearer {T1}"))));
 
         std::fs::remove_file(&path).unwrap();
-        assert!(!after_check(&tokens, T1), "deleted: the file's tokens refused");
-        assert!(!tokens.allows(Some(&format!("Bearer {T2}"))), "and --tokens too");
+        assert!(
+            !after_check(&tokens, T1),
+            "deleted: the file's tokens refused"
+        );
+        assert!(
+            !tokens.allows(Some(&format!("Bearer {T2}"))),
+            "and --tokens too"
+        );
 
         std::fs::write(&path, format!("{T1}\n")).unwrap();
         assert!(after_check(&tokens, T1), "restored: admitted again");
@@ -303,7 +315,10 @@ mod tests {
         assert!(after_check(&tokens, T1), "restored");
         std::fs::write(&path, "").unwrap();
         std::thread::sleep(RECHECK + Duration::from_millis(50));
-        assert!(!tokens.allows(Some(&format!("Bearer {T1}"))), "refused at once");
+        assert!(
+            !tokens.allows(Some(&format!("Bearer {T1}"))),
+            "refused at once"
+        );
         std::fs::write(&path, format!("{T1}\n")).unwrap();
         assert!(after_check(&tokens, T1), "back to what was taken");
 

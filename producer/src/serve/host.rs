@@ -53,7 +53,7 @@ impl Allowed {
             return true;
         }
         let name = normalize(name);
-        name == "localhost" || self.names.iter().any(|n| *n == name)
+        name == "localhost" || self.names.contains(&name)
     }
 }
 

@@ -200,13 +200,7 @@ pub async fn serve(
 }
 
 /// Serves one connection under its deadlines.
-async fn connection(
-    shared: Arc<Shared>,
-    id: u64,
-    conn: Arc<Conn>,
-    stream: TcpStream,
-    app: Router,
-) {
+async fn connection(shared: Arc<Shared>, id: u64, conn: Arc<Conn>, stream: TcpStream, app: Router) {
     let io = TokioIo::new(Tracked {
         inner: stream,
         conn: Arc::clone(&conn),
@@ -293,12 +287,10 @@ impl Tracked {
         let now = self.shared.now_ms();
         self.conn.last.store(now, Ordering::Relaxed);
         if read && self.conn.in_flight.load(Ordering::Acquire) == 0 {
-            let _ = self.conn.head_since.compare_exchange(
-                0,
-                now,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
+            let _ =
+                self.conn
+                    .head_since
+                    .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 }

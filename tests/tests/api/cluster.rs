@@ -341,7 +341,10 @@ async fn assert_nothing_lost(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_work_leader_then_the_results_leader_loses_no_job() {
     let Some(cluster) = cluster() else {
-        crate::helpers::skip("CLUSTER_AMQP_URL is not set (scripts/rabbitmq-cluster.sh)", "REQUIRE_CLUSTER");
+        crate::helpers::skip(
+            "CLUSTER_AMQP_URL is not set (scripts/rabbitmq-cluster.sh)",
+            "REQUIRE_CLUSTER",
+        );
         return;
     };
     // Arrange
@@ -391,7 +394,10 @@ async fn losing_the_work_leader_then_the_results_leader_loses_no_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_of_every_node_loses_no_job() {
     let Some(cluster) = cluster() else {
-        crate::helpers::skip("CLUSTER_AMQP_URL is not set (scripts/rabbitmq-cluster.sh)", "REQUIRE_CLUSTER");
+        crate::helpers::skip(
+            "CLUSTER_AMQP_URL is not set (scripts/rabbitmq-cluster.sh)",
+            "REQUIRE_CLUSTER",
+        );
         return;
     };
     // Arrange

@@ -49,9 +49,7 @@ fn raw(addr: SocketAddr, request: &str) -> (u16, String) {
 
 fn post(host: &str, path: &str, token: Option<&str>, body: &Value) -> String {
     let body = body.to_string();
-    let auth = token.map_or(String::new(), |t| {
-        format!("Authorization: Bearer {t}\r\n")
-    });
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     format!(
         "POST {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -59,9 +57,7 @@ fn post(host: &str, path: &str, token: Option<&str>, body: &Value) -> String {
 }
 
 fn get(host: &str, path: &str, token: Option<&str>) -> String {
-    let auth = token.map_or(String::new(), |t| {
-        format!("Authorization: Bearer {t}\r\n")
-    });
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
 }
 
@@ -279,11 +275,20 @@ async fn without_tokens_a_host_a_page_could_have_rebound_is_refused() {
     let calls = tokio::task::spawn_blocking(move || {
         let j = |t: &str| job(t, Uuid::new_v4());
         [
-            raw(addr, &post(&format!("evil.example:{port}"), "/jobs", None, &j("a"))),
+            raw(
+                addr,
+                &post(&format!("evil.example:{port}"), "/jobs", None, &j("a")),
+            ),
             raw(addr, &get("evil.example", "/dashboard/data", None)),
             raw(addr, &get("evil.example", "/dashboard", None)),
-            raw(addr, &post(&format!("127.0.0.1:{port}"), "/jobs", None, &j("b"))),
-            raw(addr, &post(&format!("localhost:{port}"), "/jobs", None, &j("c"))),
+            raw(
+                addr,
+                &post(&format!("127.0.0.1:{port}"), "/jobs", None, &j("b")),
+            ),
+            raw(
+                addr,
+                &post(&format!("localhost:{port}"), "/jobs", None, &j("c")),
+            ),
             raw(addr, &post("JOBS.internal", "/jobs", None, &j("d"))),
         ]
     })
@@ -355,10 +360,18 @@ async fn two_concurrent_posts_of_one_id_with_different_jobs_publish_one() {
         .map(|_| {
             let id = Uuid::new_v4();
             let one = tokio::task::spawn_blocking(move || {
-                raw(addr, &post("127.0.0.1", "/jobs", Some(TOKEN), &job("one", id))).0
+                raw(
+                    addr,
+                    &post("127.0.0.1", "/jobs", Some(TOKEN), &job("one", id)),
+                )
+                .0
             });
             let two = tokio::task::spawn_blocking(move || {
-                raw(addr, &post("127.0.0.1", "/jobs", Some(TOKEN), &job("two", id))).0
+                raw(
+                    addr,
+                    &post("127.0.0.1", "/jobs", Some(TOKEN), &job("two", id)),
+                )
+                .0
             });
             (one, two)
         })

@@ -49,7 +49,10 @@ async fn app_over_tls(tls: &Tls) -> TestApp {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_run_end_to_end_over_amqps_with_the_ca_only_and_with_a_client_certificate() {
     let Some(tls) = tls() else {
-        crate::helpers::skip("TLS_AMQP_URL is not set (scripts/rabbitmq-tls.sh)", "REQUIRE_TLS");
+        crate::helpers::skip(
+            "TLS_AMQP_URL is not set (scripts/rabbitmq-tls.sh)",
+            "REQUIRE_TLS",
+        );
         return;
     };
     // Arrange: a consumer process over TLS with the CA only
@@ -82,7 +85,10 @@ async fn jobs_run_end_to_end_over_amqps_with_the_ca_only_and_with_a_client_certi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_ca_or_a_plaintext_port_fails_as_tls_and_says_why() {
     let Some(tls) = tls() else {
-        crate::helpers::skip("TLS_AMQP_URL is not set (scripts/rabbitmq-tls.sh)", "REQUIRE_TLS");
+        crate::helpers::skip(
+            "TLS_AMQP_URL is not set (scripts/rabbitmq-tls.sh)",
+            "REQUIRE_TLS",
+        );
         return;
     };
     // Arrange
@@ -132,7 +138,10 @@ async fn a_wrong_ca_or_a_plaintext_port_fails_as_tls_and_says_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_fetch_fetches_https_pages() {
     let Some(tls) = tls() else {
-        crate::helpers::skip("TLS_CERT_DIR is not set (scripts/rabbitmq-tls.sh)", "REQUIRE_TLS");
+        crate::helpers::skip(
+            "TLS_CERT_DIR is not set (scripts/rabbitmq-tls.sh)",
+            "REQUIRE_TLS",
+        );
         return;
     };
     // Arrange: an HTTPS server with the test CA's server certificate (localhost), and a
