@@ -13,7 +13,7 @@
 set -uo pipefail
 mode=exact
 if [ "${1:-}" = "--prefix" ]; then mode=prefix; shift; fi
-namespace="${1:?usage: scripts/delete-namespace.sh [--prefix] NAMESPACE}"
+namespace="${1:-}"
 if [ -z "$namespace" ] || { [ "$mode" = exact ] && [ "$namespace" = . ]; }; then
   echo "delete-namespace: refusing an empty namespace" >&2; exit 0
 fi
@@ -23,7 +23,8 @@ import base64, json, os, sys, urllib.parse, urllib.request
 url = urllib.parse.urlsplit(os.environ.get("RABBITMQ_MANAGEMENT_URL") or "http://guest:guest@127.0.0.1:15672")
 user = urllib.parse.unquote(url.username or "guest")
 password = urllib.parse.unquote(url.password or "guest")
-base = f"{url.scheme}://{url.hostname}:{url.port or (15671 if url.scheme == 'https' else 15672)}"
+host = f"[{url.hostname}]" if url.hostname and ":" in url.hostname else url.hostname
+base = f"{url.scheme}://{host}:{url.port or (15671 if url.scheme == 'https' else 15672)}{url.path.rstrip('/')}"
 vhost = urllib.parse.quote(os.environ.get("RABBITMQ_VHOST", "/"), safe="")
 prefix = os.environ["NAMESPACE"] + ("." if os.environ["MODE"] == "exact" else "")
 auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -46,6 +47,8 @@ for kind in ("queues", "exchanges"):
             except urllib.error.HTTPError as e:
                 if e.code != 404:
                     print(f"delete-namespace: {name}: {e}", file=sys.stderr)
+            except Exception as e:  # a timeout or a lost connection: go on with the others
+                print(f"delete-namespace: {name}: {e}", file=sys.stderr)
 print(f"delete-namespace: {prefix}*: {deleted['queues']} queues and {deleted['exchanges']} exchanges deleted", file=sys.stderr)
 PY
 exit 0

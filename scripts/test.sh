@@ -26,12 +26,14 @@ fi
 started_nodes=()
 cleanup() {
   # Whatever a test failed to delete: report it and delete it (the Debian broker on this host).
-  if [ -n "${AMQP_URL:-}" ] && [ "${KEEP_TEST_QUEUES:-0}" != 1 ]; then
-    scripts/delete-namespace.sh --prefix test- || true
-  fi
+  # Only for a broker on this host (the management API on 127.0.0.1:15672).
+  case "${AMQP_URL:-}" in
+    *@127.0.0.1:*|*@localhost:*|*://127.0.0.1:*|*://localhost:*)
+      if [ "${KEEP_TEST_QUEUES:-0}" != 1 ]; then scripts/delete-namespace.sh --prefix test- || true; fi ;;
+  esac
   for node in "${started_nodes[@]}"; do "$node" stop >&2 || true; done
   if [ "${remove_containers:-0}" = 1 ]; then
-    docker ps -aq --filter label=queue-worker.tests=1 | xargs -r docker rm -f >/dev/null
+    docker ps -aq --filter label=queue-worker.tests=1 | xargs -r docker rm -f >/dev/null 2>&1 || true
   fi
 }
 trap cleanup EXIT
@@ -39,13 +41,17 @@ trap cleanup EXIT
 # with a broker in AMQP_URL, start one on this host; testcontainers starts its own.
 # A script that fails to start its node fails the run (never an empty eval that passes).
 if [ -n "${AMQP_URL:-}" ] && [ -z "${ISOLATED_AMQP_URL:-}" ]; then
-  out="$(scripts/rabbitmq-node.sh)"; eval "$out"; started_nodes+=(scripts/rabbitmq-node.sh)
+  running=false; (exec 3<>/dev/tcp/127.0.0.1/5682) 2>/dev/null && running=true
+  out="$(scripts/rabbitmq-node.sh)"; eval "$out"
+  if [ "$running" = false ]; then started_nodes+=(scripts/rabbitmq-node.sh); fi
 fi
 # The TLS tests (tests/tests/api/tls.rs) need a node with a TLS listener and a CA made for it:
 # with a broker in AMQP_URL, start one on this host (scripts/rabbitmq-tls.sh). The cluster
 # tests need scripts/rabbitmq-cluster.sh's cluster in CLUSTER_AMQP_URL (CI runs them alone).
 if [ -n "${AMQP_URL:-}" ] && [ -z "${TLS_AMQP_URL:-}" ]; then
-  out="$(scripts/rabbitmq-tls.sh)"; eval "$out"; started_nodes+=(scripts/rabbitmq-tls.sh)
+  running=false; (exec 3<>/dev/tcp/127.0.0.1/5691) 2>/dev/null && running=true
+  out="$(scripts/rabbitmq-tls.sh)"; eval "$out"
+  if [ "$running" = false ]; then started_nodes+=(scripts/rabbitmq-tls.sh); fi
 fi
 # With a TLS node, the TLS tests must run: one that cannot fails instead of printing "skipped".
 if [ -n "${TLS_AMQP_URL:-}" ]; then export REQUIRE_TLS=1; fi

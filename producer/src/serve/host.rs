@@ -1,7 +1,7 @@
 //! The `Host` check of `producer serve`, against DNS rebinding: a web page whose name an
 //! attacker rebinds to 127.0.0.1 reaches a loopback server from the victim's browser, but its
 //! requests still carry the attacker's name in `Host`. Without tokens (the server then listens
-//! on loopback only), every request must name `localhost`, an IP address, or a name given by
+//! on loopback only), every request must name `localhost` (or `*.localhost`), an IP address, or a name given by
 //! `--allowed-hosts`; anything else gets 403 before any route runs.
 
 use std::sync::Arc;
@@ -53,7 +53,8 @@ impl Allowed {
             return true;
         }
         let name = normalize(name);
-        name == "localhost" || self.names.contains(&name)
+        // `*.localhost` is loopback in every browser (RFC 6761): no page can rebind it.
+        name == "localhost" || name.ends_with(".localhost") || self.names.contains(&name)
     }
 }
 
@@ -99,6 +100,7 @@ mod tests {
             "localhost",
             "localhost:8080",
             "LOCALHOST.",
+            "app.localhost:3000",
             "127.0.0.1:8080",
             "10.1.2.3",
             "[::1]:8080",
@@ -111,6 +113,7 @@ mod tests {
             "evil.example",
             "evil.example:8080",
             "localhost.evil.example",
+            "evil-localhost",
             "127.0.0.1.nip.io",
             "[not-an-address]",
             "",

@@ -9,8 +9,8 @@
 //! - **How many**: at most `--max-connections` are open. One more closes the quietest
 //!   connection that has no request in flight, so that a client holding sockets cannot lock
 //!   real clients out; if every connection has a request in flight, the new one is closed.
-//! - **Shutdown**: no new connection is accepted; connections with no request in flight close
-//!   at once, requests in flight are answered (each is bounded by `--request-timeout`), and
+//! - **Shutdown**: no new connection is accepted; idle connections close at once, half-sent
+//!   heads within a second, requests in flight are answered (their bodies written out) (each is bounded by `--request-timeout`), and
 //!   after `--shutdown-timeout` every connection left is dropped whatever its client does.
 //!
 //! Request bodies are bounded in time by `--request-timeout` (the `admit` middleware).
@@ -20,7 +20,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant},
@@ -36,6 +36,12 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+
+/// Largest request head read (hyper's read buffer); a larger one gets 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// How long a connection asked to close may still take to write out what it has, once no
+/// request is in flight: a half-sent head is dropped after it.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The deadlines and bounds of the connections.
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +68,9 @@ struct Conn {
     in_flight: AtomicUsize,
     /// Fired to close the connection (shutdown, or evicted for a new one).
     close: CancellationToken,
+    /// Set when it is closed for a new connection: dropped at once (it has no request in
+    /// flight), so that the bound holds.
+    evicted: AtomicBool,
 }
 
 /// What the server shares with every connection.
@@ -85,16 +94,27 @@ impl Shared {
 
     /// Makes room for one more connection: `false` if every one has a request in flight.
     fn make_room(&self) -> bool {
-        let open = self.open();
-        if open.len() < self.limits.max_connections {
+        if self.open().len() < self.limits.max_connections {
             return true;
         }
+        self.evict_one()
+    }
+
+    /// Closes the quietest connection with no request in flight: `false` if there is none.
+    fn evict_one(&self) -> bool {
+        let open = self.open();
+        // Heads still arriving go first, the oldest first (a trickle of bytes cannot make
+        // its head younger), then idle keep-alive connections, the longest silent first.
         let quietest = open
             .values()
             .filter(|c| c.in_flight.load(Ordering::Acquire) == 0 && !c.close.is_cancelled())
-            .min_by_key(|c| c.last.load(Ordering::Relaxed));
+            .min_by_key(|c| match c.head_since.load(Ordering::Acquire) {
+                0 => (1, c.last.load(Ordering::Relaxed)),
+                since => (0, since),
+            });
         match quietest {
             Some(conn) => {
+                conn.evicted.store(true, Ordering::Release);
                 conn.close.cancel();
                 true
             }
@@ -111,6 +131,7 @@ pub async fn serve(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
+    let limits = fit_to_open_files(limits);
     let shared = Arc::new(Shared {
         epoch: Instant::now(),
         limits,
@@ -120,6 +141,7 @@ pub async fn serve(
     let mut next_id = 0u64;
     let mut refused = 0u64;
     let mut last_warning: Option<Instant> = None;
+    let mut last_accept_error: Option<Instant> = None;
     loop {
         while tasks.try_join_next().is_some() {}
         let accepted = tokio::select! {
@@ -129,8 +151,14 @@ pub async fn serve(
         let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(error) => {
-                // Out of file descriptors, mostly: wait a little rather than spin.
-                tracing::warn!(%error, "cannot accept a connection");
+                // Out of file descriptors, mostly: wait a little rather than spin, and free
+                // one by closing the quietest idle connection.
+                if last_accept_error.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
+                {
+                    last_accept_error = Some(Instant::now());
+                    tracing::warn!(%error, open = shared.open().len(), "cannot accept a connection");
+                }
+                shared.evict_one();
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -138,6 +166,14 @@ pub async fn serve(
         if !shared.make_room() {
             refused += 1;
             drop(stream);
+            if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                last_warning = Some(Instant::now());
+                tracing::warn!(
+                    max = limits.max_connections,
+                    refused,
+                    "at --max-connections with a request in flight on every one: new connections are closed"
+                );
+            }
             continue;
         }
         if shared.open().len() >= limits.max_connections
@@ -160,6 +196,7 @@ pub async fn serve(
             head_since: AtomicU64::new(now),
             in_flight: AtomicUsize::new(0),
             close: shutdown.child_token(),
+            evicted: AtomicBool::new(false),
         });
         shared.open().insert(next_id, Arc::clone(&conn));
         tasks.spawn(connection(
@@ -196,7 +233,37 @@ pub async fn serve(
             "--shutdown-timeout passed: dropping the connections left"
         );
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
     }
+}
+
+/// File descriptors kept for everything but client connections (the broker, the management
+/// API, metrics scrapes, the tokens file).
+const RESERVED_FILES: usize = 256;
+
+/// `limits` with `max_connections` lowered to what the process's open-files limit allows:
+/// beyond it, `accept` fails before the bound is reached and the quietest connection is never
+/// closed for a new one.
+fn fit_to_open_files(mut limits: Limits) -> Limits {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        });
+    if let Some(soft) = soft {
+        let fits = soft.saturating_sub(RESERVED_FILES).max(16);
+        if limits.max_connections > fits {
+            tracing::warn!(
+                asked = limits.max_connections,
+                open_files = soft,
+                using = fits,
+                "--max-connections is over the open-files limit (ulimit -n): lowered"
+            );
+            limits.max_connections = fits;
+        }
+    }
+    limits
 }
 
 /// Serves one connection under its deadlines.
@@ -213,13 +280,26 @@ async fn connection(shared: Arc<Shared>, id: u64, conn: Arc<Conn>, stream: TcpSt
             let app = app.clone();
             async move {
                 let response = app.oneshot(request.map(axum::body::Body::new)).await;
-                drop(busy);
-                response
+                // Busy until the body is written out: hyper drops it after its last frame.
+                response.map(|response| {
+                    response.map(|body| {
+                        axum::body::Body::new(http_body_util::BodyExt::map_frame(
+                            body,
+                            move |frame| {
+                                let _ = &busy;
+                                frame
+                            },
+                        ))
+                    })
+                })
             }
         })
     };
     let served = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        // A head of 64 KiB at most (hyper's default is about 400 KiB): bounds what 4,096
+        // half-sent heads can hold to 256 MiB.
+        .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(io, service);
     tokio::pin!(served);
     let limits = shared.limits;
@@ -227,21 +307,34 @@ async fn connection(shared: Arc<Shared>, id: u64, conn: Arc<Conn>, stream: TcpSt
         .clamp(Duration::from_millis(100), Duration::from_secs(1));
     let header_ms = u64::try_from(limits.header_timeout.as_millis()).unwrap_or(u64::MAX);
     let idle_ms = u64::try_from(limits.idle_timeout.as_millis()).unwrap_or(u64::MAX);
-    let mut closing = false;
+    let _leave = Leave {
+        shared: Arc::clone(&shared),
+        id,
+    };
+    let mut closing: Option<Instant> = None;
     loop {
         tokio::select! {
+            // The connection first: a request already read is answered, not dropped.
+            biased;
             _ = served.as_mut() => break,
-            () = conn.close.cancelled(), if !closing => {
-                if conn.in_flight.load(Ordering::Acquire) == 0 {
+            () = conn.close.cancelled(), if closing.is_none() => {
+                if conn.evicted.load(Ordering::Acquire)
+                    && conn.in_flight.load(Ordering::Acquire) == 0
+                {
                     break;
                 }
-                // Answer the request in flight, then close (the server's deadline bounds it).
+                // Answer the request in flight, then close; hyper closes an idle connection
+                // at once. The server's --shutdown-timeout bounds the rest.
                 served.as_mut().graceful_shutdown();
-                closing = true;
+                closing = Some(Instant::now());
             }
             () = tokio::time::sleep(tick) => {
                 if conn.in_flight.load(Ordering::Acquire) > 0 {
                     continue;
+                }
+                if closing.is_some_and(|since| since.elapsed() >= CLOSE_GRACE) {
+                    // Nothing in flight and still open: a head that never ends.
+                    break;
                 }
                 let now = shared.now_ms();
                 let head = conn.head_since.load(Ordering::Acquire);
@@ -255,7 +348,18 @@ async fn connection(shared: Arc<Shared>, id: u64, conn: Arc<Conn>, stream: TcpSt
             }
         }
     }
-    shared.open().remove(&id);
+}
+
+/// Takes a connection off the open list when its task ends, however it ends.
+struct Leave {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.shared.open().remove(&self.id);
+    }
 }
 
 /// A request being handled on a connection, from its head's end to its answer.

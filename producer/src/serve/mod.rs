@@ -629,10 +629,14 @@ impl Ingest {
             job.id = id;
         }
         let asked = repeat_key(job.id, &job.kind, job.payload.get().as_bytes());
+        let differs = |earlier: Uuid| earlier != asked;
+        // `accepted` too: it may remember a confirmed id that `reserved` (which every post
+        // fills, failed ones included) has already forgotten.
         if self
             .reserved
             .get_or_insert(job.id, asked)
-            .is_some_and(|earlier| earlier != asked)
+            .is_some_and(differs)
+            || self.accepted.get(&job.id).is_some_and(differs)
         {
             return Err(Failure::new(
                 StatusCode::CONFLICT,

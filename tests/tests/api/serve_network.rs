@@ -116,14 +116,15 @@ fn free_port() -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_half_sent_heads_hold_neither_real_requests_nor_shutdown() {
-    // Arrange: the real binary, its header deadline far beyond the test (so that only the
-    // shutdown deadline can end those connections), 2,000 sockets that each send half a head.
+    // Arrange: the real binary, its header and idle deadlines far beyond the test (so that
+    // only shutdown ends those connections), 2,000 sockets that each send half a head.
     let app = TestApp::new().await;
     let url = broker_url().await;
     let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut child = producer_command(&app, &url)
         .args(["serve", "--listen", &addr.to_string(), "--tokens", TOKEN])
-        .args(["--header-timeout", "600", "--shutdown-timeout", "5"])
+        .args(["--header-timeout", "600", "--idle-timeout", "600"])
+        .args(["--shutdown-timeout", "5"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -194,18 +195,19 @@ async fn serve_in_process(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_head_is_cut_at_its_deadline_and_sockets_beyond_the_bound_close_the_quietest() {
-    // Arrange: 50 connections at most, heads within 2 s.
+async fn sockets_beyond_the_bound_close_the_quietest_and_a_slow_head_is_cut_at_its_deadline() {
+    // Arrange: 50 connections at most; deadlines far beyond the test, so that only the bound
+    // can close the half heads.
     let app = TestApp::new().await;
     let (addr, shutdown) = serve_in_process(&app, |s| {
         s.max_connections = 50;
-        s.header_timeout = 2.0;
+        s.header_timeout = 600.0;
+        s.idle_timeout = 600.0;
     })
     .await;
     wait_ready(addr, Some(TOKEN)).await;
 
     // Act: 200 half heads (four times the bound), then real requests.
-    let started = Instant::now();
     let sockets = tokio::task::spawn_blocking(move || half_heads(addr, 200))
         .await
         .unwrap();
@@ -224,36 +226,54 @@ async fn a_slow_head_is_cut_at_its_deadline_and_sockets_beyond_the_bound_close_t
     })
     .await
     .unwrap();
-    let held_after_bound = tokio::task::spawn_blocking({
-        let probe: Vec<TcpStream> = sockets.iter().map(|s| s.try_clone().unwrap()).collect();
-        move || still_open(&probe)
+    let held = within("the evicted sockets to be closed", async {
+        loop {
+            let probe: Vec<TcpStream> = sockets.iter().map(|s| s.try_clone().unwrap()).collect();
+            let open = tokio::task::spawn_blocking(move || still_open(&probe))
+                .await
+                .unwrap();
+            if open <= 50 {
+                return open;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
-    .await
-    .unwrap();
-    // Every half head is cut once its deadline passed: wait for the state, not a time.
-    let cut = within("every half head to be cut", async {
+    .await;
+
+    // Assert: real requests answered beyond the bound, which held (the real requests took
+    // up to 10 places).
+    assert_eq!(answered, 10, "real requests answered beyond the bound");
+    assert!((35..=50).contains(&held), "half heads held: {held}");
+    shutdown.cancel();
+
+    // Arrange: heads within 2 s.
+    let (addr, shutdown) = serve_in_process(&app, |s| s.header_timeout = 2.0).await;
+    wait_ready(addr, Some(TOKEN)).await;
+
+    // Act: 50 half heads; each is cut once its deadline passed (await the state, not a time).
+    let sockets = tokio::task::spawn_blocking(move || half_heads(addr, 50))
+        .await
+        .unwrap();
+    let connected = Instant::now();
+    within("every half head to be cut", async {
         loop {
             let probe: Vec<TcpStream> = sockets.iter().map(|s| s.try_clone().unwrap()).collect();
             let open = tokio::task::spawn_blocking(move || still_open(&probe))
                 .await
                 .unwrap();
             if open == 0 {
-                return started.elapsed();
+                return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
     .await;
 
-    // Assert
-    assert_eq!(answered, 10, "real requests answered beyond the bound");
+    // Assert: cut (the deadline, plus the watchdog's tick, plus a loaded machine's delays).
     assert!(
-        held_after_bound <= 50,
-        "no more than --max-connections held: {held_after_bound}"
-    );
-    assert!(
-        cut >= Duration::from_secs(2),
-        "not before the deadline: {cut:?}"
+        connected.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        connected.elapsed()
     );
     shutdown.cancel();
     app.teardown().await;
