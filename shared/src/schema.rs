@@ -203,6 +203,11 @@ pub struct Manifest {
     /// as a failure.
     #[serde(with = "time::serde::rfc3339")]
     pub deadline: OffsetDateTime,
+    /// The parent job itself (its JSON), so that a join that fails for good dead-letters the
+    /// parent rather than the check: a replay of it runs the whole fan-out again. Absent in
+    /// manifests written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Box<RawValue>>,
 }
 
 /// Where a hopped job comes from: what its final result must carry.

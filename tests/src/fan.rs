@@ -2,6 +2,9 @@
 //! binary: `test.fan.parent` (payload: n) spawns n `test.fan.square` children (payload: i,
 //! output: i², failing for good when i is 17 and n is 18; child i sleeps i × 100 ms when n
 //! is 30, and every child 400 ms when n is 31) and joins them into `{"sum": Σ i², "failed": [indices], "n": n, "in_order": ...}`.
+//! The join of 19 children fails for good while [`FAIL_JOIN_OF_19`] is set.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use consumer::{
     Registry,
@@ -10,6 +13,9 @@ use consumer::{
 };
 use serde::{Deserialize, Serialize};
 use shared::workflow::Kind;
+
+/// While set (the default), the join of a parent of 19 children fails for good.
+pub static FAIL_JOIN_OF_19: AtomicBool = AtomicBool::new(true);
 
 /// `test.fan.square`: i in, i² out.
 pub struct SquareKind;
@@ -91,6 +97,11 @@ impl Stage for Sum {
     }
     async fn run(&self, children: Children<u64>) -> Result<Joined, StageError> {
         let n = children.len();
+        if n == 19 && FAIL_JOIN_OF_19.load(Ordering::Acquire) {
+            return Err(StageError::permanent(
+                "the join of 19 fails (FAIL_JOIN_OF_19)",
+            ));
+        }
         let mut joined = Joined {
             sum: 0,
             failed: Vec::new(),

@@ -116,6 +116,9 @@ pub enum Outcome {
     /// A permanent failure: publish the dead letter and, when the job id is known, a
     /// `failed` result.
     Dead {
+        /// The dead letter's body when it is not the delivery's (a failed join dead-letters
+        /// its parent job, not the check).
+        letter: Option<Arc<[u8]>>,
         /// Goes into `x-error`.
         reason: Reason,
         /// Goes into `x-failed-stage`.
@@ -166,10 +169,10 @@ impl Outcome {
             | Self::Delayed { .. }
             | Self::Deferred { .. }
             | Self::Unserved { .. } => delivery.data.len(),
-            Self::Dead { result, .. } => result
+            Self::Dead { result, letter, .. } => result
                 .as_ref()
                 .map_or(0, |r| r.body.len())
-                .max(delivery.data.len()),
+                .max(letter.as_ref().map_or(delivery.data.len(), |l| l.len())),
         }
     }
 }
@@ -439,12 +442,13 @@ impl Settler {
                 self.publish_retry(delivery, kind, ours, &[], *delay)
             }
             Outcome::Dead {
+                letter,
                 reason,
                 stage,
                 attempts,
                 result,
             } => {
-                let dead = self.publish_dead(delivery, reason, stage, *attempts);
+                let dead = self.publish_dead(delivery, letter.as_ref(), reason, stage, *attempts);
                 match result {
                     Some(result) => {
                         let result = self.publish_result(result);
@@ -729,6 +733,7 @@ impl Settler {
     fn publish_dead(
         self: &Arc<Self>,
         delivery: &Delivery,
+        letter: Option<&Arc<[u8]>>,
         reason: &Reason,
         stage: &str,
         attempts: u32,
@@ -763,7 +768,7 @@ impl Settler {
         self.send(
             &self.names.dead_exchange,
             delivery.routing_key.clone(),
-            delivery.data.clone(),
+            letter.map_or_else(|| delivery.data.clone(), |l| l.to_vec()),
             properties,
             mandatory(),
         )

@@ -284,6 +284,7 @@ impl Worker {
                         lineage.hops,
                     );
                     Outcome::Dead {
+                        letter: None,
                         result: Some(failed),
                         reason,
                         stage: ENCODE_STAGE.to_owned(),
@@ -422,6 +423,7 @@ impl Worker {
             stages,
             n,
             deadline,
+            parent: serde_json::value::to_raw_value(job).ok(),
         };
         let mut children = Vec::with_capacity(payloads.len());
         for (index, payload) in (0..n).zip(payloads) {
@@ -616,7 +618,15 @@ impl Worker {
             Some(hop) => (hop.origin_kind.clone(), hop.count),
             None => (manifest.kind.clone(), 0),
         };
+        // A join that fails for good dead-letters the parent (from the manifest), not this
+        // check: the children's outcomes are drained and gone, and a replayed check would find
+        // no mailbox. The replayed parent runs the whole fan-out again.
+        let letter: Option<Arc<[u8]>> = manifest
+            .parent
+            .as_ref()
+            .map(|parent| Arc::from(parent.get().as_bytes()));
         let failed = |reason: Reason, stage: &str, stages: Vec<StageTiming>| Outcome::Dead {
+            letter: letter.clone(),
             result: Some(result(
                 manifest.job_id,
                 kind.clone(),
@@ -725,6 +735,7 @@ impl Worker {
             )
         });
         Outcome::Dead {
+            letter: None,
             reason,
             stage: ENVELOPE_STAGE.to_owned(),
             attempts: attempt,
@@ -762,6 +773,7 @@ fn dead_with_result(
         hops,
     );
     Outcome::Dead {
+        letter: None,
         result: Some(failed),
         reason,
         stage: stage.to_owned(),
@@ -857,6 +869,7 @@ impl Lineage {
         stages: Vec<StageTiming>,
     ) -> Outcome {
         Outcome::Dead {
+            letter: None,
             result: Some(result(
                 job.id,
                 self.kind(job),

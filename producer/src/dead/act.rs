@@ -141,6 +141,14 @@ pub async fn run(
                 tally.purged += 1;
                 let _ = report::acted(out, &letter, "purged", None, json);
             }
+            Act::Replay { .. } if letter.fanin_check => {
+                // Replayed, the check would find no mailbox and end: the letter would be gone
+                // with no result. Even with --force.
+                scan.keep(&delivery).await?;
+                tally.kept += 1;
+                let why = "a fan-in check whose join failed: the children's outcomes it joined are gone, so it cannot run again; submit the parent job again (same id), or purge it";
+                let _ = report::acted(out, &letter, "kept", Some(why), json);
+            }
             Act::Replay { force } if !letter.is_job && !force => {
                 scan.keep(&delivery).await?;
                 tally.kept += 1;

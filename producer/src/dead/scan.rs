@@ -139,6 +139,10 @@ pub struct Letter {
     pub bytes: usize,
     /// Whether the body reads as a job (an object with a valid `id` and `kind`).
     pub is_job: bool,
+    /// Whether it is a fan-in check (a job with `fanin`): what a consumer before the parent
+    /// was kept in the manifest dead-lettered when a join failed for good. It cannot be
+    /// replayed: the children's outcomes it would join are gone.
+    pub fanin_check: bool,
     /// The routing key it died with.
     pub routing_key: String,
 }
@@ -151,6 +155,9 @@ struct JobFields {
     /// Read leniently: a malformed time does not make the letter junk.
     #[serde(default)]
     created_at: Option<String>,
+    /// Present (not null) on a fan-in check.
+    #[serde(default)]
+    fanin: Option<serde::de::IgnoredAny>,
 }
 
 impl Letter {
@@ -188,6 +195,7 @@ impl Letter {
             dead_at,
             bytes: delivery.data.len(),
             is_job: job.is_some(),
+            fanin_check: job.as_ref().is_some_and(|j| j.fanin.is_some()),
             routing_key: bounded(delivery.routing_key.as_str().to_owned()),
         }
     }

@@ -312,3 +312,88 @@ async fn dead_letters_looked_at_many_times_are_never_dropped() {
         assert_eq!(listed.len(), 2, "look {look}: {out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_join_dead_letters_its_parent_which_a_replay_runs_to_a_result() {
+    // Arrange: a parent of 19 children whose join fails for good
+    let app = TestApp::new().await;
+    let consumer = app.spawn_consumer(
+        app.consumer_settings(),
+        tests::fan::register(Registry::new()),
+    );
+    let parent = app.publish_job("test.fan.parent", json!(19)).await;
+    let failed = app.results(1).await[0].json();
+    assert_eq!(failed["job_id"], parent.to_string(), "{failed}");
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let dead_queue = app.topology.names.dead_queue.clone();
+    within("the dead letter", async {
+        while app.depth(&dead_queue).await < 1 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+
+    // Act: the letter is the parent with its payload; replayed once the join would succeed
+    let (ok, out, err) = dead(&app, &["list", "--json"]).await;
+    assert!(ok, "{err}");
+    let listed = lines(&out);
+    assert_eq!(listed.len(), 1, "{out}");
+    assert_eq!(listed[0]["job_id"], parent.to_string(), "{out}");
+    assert_eq!(
+        listed[0]["fanin_check"], false,
+        "the parent, not the check: {out}"
+    );
+    let (_, shown, _) = dead(&app, &["show", &parent.to_string(), "--json"]).await;
+    assert_eq!(lines(&shown)[0]["body"]["payload"], 19, "{shown}");
+    tests::fan::FAIL_JOIN_OF_19.store(false, std::sync::atomic::Ordering::Release);
+    let (ok, out, err) = dead(&app, &["replay", "--all", "--json"]).await;
+    tests::fan::FAIL_JOIN_OF_19.store(true, std::sync::atomic::Ordering::Release);
+
+    // Assert: a real result, and nothing dead
+    assert!(ok, "{err}");
+    assert_eq!(lines(&out)[0]["outcome"], "replayed", "{out}");
+    let joined = app.results(1).await[0].json();
+    assert_eq!(joined["job_id"], parent.to_string(), "{joined}");
+    assert_eq!(joined["status"], "ok", "{joined}");
+    assert_eq!(
+        joined["output"]["sum"],
+        (0..19u64).map(|i| i * i).sum::<u64>()
+    );
+    assert_eq!(app.depth(&dead_queue).await, 0);
+    consumer.stop().await.unwrap();
+    app.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_fan_in_check_is_never_replayed_into_nothing() {
+    // Arrange: a check, as consumers dead-lettered a failed join before the manifest kept
+    // the parent (payload null)
+    let app = TestApp::new().await;
+    let id = Uuid::new_v4();
+    let check = json!({
+        "schema_version": 3, "id": id, "kind": "test.fan.parent",
+        "created_at": "2026-12-01T00:00:00Z", "payload": null,
+        "fanin": {"id": format!("{id}.0"), "trigger": false, "round": 3, "n": 4,
+                  "deadline": "2026-12-02T00:00:00Z"},
+    });
+    bury(
+        &app,
+        check.to_string().as_bytes(),
+        Some(id),
+        "sum",
+        "the join failed",
+        0,
+    )
+    .await;
+
+    // Act: even with --force
+    let (ok, out, err) = dead(&app, &["replay", "--all", "--force", "--json"]).await;
+
+    // Assert: kept, saying why
+    assert!(ok, "{err}");
+    let outcome = &lines(&out)[0];
+    assert_eq!(outcome["outcome"], "kept", "{out}");
+    assert!(outcome.to_string().contains("fan-in check"), "{outcome}");
+    assert_eq!(app.depth(&app.topology.names.dead_queue).await, 1);
+    app.teardown().await;
+}
