@@ -246,7 +246,10 @@ impl Worker {
                 self.hop(&job, &lineage, kind, payload, stages, attempt)
             }
             Ok(Finished::FanOut { kind, payloads }) => {
-                self.spawn(&job, &lineage, kind, payloads, stages, attempt)
+                // The parent as it arrived (hop state, unknown fields and all), for the dead
+                // letter of a join that fails for good.
+                let parent = serde_json::from_slice::<Box<RawValue>>(&delivery.data).ok();
+                self.spawn(&job, &lineage, kind, payloads, stages, attempt, parent)
             }
             Ok(Finished::Output(output)) if job.fanout.is_some() => {
                 let child = job
@@ -390,6 +393,7 @@ impl Worker {
 
     /// The outcome of a chain that fanned out: the mailbox, manifest, children and first check
     /// to publish, or a failure when the fan-out is empty, too wide or too large.
+    #[allow(clippy::too_many_arguments)] // each is one fact of the fan-out; a struct would only rename them
     fn spawn(
         &self,
         job: &envelope::OpenedJob<'_>,
@@ -398,6 +402,7 @@ impl Worker {
         payloads: Vec<Box<RawValue>>,
         stages: Vec<StageTiming>,
         attempt: u32,
+        parent: Option<Box<RawValue>>,
     ) -> Outcome {
         let n = u32::try_from(payloads.len()).unwrap_or(u32::MAX);
         if n == 0 || n > MAX_CHILDREN {
@@ -423,7 +428,7 @@ impl Worker {
             stages,
             n,
             deadline,
-            parent: serde_json::value::to_raw_value(job).ok(),
+            parent,
         };
         let mut children = Vec::with_capacity(payloads.len());
         for (index, payload) in (0..n).zip(payloads) {

@@ -139,9 +139,10 @@ pub struct Letter {
     pub bytes: usize,
     /// Whether the body reads as a job (an object with a valid `id` and `kind`).
     pub is_job: bool,
-    /// Whether it is a fan-in check (a job with `fanin`): what a consumer before the parent
-    /// was kept in the manifest dead-lettered when a join failed for good. It cannot be
-    /// replayed: the children's outcomes it would join are gone.
+    /// Whether it is a fan-in check (a job with `fanin`) that died in its join: what a
+    /// consumer before the parent was kept in the manifest dead-lettered when a join failed
+    /// for good. It cannot be replayed: the children's outcomes it would join are gone. (A
+    /// check that died before any join, in `envelope`, is not one of these.)
     pub fanin_check: bool,
     /// The routing key it died with.
     pub routing_key: String,
@@ -195,7 +196,10 @@ impl Letter {
             dead_at,
             bytes: delivery.data.len(),
             is_job: job.is_some(),
-            fanin_check: job.as_ref().is_some_and(|j| j.fanin.is_some()),
+            // A check that died before any join ran (`envelope`: the delivery limit, no
+            // consumer for the kind, an older consumer) left its mailbox whole: replayable.
+            fanin_check: job.as_ref().is_some_and(|j| j.fanin.is_some())
+                && shared::headers::text(properties, X_FAILED_STAGE).as_deref() != Some("envelope"),
             routing_key: bounded(delivery.routing_key.as_str().to_owned()),
         }
     }

@@ -344,10 +344,19 @@ async fn a_failed_join_dead_letters_its_parent_which_a_replay_runs_to_a_result()
         "the parent, not the check: {out}"
     );
     let (_, shown, _) = dead(&app, &["show", &parent.to_string(), "--json"]).await;
-    assert_eq!(lines(&shown)[0]["body"]["payload"], 19, "{shown}");
+    let body = &lines(&shown)[0]["body"];
+    assert_eq!(body["payload"], 19, "{shown}");
+    assert!(body.get("fanin").is_none_or(Value::is_null), "{shown}");
+    // The join succeeds until the replay's result is in (a guard sets the flag back).
+    struct Fail;
+    impl Drop for Fail {
+        fn drop(&mut self) {
+            tests::fan::FAIL_JOIN_OF_19.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+    let fail = Fail;
     tests::fan::FAIL_JOIN_OF_19.store(false, std::sync::atomic::Ordering::Release);
     let (ok, out, err) = dead(&app, &["replay", "--all", "--json"]).await;
-    tests::fan::FAIL_JOIN_OF_19.store(true, std::sync::atomic::Ordering::Release);
 
     // Assert: a real result, and nothing dead
     assert!(ok, "{err}");
@@ -359,6 +368,7 @@ async fn a_failed_join_dead_letters_its_parent_which_a_replay_runs_to_a_result()
         joined["output"]["sum"],
         (0..19u64).map(|i| i * i).sum::<u64>()
     );
+    drop(fail);
     assert_eq!(app.depth(&dead_queue).await, 0);
     consumer.stop().await.unwrap();
     app.teardown().await;

@@ -349,7 +349,7 @@ async function loadDead(fresh) {
     $('dead-depth').textContent = '(' + body.depth + ' in ' + body.queue + (body.depth > body.letters.length ? ', first ' + body.letters.length + ' shown' : '') + ')';
     fill($('dead').tBodies[0], body.letters, 7, (tr, l) => {
       const td = document.createElement('td');
-      if (l.job_id && l.is_job) {
+      if (l.job_id && l.is_job && !l.fanin_check) {
         const box = document.createElement('input');
         box.type = 'checkbox';
         box.className = 'pick';
