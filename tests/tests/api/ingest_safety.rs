@@ -14,7 +14,8 @@ use crate::{
     isolated::isolated,
 };
 
-const TOKEN: &str = "test-token-0123456789";
+/// The token `serve` configures.
+pub(crate) const TOKEN: &str = "test-token-0123456789";
 
 struct Reply {
     status: u16,
@@ -71,7 +72,8 @@ async fn call(
     .unwrap()
 }
 
-async fn serve(
+/// `producer serve` in-process on a free loopback port with [`TOKEN`], `tweak`ed.
+pub(crate) async fn serve(
     app: &TestApp,
     tweak: impl FnOnce(&mut ServeSettings),
 ) -> (SocketAddr, CancellationToken) {

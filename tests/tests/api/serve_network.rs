@@ -10,18 +10,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use producer::ServeSettings;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
     children::producer_command,
     helpers::{TestApp, broker_url, within},
+    ingest_safety::{TOKEN, serve},
     workflows::report,
 };
 
-const TOKEN: &str = "test-token-0123456789";
 /// Half of a request head: no blank line ever follows.
 const HALF_HEAD: &[u8] = b"POST /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty";
 
@@ -105,6 +103,25 @@ async fn wait_ready(addr: SocketAddr, token: Option<&'static str>) {
     .await;
 }
 
+/// Posts `n` real jobs one after another; how many got 202.
+async fn real_posts(addr: SocketAddr, n: usize) -> usize {
+    tokio::task::spawn_blocking(move || {
+        (0..n)
+            .filter(|i| {
+                let request = post(
+                    "127.0.0.1",
+                    "/jobs",
+                    Some(TOKEN),
+                    &job(&format!("real {i}"), Uuid::new_v4()),
+                );
+                raw(addr, &request).0 == 202
+            })
+            .count()
+    })
+    .await
+    .unwrap()
+}
+
 /// A free loopback port (bound, then let go).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -135,21 +152,7 @@ async fn two_thousand_half_sent_heads_hold_neither_real_requests_nor_shutdown() 
         .unwrap();
 
     // Act: real requests meanwhile, then SIGTERM.
-    let answered = tokio::task::spawn_blocking(move || {
-        (0..20)
-            .filter(|i| {
-                let request = post(
-                    "127.0.0.1",
-                    "/jobs",
-                    Some(TOKEN),
-                    &job(&format!("real {i}"), Uuid::new_v4()),
-                );
-                raw(addr, &request).0 == 202
-            })
-            .count()
-    })
-    .await
-    .unwrap();
+    let answered = real_posts(addr, 20).await;
     let (held, sockets) = tokio::task::spawn_blocking(move || (still_open(&sockets), sockets))
         .await
         .unwrap();
@@ -180,26 +183,12 @@ async fn two_thousand_half_sent_heads_hold_neither_real_requests_nor_shutdown() 
     app.teardown().await;
 }
 
-async fn serve_in_process(
-    app: &TestApp,
-    tweak: impl FnOnce(&mut ServeSettings),
-) -> (SocketAddr, CancellationToken) {
-    let mut settings = ServeSettings::new(SocketAddr::from(([127, 0, 0, 1], 0)));
-    settings.tokens = vec![TOKEN.to_owned()];
-    tweak(&mut settings);
-    let shutdown = CancellationToken::new();
-    let (addr, _task) = producer::serve::start(&app.common, &settings, shutdown.clone())
-        .await
-        .unwrap();
-    (addr, shutdown)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_beyond_the_bound_close_the_quietest_and_a_slow_head_is_cut_at_its_deadline() {
     // Arrange: 50 connections at most; deadlines far beyond the test, so that only the bound
     // can close the half heads.
     let app = TestApp::new().await;
-    let (addr, shutdown) = serve_in_process(&app, |s| {
+    let (addr, shutdown) = serve(&app, |s| {
         s.max_connections = 50;
         s.header_timeout = 600.0;
         s.idle_timeout = 600.0;
@@ -211,21 +200,7 @@ async fn sockets_beyond_the_bound_close_the_quietest_and_a_slow_head_is_cut_at_i
     let sockets = tokio::task::spawn_blocking(move || half_heads(addr, 200))
         .await
         .unwrap();
-    let answered = tokio::task::spawn_blocking(move || {
-        (0..10)
-            .filter(|i| {
-                let request = post(
-                    "127.0.0.1",
-                    "/jobs",
-                    Some(TOKEN),
-                    &job(&format!("real {i}"), Uuid::new_v4()),
-                );
-                raw(addr, &request).0 == 202
-            })
-            .count()
-    })
-    .await
-    .unwrap();
+    let answered = real_posts(addr, 10).await;
     let held = within("the evicted sockets to be closed", async {
         loop {
             let probe: Vec<TcpStream> = sockets.iter().map(|s| s.try_clone().unwrap()).collect();
@@ -247,7 +222,7 @@ async fn sockets_beyond_the_bound_close_the_quietest_and_a_slow_head_is_cut_at_i
     shutdown.cancel();
 
     // Arrange: heads within 2 s.
-    let (addr, shutdown) = serve_in_process(&app, |s| s.header_timeout = 2.0).await;
+    let (addr, shutdown) = serve(&app, |s| s.header_timeout = 2.0).await;
     wait_ready(addr, Some(TOKEN)).await;
 
     // Act: 50 half heads; each is cut once its deadline passed (await the state, not a time).
@@ -283,7 +258,7 @@ async fn sockets_beyond_the_bound_close_the_quietest_and_a_slow_head_is_cut_at_i
 async fn without_tokens_a_host_a_page_could_have_rebound_is_refused() {
     // Arrange: no token, so the loopback listener and the Host check are the only guards.
     let app = TestApp::new().await;
-    let (addr, shutdown) = serve_in_process(&app, |s| {
+    let (addr, shutdown) = serve(&app, |s| {
         s.tokens.clear();
         s.allowed_hosts = vec!["jobs.internal".to_owned()];
     })
@@ -330,7 +305,7 @@ async fn a_deleted_tokens_file_admits_no_token_and_a_restored_one_admits_again()
     let path = std::env::temp_dir().join(format!("serve-tokens-{}", Uuid::new_v4()));
     std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
     let file = path.clone();
-    let (addr, shutdown) = serve_in_process(&app, move |s| {
+    let (addr, shutdown) = serve(&app, move |s| {
         s.tokens.clear();
         s.tokens_file = Some(file);
     })
@@ -372,7 +347,7 @@ async fn a_deleted_tokens_file_admits_no_token_and_a_restored_one_admits_again()
 async fn two_concurrent_posts_of_one_id_with_different_jobs_publish_one() {
     // Arrange
     let app = TestApp::new().await;
-    let (addr, shutdown) = serve_in_process(&app, |_| {}).await;
+    let (addr, shutdown) = serve(&app, |_| {}).await;
     wait_ready(addr, Some(TOKEN)).await;
 
     // Act: 20 pairs, each pair's two posts sent at once.
