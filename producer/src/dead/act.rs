@@ -2,10 +2,16 @@
 //! its kind, mandatory, with a publisher confirm) and acks it only once the broker confirmed the
 //! republish; **purge** acks it. Up to [`WINDOW`] replays, and [`WINDOW_BYTES`] of their bodies,
 //! are in flight at once.
+//!
+//! A broker that blocks publishers (a memory or disk alarm) holds the republishes already sent
+//! and reads nothing more from this connection until the alarm clears: the run then waits for
+//! it, up to `--blocked-timeout`, without counting that time against `--confirm-timeout`. A
+//! republish given up while it waits is reported `unconfirmed`: it will most likely run once
+//! the alarm clears, while its letter stays dead (the run says so, and how to settle it).
 
-use std::io::Write;
+use std::{io::Write, time::Duration};
 
-use deadpool_lapin::lapin::{BasicProperties, Connection, message::Delivery};
+use deadpool_lapin::lapin::{BasicProperties, Connection, ConnectionStatus, message::Delivery};
 use futures::{StreamExt, stream::FuturesUnordered};
 use shared::{
     amqp::copy,
@@ -15,6 +21,7 @@ use shared::{
     },
     topology::Names,
 };
+use tokio_util::sync::CancellationToken;
 
 use super::{
     Tally, report,
@@ -23,10 +30,12 @@ use super::{
 
 /// Replays in flight (published, not yet confirmed) at most.
 pub const WINDOW: usize = 256;
-/// Longest wait for a republish to go out and for its confirm. A broker that blocks
-/// publishers (a memory or disk alarm) for longer ends the run: the letters not confirmed stay
-/// dead, and the run says the broker stopped confirming.
-pub const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest wait for a republish to go out and for its confirm while the broker does not block
+/// this connection, unless `--confirm-timeout` says otherwise.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a broker that blocks publishers (an alarm) to take the republishes it
+/// holds, unless `--blocked-timeout` says otherwise.
+pub const BLOCKED_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Bytes of replayed bodies in flight at most (each is held until its confirm): 256 letters of
 /// the broker's largest message size would otherwise be gigabytes. One letter is always let
@@ -45,6 +54,89 @@ pub const LEFT_BEHIND: [&str; 7] = [
     X_UNSERVED_SINCE,
 ];
 
+/// How long a replay waits for the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// For a republish to go out and be confirmed, or a letter to be handed out, while the
+    /// broker does not block the connection.
+    pub confirm: Duration,
+    /// For a broker that blocks the connection (an alarm) to take it again.
+    pub blocked: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            confirm: CONFIRM_TIMEOUT,
+            blocked: BLOCKED_TIMEOUT,
+        }
+    }
+}
+
+/// Why a wait on the broker ended without an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GaveUp {
+    /// No answer for [`Limits::confirm`] while the connection was not blocked.
+    Silent(Duration),
+    /// The broker blocked the connection for [`Limits::blocked`] (or the run was stopped
+    /// while it did).
+    Blocked(Duration),
+}
+
+impl std::fmt::Display for GaveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Silent(d) => write!(f, "no answer from the broker within {} s", d.as_secs()),
+            Self::Blocked(d) => write!(
+                f,
+                "the broker blocked publishers (a memory or disk alarm) for {} s",
+                d.as_secs()
+            ),
+        }
+    }
+}
+
+/// Awaits `future`, giving up after `limits.confirm` of waiting while `status` says the
+/// connection is not blocked, or `limits.blocked` while it is (at once, once `stop` fired).
+/// Says once on stderr that the broker blocks, when it does (`said` remembers).
+///
+/// # Errors
+/// Gave up, and why.
+pub async fn patiently<F: std::future::Future>(
+    status: &ConnectionStatus,
+    future: F,
+    limits: Limits,
+    stop: &CancellationToken,
+    said: &std::sync::atomic::AtomicBool,
+) -> Result<F::Output, GaveUp> {
+    const TICK: Duration = Duration::from_millis(100);
+    tokio::pin!(future);
+    let (mut open, mut blocked) = (Duration::ZERO, Duration::ZERO);
+    loop {
+        tokio::select! {
+            out = &mut future => return Ok(out),
+            () = tokio::time::sleep(TICK) => {}
+        }
+        if status.blocked() {
+            blocked += TICK;
+            if !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                eprintln!(
+                    "the broker blocks publishers (a memory or disk alarm): waiting up to {} s for it to clear (Ctrl-C to stop; republishes already sent will run once it clears)",
+                    limits.blocked.as_secs()
+                );
+            }
+            if blocked >= limits.blocked || stop.is_cancelled() {
+                return Err(GaveUp::Blocked(blocked));
+            }
+        } else {
+            open += TICK;
+            if open >= limits.confirm {
+                return Err(GaveUp::Silent(open));
+            }
+        }
+    }
+}
+
 /// What to do with the selected letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Act {
@@ -52,6 +144,8 @@ pub enum Act {
     Replay {
         /// Replay letters that are not jobs too.
         force: bool,
+        /// How long to wait for the broker.
+        limits: Limits,
     },
     /// Removed for good.
     Purge,
@@ -72,10 +166,18 @@ pub fn replay_properties(original: &BasicProperties) -> BasicProperties {
     }
 }
 
+/// What became of a republish that was not confirmed.
+enum Unsettled {
+    /// The broker refused it (a nack, no route, a channel error): it will not run.
+    Refused(shared::amqp::PublishError),
+    /// No answer in time: it may still run.
+    GaveUp(GaveUp),
+}
+
 /// Scans the dead letters and acts on the selected ones, writing one line per letter acted on
 /// (table mode: only those left dead) to `out`; an output that fails (a closed pipe) does not
 /// stop the work. Once `stop` fires, no further letter is taken; the replays in flight are
-/// settled first.
+/// settled first (a blocked broker is then waited for no longer).
 ///
 /// # Errors
 /// The scan could not start, or a channel failed mid-way: every letter not yet acked is then
@@ -88,10 +190,12 @@ pub async fn run(
     act: Act,
     out: &mut (impl Write + Send),
     json: bool,
-    stop: &tokio_util::sync::CancellationToken,
+    stop: &CancellationToken,
 ) -> anyhow::Result<Tally> {
     let mut scan = Scan::start(connection, names).await?;
     let publisher = shared::amqp::confirm_channel(connection).await?;
+    let status = connection.status().clone();
+    let said = std::sync::atomic::AtomicBool::new(false);
     let limit = select.limit.unwrap_or(usize::MAX);
     let mut tally = Tally::default();
     let mut in_flight = FuturesUnordered::new();
@@ -99,17 +203,19 @@ pub async fn run(
     let mut bytes = 0usize;
     let wanted: std::collections::HashSet<uuid::Uuid> = select.ids.iter().copied().collect();
     let mut found = std::collections::HashSet::new();
-    let mut stalled = false;
+    let limits = match act {
+        Act::Replay { limits, .. } => limits,
+        Act::Purge => Limits::default(),
+    };
     loop {
         while in_flight.len() >= WINDOW || (bytes > WINDOW_BYTES && !in_flight.is_empty()) {
             let next: Option<(Letter, Delivery, _)> = in_flight.next().await;
             if let Some(done) = next {
                 bytes = bytes.saturating_sub(done.1.data.len());
-                stalled |= matches!(done.2, Err(shared::amqp::PublishError::TimedOut(_)));
                 settle(&scan, done, &mut tally, out, json).await?;
             }
         }
-        if stop.is_cancelled() || stalled {
+        if tally.stopped.is_some() || stop.is_cancelled() {
             break;
         }
         // A bounded scan (the dashboard's) is done once every id asked for was found, or
@@ -121,7 +227,16 @@ pub async fn run(
                 break;
             }
         }
-        let Some(delivery) = scan.next().await? else {
+        // A broker that blocks this connection (an alarm, once it published) reads no
+        // `basic.get` either.
+        let next = match patiently(&status, scan.next(), limits, stop, &said).await {
+            Ok(next) => next?,
+            Err(gave_up) => {
+                tally.stopped = Some(format!("no further letter taken: {gave_up}"));
+                break;
+            }
+        };
+        let Some(delivery) = next else {
             break;
         };
         tally.scanned += 1;
@@ -149,7 +264,7 @@ pub async fn run(
                 let why = "a fan-in check whose join failed: the children's outcomes it joined are gone, so it cannot run again; submit the parent job again (same id), or purge it";
                 let _ = report::acted(out, &letter, "kept", Some(why), json);
             }
-            Act::Replay { force } if !letter.is_job && !force => {
+            Act::Replay { force, .. } if !letter.is_job && !force => {
                 scan.keep(&delivery).await?;
                 tally.kept += 1;
                 let why = "not a job: replay it with --force, or purge it";
@@ -167,24 +282,23 @@ pub async fn run(
                     &delivery.data,
                     replay_properties(&delivery.properties),
                 );
-                let Ok(confirm) = tokio::time::timeout(CONFIRM_TIMEOUT, publish).await else {
-                    // The broker takes no publish (flow control): this letter stays dead,
-                    // given back with the others when the scan ends.
-                    tally.failed += 1;
-                    tally.kept += 1;
-                    let why =
-                        "the broker took no publish in time (blocked?): the letter stays dead";
-                    let _ = report::acted(out, &letter, "kept", Some(why), json);
-                    stalled = true;
-                    continue;
+                let confirm = match patiently(&status, publish, limits, stop, &said).await {
+                    Ok(confirm) => confirm?,
+                    Err(gave_up) => {
+                        // Its frames may be on their way: it may run.
+                        let done = (letter, delivery, Err(Unsettled::GaveUp(gave_up)));
+                        settle(&scan, done, &mut tally, out, json).await?;
+                        continue;
+                    }
                 };
-                let confirm = confirm?;
                 bytes += delivery.data.len();
+                let (status, said) = (&status, &said);
                 in_flight.push(async move {
-                    let confirmed = match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-                        Ok(Ok(confirmation)) => shared::amqp::check_confirmation(confirmation),
-                        Ok(Err(error)) => Err(error.into()),
-                        Err(_) => Err(shared::amqp::PublishError::TimedOut(CONFIRM_TIMEOUT)),
+                    let confirmed = match patiently(status, confirm, limits, stop, said).await {
+                        Ok(Ok(confirmation)) => shared::amqp::check_confirmation(confirmation)
+                            .map_err(Unsettled::Refused),
+                        Ok(Err(error)) => Err(Unsettled::Refused(error.into())),
+                        Err(gave_up) => Err(Unsettled::GaveUp(gave_up)),
                     };
                     (letter, delivery, confirmed)
                 });
@@ -199,11 +313,12 @@ pub async fn run(
     Ok(tally)
 }
 
-/// A replay whose confirm came: the letter is removed if the broker took the republish, else
-/// left dead.
+/// A replay whose confirm came or was given up: the letter is removed if the broker took the
+/// republish, and left dead otherwise (given back when the scan ends). One given up on may
+/// still run: it is reported `unconfirmed`, and the run stops taking letters.
 async fn settle(
     scan: &Scan,
-    (letter, delivery, confirmed): (Letter, Delivery, Result<(), shared::amqp::PublishError>),
+    (letter, delivery, confirmed): (Letter, Delivery, Result<(), Unsettled>),
     tally: &mut Tally,
     out: &mut (impl Write + Send),
     json: bool,
@@ -214,8 +329,21 @@ async fn settle(
             tally.replayed += 1;
             let _ = report::acted(out, &letter, "replayed", None, json);
         }
-        Err(error) => {
-            // Left unacked: it goes back to the queue when the scan ends.
+        Err(Unsettled::GaveUp(gave_up)) => {
+            tally.unconfirmed += 1;
+            tally.kept += 1;
+            tally
+                .stopped
+                .get_or_insert_with(|| format!("a republish was given up: {gave_up}"));
+            let id = letter
+                .job_id
+                .map_or_else(|| "-".to_owned(), |id| id.to_string());
+            let why = format!(
+                "{gave_up}: the republish may still reach the broker and run, while the letter stays dead; once job {id} has a result, purge the letter (producer dead purge --id {id}) rather than replay it again, which would run it twice"
+            );
+            let _ = report::acted(out, &letter, "unconfirmed", Some(&why), json);
+        }
+        Err(Unsettled::Refused(error)) => {
             tally.failed += 1;
             tally.kept += 1;
             let why = format!("the republish failed, the letter stays dead: {error}");

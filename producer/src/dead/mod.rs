@@ -66,6 +66,15 @@ pub enum Action {
         /// Replay letters that are not jobs too (routed by the routing key they died with).
         #[arg(long)]
         force: bool,
+        /// Longest wait for the broker to take a republish and confirm it, or to hand out
+        /// the next letter, while it does not block publishers (`30s`, `2m`).
+        #[arg(long, default_value = "30s", value_parser = shared::delay::parse_delay)]
+        confirm_timeout: Duration,
+        /// Longest wait for a broker that blocks publishers (a memory or disk alarm) to clear.
+        /// Republishes sent before it blocked run once it clears: a run that gives up says
+        /// which, and leaves their letters dead.
+        #[arg(long, default_value = "5m", value_parser = shared::delay::parse_delay)]
+        blocked_timeout: Duration,
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
@@ -97,6 +106,11 @@ pub struct Tally {
     pub kept: u64,
     /// Letters whose republish failed (they stay dead).
     pub failed: u64,
+    /// Letters whose republish was given up unconfirmed (the broker blocked or was silent): it
+    /// may still run, while the letter stays dead (counted in `kept` too).
+    pub unconfirmed: u64,
+    /// Why the run stopped before the end of the queue, when the broker made it.
+    pub stopped: Option<String>,
 }
 
 /// Runs `settings` against the broker of `common`, writing what it shows to `out` and a
@@ -143,6 +157,8 @@ pub async fn run(
         Action::Replay {
             select,
             force,
+            confirm_timeout,
+            blocked_timeout,
             json,
         } => {
             select.check_not_everything("replay")?;
@@ -150,7 +166,13 @@ pub async fn run(
                 &connection,
                 &names,
                 select,
-                act::Act::Replay { force: *force },
+                act::Act::Replay {
+                    force: *force,
+                    limits: act::Limits {
+                        confirm: *confirm_timeout,
+                        blocked: *blocked_timeout,
+                    },
+                },
                 out,
                 *json,
                 stop,
@@ -163,7 +185,7 @@ pub async fn run(
                 started.elapsed(),
                 *json,
             );
-            tally.failed == 0
+            tally.failed == 0 && tally.unconfirmed == 0 && tally.stopped.is_none()
         }
         Action::Purge { select, json } => {
             select.check_not_everything("purge")?;

@@ -101,8 +101,8 @@ pub fn acted(
         }
         return writeln!(out, "{value}");
     }
-    if outcome == "kept" {
-        writeln!(out, "kept {}: {}", row(letter), why.unwrap_or(""))?;
+    if outcome == "kept" || outcome == "unconfirmed" {
+        writeln!(out, "{outcome} {}: {}", row(letter), why.unwrap_or(""))?;
     }
     Ok(())
 }
@@ -121,13 +121,22 @@ pub fn summary(queue: &str, verb: &str, tally: &Tally, took: Duration, json: boo
         "purged" => format!(", purged {}", tally.purged),
         _ => String::new(),
     };
-    let kept = if tally.kept > 0 {
+    let kept = if tally.unconfirmed > 0 {
+        format!(
+            ", left dead {} (failed {}, unconfirmed {}: they may still run; purge each once it has a result)",
+            tally.kept, tally.failed, tally.unconfirmed
+        )
+    } else if tally.kept > 0 {
         format!(", left dead {} (failed {})", tally.kept, tally.failed)
     } else {
         String::new()
     };
+    let stopped = tally
+        .stopped
+        .as_ref()
+        .map_or_else(String::new, |why| format!("; stopped early: {why}"));
     eprintln!(
-        "{queue}: scanned {}, matched {}{acted}{kept} in {:.2} s",
+        "{queue}: scanned {}, matched {}{acted}{kept} in {:.2} s{stopped}",
         tally.scanned,
         tally.matched,
         took.as_secs_f64()

@@ -1,7 +1,8 @@
 //! A broker that blocks publishers (a memory alarm), on a node of the test's own: the consumer
 //! stops taking work, says `Blocked` on `/readyz` and in a metric, resumes when unblocked, and
 //! still stops in bounded time on SIGTERM; the producer, interrupted while its confirms cannot
-//! come, exits at once with the exact count of unconfirmed jobs.
+//! come, exits at once with the exact count of unconfirmed jobs; a dead-letter replay the
+//! broker does not confirm marks what it left unconfirmed, which no later replay runs twice.
 
 use std::{
     collections::HashSet,
@@ -13,6 +14,7 @@ use consumer::{Readiness, Registry, State};
 use serde_json::json;
 
 use crate::{
+    dead::{bury, dead, job, lines, now},
     helpers::{TestApp, binary, within},
     isolated::isolated,
 };
@@ -171,5 +173,152 @@ async fn an_interrupted_producer_exits_at_once_with_the_count_of_unconfirmed_job
         0
     };
     assert_eq!(unconfirmed + never_sent, 200, "{stderr}");
+    app.teardown().await;
+}
+
+/// Puts 20 dead jobs in `app`'s namespace; returns their ids.
+async fn twenty_dead(app: &TestApp) -> Vec<uuid::Uuid> {
+    let ids: Vec<uuid::Uuid> = (0..20).map(|_| uuid::Uuid::new_v4()).collect();
+    for id in &ids {
+        let body = job(*id, "text.analyze");
+        bury(app, &body, Some(*id), "analyze", "upstream down", now()).await;
+    }
+    ids
+}
+
+/// The JSON summary a `producer dead ... --json` run writes on stderr.
+fn summary(stderr: &str) -> serde_json::Value {
+    stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["scanned"].is_u64())
+        .unwrap_or_else(|| panic!("no summary: {stderr}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_waits_out_a_blocked_broker_and_one_that_gives_up_names_what_may_still_run() {
+    use tokio::io::AsyncBufReadExt;
+    let (_lock, node) = isolated().await;
+
+    // 1. Arrange: 20 dead jobs, then a memory alarm. Act: a replay, the alarm cleared once it
+    //    says it waits for it. Assert: every letter replayed, and each job runs exactly once.
+    let app = TestApp::on_broker(node.url.clone(), |_| {}).await;
+    let ids = twenty_dead(&app).await;
+    let alarm = node.raise_memory_alarm().await;
+    let mut replay = crate::children::producer_command(&app, &app.common.amqp_url)
+        .args(["dead", "replay", "--all", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(replay.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    within("the replay to say the broker blocks it", async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            said.push_str(&line);
+            said.push('\n');
+            if line.contains("blocks publishers") {
+                return;
+            }
+        }
+        panic!("the replay ended without waiting: {said}");
+    })
+    .await;
+    alarm.clear().await;
+    let stdout = replay.stdout.take().unwrap();
+    let read_out = tokio::spawn(async move {
+        let mut text = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut { stdout }, &mut text)
+            .await
+            .unwrap();
+        text
+    });
+    while let Some(line) = within("the replay's stderr", stderr.next_line())
+        .await
+        .unwrap()
+    {
+        said.push_str(&line);
+        said.push('\n');
+    }
+    let status = within("the replay to finish", replay.wait()).await.unwrap();
+    let stdout = read_out.await.unwrap();
+    assert!(status.success(), "{said}");
+    let tally = summary(&said);
+    assert_eq!(tally["replayed"], 20, "{said}");
+    assert!(
+        lines(&stdout).iter().all(|l| l["outcome"] == "replayed"),
+        "{stdout}"
+    );
+    assert_eq!(app.depth(&app.topology.names.dead_queue).await, 0);
+    let consumer = app.spawn_consumer(app.consumer_settings(), Registry::builtin());
+    let all: HashSet<uuid::Uuid> = ids.iter().copied().collect();
+    let read = app.results_covering(&all, HashSet::new()).await;
+    consumer.stop().await.unwrap();
+    assert_eq!(read, 20, "one result per job");
+    assert_eq!(
+        app.depth(&app.topology.names.results_queue).await,
+        0,
+        "no second result"
+    );
+    app.teardown().await;
+
+    // 2. Arrange: as before. Act: a replay that waits for a blocked broker 2 s at most.
+    let app = TestApp::on_broker(node.url.clone(), |_| {}).await;
+    let ids = twenty_dead(&app).await;
+    let alarm = node.raise_memory_alarm().await;
+    let args = ["replay", "--all", "--json", "--blocked-timeout", "2s"];
+    let (ok, stdout, stderr) = dead(&app, &args).await;
+
+    // Assert: it fails, says why it stopped, and names each letter whose job may still run,
+    // with what to do; no letter is reported replayed.
+    assert!(!ok, "{stderr}");
+    let tally = summary(&stderr);
+    assert!(tally["stopped"].is_string(), "{tally}");
+    assert_eq!(tally["replayed"], 0, "{tally}");
+    let acted = lines(&stdout);
+    let unconfirmed: HashSet<uuid::Uuid> = acted
+        .iter()
+        .filter(|l| l["outcome"] == "unconfirmed")
+        .map(|l| l["job_id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert!(!unconfirmed.is_empty(), "{stdout}\n{stderr}");
+    assert_eq!(tally["unconfirmed"], unconfirmed.len(), "{tally}");
+    assert!(
+        acted.iter().all(|l| l["outcome"] == "unconfirmed"
+            && l["why"]
+                .as_str()
+                .unwrap()
+                .contains("producer dead purge --id")),
+        "{stdout}"
+    );
+
+    // Once the alarm clears, the broker takes what it held and gives the letters back: no
+    // letter is lost, and a job both dead and back in work is one the run named.
+    alarm.clear().await;
+    let dead_queue = app.topology.names.dead_queue.clone();
+    within("every letter given back", async {
+        while app.depth(&dead_queue).await < 20 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let work = app.topology.names.work_queue.clone();
+    let (channel, mut copies) = app.consume(&work, 100).await;
+    let mut landed = HashSet::new();
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(
+        Duration::from_secs(3),
+        futures::StreamExt::next(&mut copies),
+    )
+    .await
+    {
+        let body: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
+        landed.insert(body["id"].as_str().unwrap().parse::<uuid::Uuid>().unwrap());
+    }
+    let _ = channel.close(200, "looked".into()).await;
+    assert!(
+        landed.is_subset(&unconfirmed),
+        "{landed:?} not all in {unconfirmed:?}"
+    );
+    assert!(landed.iter().all(|id| ids.contains(id)));
     app.teardown().await;
 }

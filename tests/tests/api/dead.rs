@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Puts a dead letter in the namespace's `jobs.dead`, as the consumer writes them.
-async fn bury(
+pub(crate) async fn bury(
     app: &TestApp,
     body: &[u8],
     id: Option<Uuid>,
@@ -54,7 +54,7 @@ async fn bury(
     check_confirmation(confirm.await.unwrap()).unwrap();
 }
 
-fn job(id: Uuid, kind: &str) -> Vec<u8> {
+pub(crate) fn job(id: Uuid, kind: &str) -> Vec<u8> {
     json!({
         "schema_version": 1, "id": id, "kind": kind,
         "created_at": "2026-11-25T10:00:00Z", "payload": {"text": "back from the dead"},
@@ -63,12 +63,12 @@ fn job(id: Uuid, kind: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 /// Runs `producer dead <args>`; returns (success, stdout, stderr).
-async fn dead(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+pub(crate) async fn dead(app: &TestApp, args: &[&str]) -> (bool, String, String) {
     let output = producer_command(app, &app.common.amqp_url)
         .arg("dead")
         .args(args)
@@ -81,7 +81,7 @@ async fn dead(app: &TestApp, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-fn lines(stdout: &str) -> Vec<Value> {
+pub(crate) fn lines(stdout: &str) -> Vec<Value> {
     stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -446,7 +446,10 @@ async fn replay(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Respon
                 scan_limit: Some(REPLAY_SCAN),
                 ..dead::Select::default()
             };
-            let act = dead::act::Act::Replay { force: false };
+            let act = dead::act::Act::Replay {
+                force: false,
+                limits: dead::act::Limits::default(),
+            };
             let names = &ingest.topology.names;
             let mut sink = std::io::sink();
             dead::act::run(&connection, names, &select, act, &mut sink, true, &stop)
