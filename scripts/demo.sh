@@ -24,6 +24,17 @@ for i in $(seq 1 "$consumers"); do
   pids+=("$!")
 done
 
+# Wait (30 s at most) until every consumer says it consumes: the producer's burst then meets
+# queues already declared, and its jobs start at once.
+if command -v curl >/dev/null; then
+  for i in $(seq 1 "$consumers"); do
+    for _ in $(seq 1 60); do
+      curl -fsS -o /dev/null "http://127.0.0.1:$((9400 + i))/readyz" 2>/dev/null && break
+      sleep 0.5
+    done
+  done
+fi
+
 echo "demo: $consumers consumers, $jobs jobs, namespace '$namespace' (consumer logs: target/demo-consumer-*.log)" >&2
 ./target/release/producer --count "$jobs" --wait >"target/demo-results.jsonl"
 echo "demo: $(wc -l <target/demo-results.jsonl) results in target/demo-results.jsonl" >&2

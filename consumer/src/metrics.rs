@@ -13,7 +13,7 @@
 //! | `consumer_delayed_jobs_waiting` | gauge | messages in the delay ladder's queues (delayed jobs and retries of every kind), read from the broker every 15 s |
 //! | `consumer_jobs_dead_lettered_total` | counter | `kind`: messages published to `jobs.dead` |
 //! | `consumer_jobs_replayed_total` | counter | `kind`: repeats answered from the recent-results window |
-//! | `consumer_jobs_requeued_total` | counter | deliveries sent back because their outcome's publish was not confirmed (through a retry queue, or nacked) |
+//! | `consumer_jobs_requeued_total` | counter | deliveries sent back because their outcome's publish was not confirmed (through the delay ladder, or nacked) |
 //! | `consumer_jobs_unserved_total` | counter | jobs of a kind no running consumer serves, sent to wait (counted each time one comes round) |
 //! | `consumer_stage_duration_seconds` | histogram | `kind`, `stage` |
 //! | `consumer_jobs_in_flight` | gauge | jobs taken and not yet acked: in a chain or awaiting the broker's confirm |
@@ -46,7 +46,7 @@ pub struct Metrics {
     pub processed: IntCounterVec,
     /// Jobs that ended with a `failed` result, by kind.
     pub failed: IntCounterVec,
-    /// Attempts sent to a retry queue, by kind.
+    /// Attempts sent to wait in the delay ladder, by kind.
     pub retried: IntCounterVec,
     /// Jobs sent back to wait for their `not_before`, by kind.
     pub delayed: IntCounterVec,
@@ -64,7 +64,7 @@ pub struct Metrics {
     pub replayed: IntCounterVec,
     /// Deliveries nacked back to the queue because a publish was not confirmed.
     pub requeued: IntCounter,
-    /// Jobs of a kind nobody serves, sent to wait in a retry queue.
+    /// Jobs of a kind nobody serves, sent to wait in the delay ladder.
     pub unserved: IntCounter,
     /// Wall time of each stage, by kind and stage.
     pub stage_seconds: HistogramVec,
@@ -147,12 +147,12 @@ impl Metrics {
         );
         let requeued = IntCounter::new(
             "consumer_jobs_requeued_total",
-            "Deliveries sent back because their outcome's publish was not confirmed (through a retry queue, or nacked).",
+            "Deliveries sent back because their outcome's publish was not confirmed (through the delay ladder, or nacked).",
         )
         .expect("valid counter");
         let unserved = IntCounter::new(
             "consumer_jobs_unserved_total",
-            "Jobs of a kind no running consumer serves, sent to wait in a retry queue (each time one comes round).",
+            "Jobs of a kind no running consumer serves, sent to wait in the delay ladder (each time one comes round).",
         )
         .expect("valid counter");
         let stage_seconds = HistogramVec::new(

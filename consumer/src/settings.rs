@@ -128,7 +128,7 @@ pub struct Settings {
     pub retry_refused_login: bool,
 
     /// Longest wait of a job of a kind no running consumer serves before it is routed again,
-    /// in seconds: it waits in a retry queue (first the shortest retry delay, then about as
+    /// in seconds: it waits in the delay ladder (first the shortest retry delay, then about as
     /// long as it has waited so far, up to this), then goes back through the jobs exchange,
     /// into its kind's queue if one has appeared meanwhile.
     #[arg(long, env = "CONSUMER_UNSERVED_RECHECK", default_value_t = DEFAULT_UNSERVED_RECHECK_SECS,

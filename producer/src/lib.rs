@@ -96,9 +96,6 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
-    if let Some(connection) = publisher.connection() {
-        note_unserved_kind(connection, &topology, &settings.kind).await;
-    }
     // The ids of this run's jobs without a result yet and not failed, so that the listener
     // keeps only their results; once every job is settled, what is left is what `--wait`
     // still waits for.
@@ -233,9 +230,19 @@ pub async fn run(
         }
     }
     progress.finish_and_clear();
+    // After the publishes, not before: consumers started together with this run have had the
+    // time to declare their queues.
+    if let Some(connection) = publisher.connection() {
+        note_unserved_kind(connection, &topology, &settings.kind).await;
+    }
 
     if let Some(mut listener) = listener.take() {
         let timeout = wait_timeout(&settings);
+        let now = time::OffsetDateTime::now_utc();
+        summary.until_due = settings
+            .not_before(now)
+            .and_then(|due| Duration::try_from(due - now).ok())
+            .unwrap_or_default();
         written
             .finish(&mut listener.results, timeout, &mut summary, &shutdown)
             .await;

@@ -32,14 +32,18 @@ fn main() -> ExitCode {
             return shared::telemetry::exit_with("producer", error.as_ref(), format);
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(shared::telemetry::cancel_on_signal(shutdown.clone()));
         match run(settings, shutdown).await {
             Ok(code) => code,
             Err(error) => shared::telemetry::exit_with("producer", error.as_ref(), format),
         }
-    })
+    });
+    // Everything the run owed the broker and its clients is done: a blocking task still
+    // running (a file read, a DNS lookup) is not waited for.
+    runtime.shutdown_timeout(shared::telemetry::EXIT_GRACE);
+    code
 }
 
 async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
@@ -48,6 +52,7 @@ async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<
             .await
             .context("producer serve cannot start")?;
         server.await?;
+        tracing::info!("producer serve stopped");
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(Command::Dead(dead)) = &settings.command {

@@ -16,6 +16,9 @@ pub struct Summary {
     pub failed: u64,
     /// Time from the first publish to the last confirm (and last result with `--wait`).
     pub elapsed: Duration,
+    /// Part of `elapsed` spent waiting for delayed jobs to be due (`--delay`, `--at`, with
+    /// `--wait`): not counted in the rate.
+    pub until_due: Duration,
     /// With `--wait`: results received for jobs of this run (duplicates counted once).
     pub results_ok: u64,
     /// With `--wait`: `failed` results received.
@@ -39,10 +42,11 @@ impl Summary {
         }
     }
 
-    /// Confirmed jobs per second.
+    /// Confirmed jobs per second of the run, the time waited for delayed jobs to be due left
+    /// out.
     #[must_use]
     pub fn rate(&self) -> f64 {
-        let secs = self.elapsed.as_secs_f64();
+        let secs = self.elapsed.saturating_sub(self.until_due).as_secs_f64();
         if secs > 0.0 {
             self.confirmed as f64 / secs
         } else {
@@ -63,13 +67,25 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "sent {}, confirmed {}, failed {}, elapsed {:.3}s, {:.0} jobs/s",
+            "sent {}, confirmed {}, failed {}, elapsed {:.3}s",
             self.sent,
             self.confirmed,
             self.failed,
             self.elapsed.as_secs_f64(),
-            self.rate()
         )?;
+        // A rate of one job, or of a run that was mostly a wait, says nothing.
+        match self.rate() {
+            _ if self.confirmed < 2 => {}
+            rate if rate >= 10.0 => write!(f, ", {rate:.0} jobs/s")?,
+            rate => write!(f, ", {rate:.1} jobs/s")?,
+        }
+        if !self.until_due.is_zero() {
+            write!(
+                f,
+                " (of which {:.1}s waiting for the jobs to be due)",
+                self.until_due.as_secs_f64()
+            )?;
+        }
         if self.reconnects > 0 {
             write!(f, ", reconnects {}", self.reconnects)?;
         }

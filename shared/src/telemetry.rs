@@ -23,6 +23,10 @@ pub enum LogFormat {
 /// lines are off unless `RUST_LOG` names lapin.
 const QUIET_LAPIN: &str = "lapin=off";
 
+/// Longest wait, once a binary's work is done, for the blocking tasks still running before the
+/// process exits without them.
+pub const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Installs the global subscriber. Calling it again (as tests do) keeps the first one.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

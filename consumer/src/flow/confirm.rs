@@ -19,7 +19,7 @@
 //! are acked one by one instead, so a slow job never stalls the prefetch window.
 //!
 //! When a publish is not confirmed, what happens depends on the channel. On a live channel
-//! (the message was returned, nacked, or its confirm timed out) the job goes to a retry queue
+//! (the message was returned, nacked, or its confirm timed out) the job waits in the delay ladder
 //! unchanged ([`Outcome::Deferred`]) and comes back after a delay, so a failure that repeats
 //! does not spin; only if that copy fails too is the delivery nacked back. When the broker
 //! closed the publish channel (a deleted exchange, a message over `max_message_size`, a
@@ -303,7 +303,7 @@ impl Confirmer {
         }
         let attempt = crate::envelope::attempt(&delivery.properties);
         let delay = self.retry_delays.after_attempt(attempt);
-        tracing::warn!(%error, ?delay, "publish not confirmed; the job comes back through the retry queue");
+        tracing::warn!(%error, ?delay, "publish not confirmed; the job comes back through the delay ladder");
         let deferred = Outcome::Deferred { delay };
         let confirming = self.settler.publish(&delivery, &deferred);
         Some(Settling {

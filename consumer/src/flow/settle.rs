@@ -32,7 +32,7 @@ use crate::{copy, flow::channels::Channels, flow::fanin, metrics::Metrics};
 pub type Confirming = BoxFuture<'static, Result<(), PublishError>>;
 
 /// Longest wait for one publish to be sent and confirmed; past it, the delivery goes round
-/// through a retry queue rather than being held forever.
+/// through the delay ladder rather than being held forever.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A result body ready to publish.
@@ -129,13 +129,13 @@ pub enum Outcome {
         result: Option<ResultMessage>,
     },
     /// The publishes of its outcome were not confirmed on a live channel (returned, nacked,
-    /// timed out): the delivery goes unchanged to the retry queue of `delay` and comes back
+    /// timed out): the delivery goes unchanged to wait `delay` in the delay ladder and comes back
     /// after it, without using up an attempt.
     Deferred {
-        /// The retry queue's delay.
+        /// How long it waits in the delay ladder.
         delay: Duration,
     },
-    /// A kind this consumer does not serve: the job waits in the retry queue of `delay`, then
+    /// A kind this consumer does not serve: the job waits `delay` in the delay ladder, then
     /// goes through the jobs exchange again (see [`crate::unserved`]).
     Unserved {
         /// The job's kind: the copy's routing key.
@@ -716,7 +716,7 @@ impl Settler {
         )
     }
 
-    /// Sends `delivery` unchanged (same `x-attempt`, same routing key) to the retry queue of
+    /// Sends `delivery` unchanged (same `x-attempt`, same routing key) to wait in the delay ladder for
     /// `delay`, after the publishes of its outcome were not confirmed on a live channel
     /// (returned, nacked, timed out): the job comes back after the delay instead of at once,
     /// so a failure that repeats does not spin, and it does not use up an attempt.

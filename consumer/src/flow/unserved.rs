@@ -1,6 +1,6 @@
 //! Jobs of a kind this consumer does not serve (they reach it through `jobs.work`, which
 //! every consumer reads): they are never dead-lettered for their kind while they may still be
-//! served. Each is sent to wait in a retry queue, from which the broker routes it through
+//! served. Each is sent to wait in the delay ladder, from which the broker routes it through
 //! the jobs exchange again: into its kind's queue once a consumer serving the kind has
 //! declared one, else back to `jobs.work`. The first wait is short (a consumer for the kind
 //! may have started since the job was published); later ones are the next retry delay at
@@ -46,7 +46,7 @@ pub enum Decision {
 /// The waiting policy, and the log lines about it.
 #[derive(Debug)]
 pub struct Unserved {
-    /// The waits there are retry queues for, shortest first, up to [`Unserved::recheck`].
+    /// The waits of the ladder it uses, shortest first, up to [`Unserved::recheck`].
     waits: Vec<Duration>,
     /// The longest wait (`--unserved-recheck`).
     pub recheck: Duration,
@@ -56,7 +56,7 @@ pub struct Unserved {
 }
 
 impl Unserved {
-    /// A policy waiting in the retry queues of `buckets` (those up to `recheck`; `recheck`
+    /// A policy waiting in the delay ladder for `buckets` (those up to `recheck`; `recheck`
     /// itself must be one), for at most `ttl` in all.
     #[must_use]
     pub fn new(buckets: &[Duration], recheck: Duration, ttl: Duration) -> Self {
