@@ -39,6 +39,18 @@ async fn wait_for_state(readiness: &Readiness, state: State) {
     .unwrap();
 }
 
+/// Jobs ready (not delivered to any consumer) of `kind` in `app`'s namespace: in `jobs.work`,
+/// where they wait before a consumer declared the kind's queue, and in that queue once it
+/// exists.
+async fn ready_work(app: &TestApp, kind: &str) -> u32 {
+    let mut ready = app.depth(&app.topology.names.work_queue).await;
+    let kind = app.kind_queue(kind);
+    if app.queue_exists(&kind).await {
+        ready += app.depth(&kind).await;
+    }
+    ready
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_broker_pauses_the_consumer_which_resumes_and_still_stops_in_time() {
     // Arrange: a backlog on a node of our own, then a memory alarm.
@@ -73,6 +85,25 @@ async fn a_blocked_broker_pauses_the_consumer_which_resumes_and_still_stops_in_t
         metrics.lines().any(|l| l == "consumer_blocked 1"),
         "{metrics}"
     );
+    // While blocked, the jobs still waiting stay in their queue: over a couple of seconds
+    // the ready count never falls below what it was when the block began.
+    let waiting = ready_work(&app, "text.analyze").await;
+    assert!(
+        waiting > 0,
+        "no job left waiting: the check below would prove nothing"
+    );
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = ready_work(&app, "text.analyze").await;
+        assert!(
+            now >= waiting,
+            "the blocked consumer took work: {waiting} jobs ready when it was blocked, {now} \
+             after {:?}",
+            watched.elapsed()
+        );
+        assert_eq!(readiness.state(), State::Blocked);
+    }
 
     alarm.clear().await;
     wait_for_state(&readiness, State::Consuming).await;
@@ -84,18 +115,27 @@ async fn a_blocked_broker_pauses_the_consumer_which_resumes_and_still_stops_in_t
         "{metrics}"
     );
 
-    // Blocked again, with work in hand: a stop still ends it within its deadlines.
+    // Blocked again, with work in hand: a stop still ends it within its deadlines. The batch
+    // is 400 sleeps of 100 ms, at least 10 s of work for the consumer's 4 slots however fast
+    // the machine, so jobs still wait when the alarm lands (checked), and the next result
+    // publish of the consumer gets it blocked.
     let third: HashSet<_> = app
-        .publish_many("text.analyze", jobs(50))
+        .publish_many("bench.sleep", (0..400).map(|_| json!({ "ms": 100 })))
         .await
         .into_iter()
         .collect();
     let alarm = node.raise_memory_alarm().await;
-    let still_blocked = async {
-        // The alarm reaches the connection at its next publish; wait for it or for the jobs.
-        wait_for_state(&readiness, State::Blocked).await;
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(20), still_blocked).await;
+    let left = ready_work(&app, "bench.sleep").await;
+    assert!(
+        left > 0,
+        "the consumer ran every job before the alarm landed"
+    );
+    wait_for_state(&readiness, State::Blocked).await;
+    let (_, metrics) = get(format!("{base}/metrics")).await;
+    assert!(
+        metrics.lines().any(|l| l == "consumer_blocked 1"),
+        "{metrics}"
+    );
     let stopping = Instant::now();
     consumer.stop().await.unwrap();
     let took = stopping.elapsed();

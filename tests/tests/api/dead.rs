@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::{
     children::{Collector, producer_command},
-    helpers::{TestApp, within},
+    helpers::{TestApp, rabbitmqctl, within},
 };
 
 /// Puts a dead letter in the namespace's `jobs.dead`, as the consumer writes them.
@@ -52,6 +52,22 @@ pub(crate) async fn bury(
         .await
         .unwrap();
     check_confirmation(confirm.await.unwrap()).unwrap();
+}
+
+/// Messages of `queue` delivered and not yet acked, by `rabbitmqctl list_queues` (exact, where
+/// the management API's figures lag by seconds); `None` when there is no `rabbitmqctl` that
+/// answers for the test broker.
+async fn unacked(queue: &str) -> Option<u64> {
+    let output = rabbitmqctl(&["list_queues", "name", "messages_unacknowledged"]).await?;
+    if !output.status.success() {
+        return None;
+    }
+    let listing = String::from_utf8_lossy(&output.stdout);
+    // Not listed: that `rabbitmqctl` speaks for another node than the test broker.
+    let count = listing
+        .lines()
+        .find_map(|line| line.strip_prefix(queue)?.strip_prefix('\t'))?;
+    Some(count.trim().parse().unwrap())
 }
 
 pub(crate) fn job(id: Uuid, kind: &str) -> Vec<u8> {
@@ -237,7 +253,22 @@ async fn a_replay_killed_midway_loses_no_dead_letter() {
     .await;
     replay.start_kill().unwrap();
     within("the replay to die", replay.wait()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once the broker notices the replay's connection is gone, it gives back the letters the
+    // replay held unacked: wait for that.
+    let dead_queue = app.topology.names.dead_queue.clone();
+    within("the letters the replay held to be given back", async {
+        loop {
+            match unacked(&dead_queue).await {
+                Some(0) => return,
+                Some(_) => {}
+                // No `rabbitmqctl` to ask: all that can be waited for is the count itself.
+                None if app.depth(&work).await + app.depth(&dead_queue).await >= 5000 => return,
+                None => {}
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
 
     // Assert: every letter is still dead or back in work (or both)
     let in_work = app.depth(&work).await;

@@ -144,16 +144,12 @@ async fn jobs_run_end_to_end_on_classic_queues() {
 async fn producer_rate_spaces_the_publishes_evenly() {
     // Arrange: 20 jobs at 40 per second are 19 gaps of 25 ms
     let app = TestApp::new().await;
-    let mut settings = Settings::new(
-        app.common.clone(),
-        Source::Synthetic {
-            count: 20,
-            size: 100,
-        },
-    );
-    settings.rate = Some(40.0);
+    let (count, rate) = (20, 40.0);
+    let mut settings = Settings::new(app.common.clone(), Source::Synthetic { count, size: 100 });
+    settings.rate = Some(rate);
 
     // Act
+    let before = time::OffsetDateTime::now_utc();
     let summary = within(
         "the producer",
         producer::run(settings, std::io::sink(), CancellationToken::new()),
@@ -161,13 +157,55 @@ async fn producer_rate_spaces_the_publishes_evenly() {
     .await
     .unwrap();
 
-    // Assert
+    // Assert: every job sent, none created ahead of its place in the schedule (job i not
+    // before i / rate after the run began), so they spread over at least (count - 1) / rate
     assert!(summary.success(), "{summary}");
-    assert_eq!(summary.confirmed, 20);
+    assert_eq!(summary.confirmed, count);
+    let n = usize::try_from(count).unwrap();
+    let mut created: Vec<time::OffsetDateTime> = app
+        .take(&app.topology.names.work_queue, n)
+        .await
+        .iter()
+        .map(|job| {
+            let text = job.json()["created_at"].as_str().unwrap().to_owned();
+            time::OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+                .unwrap()
+        })
+        .collect();
+    created.sort();
+    let offsets: Vec<f64> = created
+        .iter()
+        .map(|at| (*at - before).as_seconds_f64())
+        .collect();
+    for (i, offset) in offsets.iter().enumerate() {
+        let slot = i as f64 / rate;
+        assert!(
+            *offset >= slot,
+            "job {i} was created {offset:.3} s into the run, before its slot at {slot:.3} s: \
+             {offsets:?}"
+        );
+    }
+    // ... and not in a burst: a window of 5 / rate holds about 5 jobs on schedule; more than
+    // half of them in one would take the producer falling far behind and catching up at once.
+    let window = time::Duration::seconds_f64(5.0 / rate);
+    let crowded = (0..n)
+        .map(|i| {
+            created[i..]
+                .iter()
+                .take_while(|at| **at - created[i] < window)
+                .count()
+        })
+        .max()
+        .unwrap();
     assert!(
-        summary.elapsed >= std::time::Duration::from_millis(19 * 25),
-        "20 jobs at 40/s took only {:?}",
-        summary.elapsed
+        crowded <= n / 2,
+        "{crowded} jobs created within {window}: {offsets:?}"
+    );
+    // ... over about count / rate: not spread over minutes either (a bound for a busy machine).
+    let spread = created[n - 1] - created[0];
+    assert!(
+        spread < time::Duration::seconds(20),
+        "{count} jobs at {rate}/s spread over {spread}"
     );
     app.teardown().await;
 }

@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use consumer::{
@@ -14,7 +14,10 @@ use consumer::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::helpers::{TEST_RETRY_BASE, TestApp};
+use crate::helpers::TestApp;
+
+/// The first retry delay of this test; the second is twice as long.
+const BASE: Duration = Duration::from_millis(250);
 
 #[derive(Deserialize)]
 struct Flaky {
@@ -58,6 +61,10 @@ async fn retryable_failures_back_off_then_succeed_or_dead_letter() {
     let registry = Registry::new().register("test.flaky", decode::<Flaky>().then(flaky.clone()));
     let mut settings = app.consumer_settings();
     settings.max_attempts = 3;
+    // Delays of 250 ms then 500 ms (each less up to 25 % of jitter): the delay ladder's unit is
+    // 250 ms, so shorter ones would all round up to the same wait and show no growth.
+    settings.retry_base_delay = BASE.as_secs_f64();
+    settings.retry_max_delay = (BASE * 4).as_secs_f64();
     let consumer = app.spawn_consumer(settings, registry);
 
     // Act: one job that fails twice, one that always fails
@@ -80,11 +87,33 @@ async fn retryable_failures_back_off_then_succeed_or_dead_letter() {
     assert_eq!(ok["output"], 3);
     let calls = flaky.calls.lock().unwrap().clone();
     let waited = calls[&1][2] - calls[&1][0];
-    let least = (TEST_RETRY_BASE + TEST_RETRY_BASE * 2).mul_f64(0.75);
+    let least = (BASE + BASE * 2).mul_f64(0.75);
     assert!(
         waited >= least,
         "retries came back after {waited:?}, before {least:?}"
     );
+    // Assert: the delay grows. For both jobs, the wait before the third attempt is at least the
+    // second delay less its jitter (1.5 x BASE), more than the first delay can ever be (BASE);
+    // and it is longer than the wait before the second attempt, which load can only lengthen
+    // (their delays differ by 0.5 x BASE at least, 1 x BASE as the ladder rounds them).
+    for n in [1, 2] {
+        let [first, second, third] = calls[&n][..] else {
+            panic!("job {n}: {} attempts", calls[&n].len());
+        };
+        let (earlier, later) = (second - first, third - second);
+        assert!(
+            earlier >= BASE.mul_f64(0.75),
+            "job {n}: first retry after {earlier:?}"
+        );
+        assert!(
+            later >= (BASE * 2).mul_f64(0.75),
+            "job {n}: second retry after {later:?}, no longer than the first delay may be"
+        );
+        assert!(
+            later > earlier,
+            "job {n}: the second retry waited {later:?}, the first {earlier:?}"
+        );
+    }
 
     // Assert: the second is dead after three attempts, with its reason and count
     let failed = &by_id[&doomed.to_string()];

