@@ -180,3 +180,16 @@ def test_a_dead_letter_from_its_message_and_as_json() -> None:
     junk = DeadLetter.from_message(body=b"\xff\x00", headers={}, message_id="not a uuid")
     assert junk.job_id is None and not junk.is_job and junk.job is None
     assert DeadLetter.from_json(junk.to_json()) == junk
+    assert out["fanin_check"] is False and not letter.fanin_check
+
+
+def test_a_dead_fan_in_check_is_told_apart_as_producer_dead_list_does() -> None:
+    check = (
+        f'{{"schema_version":1,"id":"{ID}","kind":"text.analyze","created_at":"2026-01-02T03:04:05Z",'
+        '"payload":null,"fanin":{"parent":"x"}}'
+    ).encode()
+    died_in_join = DeadLetter.from_message(body=check, headers={"x-failed-stage": "join"})
+    assert died_in_join.fanin_check and died_in_join.to_dict()["fanin_check"] is True
+    # One that died before any join (its mailbox whole) can be replayed: not one of these.
+    died_early = DeadLetter.from_message(body=check, headers={"x-failed-stage": "envelope"})
+    assert not died_early.fanin_check

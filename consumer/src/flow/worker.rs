@@ -656,7 +656,12 @@ impl Worker {
                     stages,
                     hops,
                 );
-                if joined.body.len() <= self.max_result_bytes {
+                if let Some(reason) = self.refused.get(&job.id) {
+                    // The broker refused this join's result before (over its
+                    // `max_message_size`): the parent is dead-lettered with a failed result,
+                    // replayable, instead of the check coming back until it dies unreplayable.
+                    failed(reason, ENCODE_STAGE, Vec::new())
+                } else if joined.body.len() <= self.max_result_bytes {
                     Outcome::Completed(joined)
                 } else {
                     let reason = too_large(joined.body.len(), self.max_result_bytes);

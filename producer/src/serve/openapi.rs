@@ -72,6 +72,29 @@ pub fn document(accepted: &[&str]) -> serde_json::Value {
     {
         kind.insert("enum".into(), serde_json::json!(accepted));
     }
+    // Every route answers 403 to a `Host` it is not reached by (see `host.rs`), before it runs.
+    let forbidden = serde_json::json!({
+        "description": "the Host header names no address this server is reached by (a DNS rebinding guard: see --allowed-hosts)",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    });
+    if let Some(paths) = doc
+        .get_mut("paths")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for operation in paths
+            .values_mut()
+            .filter_map(serde_json::Value::as_object_mut)
+        {
+            for method in operation.values_mut() {
+                if let Some(responses) = method
+                    .get_mut("responses")
+                    .and_then(serde_json::Value::as_object_mut)
+                {
+                    responses.insert("403".into(), forbidden.clone());
+                }
+            }
+        }
+    }
     doc
 }
 
@@ -107,6 +130,11 @@ mod tests {
         }
         assert!(doc["components"]["schemas"]["NewJob"].is_object());
         let served = document(&["a.kind"]);
+        assert_eq!(
+            served["paths"]["/jobs"]["post"]["responses"]["403"]["content"]["application/json"]["schema"]
+                ["$ref"],
+            "#/components/schemas/ErrorBody"
+        );
         assert_eq!(
             served["components"]["schemas"]["NewJob"]["properties"]["kind"]["enum"],
             serde_json::json!(["a.kind"])

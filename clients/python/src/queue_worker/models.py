@@ -507,7 +507,7 @@ class DeadLetter(_Json):
     Read one from an AMQP message with :meth:`from_message`. Its JSON form (:meth:`to_json`,
     :meth:`from_json`) is the object ``producer dead list --json`` prints for a letter
     (``job_id``, ``kind``, ``stage``, ``error``, ``attempts``, ``dead_at``, ``bytes``,
-    ``is_job``, ``routing_key``) plus the body: ``body`` (text) when it is UTF-8, else
+    ``is_job``, ``fanin_check``, ``routing_key``) plus the body: ``body`` (text) when it is UTF-8, else
     ``body_base64``.
 
     Attributes:
@@ -545,6 +545,19 @@ class DeadLetter(_Json):
     def is_job(self) -> bool:
         """Whether the body reads as a job (an object with a valid ``id`` and ``kind``)."""
         return _job_fields(self.body) is not None
+
+    @property
+    def fanin_check(self) -> bool:
+        """Whether it is a fan-in check that died in its join: it cannot be replayed (the
+        children's outcomes it joined are gone; ``producer dead replay`` keeps it). A check
+        that died before any join (``failed_stage == "envelope"``) is not one."""
+        if self.failed_stage == "envelope" or _job_fields(self.body) is None:
+            return False
+        try:
+            body = json.loads(self.body)
+        except ValueError:
+            return False
+        return isinstance(body, dict) and body.get("fanin") is not None
 
     @classmethod
     def from_message(
@@ -624,6 +637,7 @@ class DeadLetter(_Json):
             "dead_at": None if self.dead_at is None else format_rfc3339(self.dead_at),
             "bytes": len(self.body),
             "is_job": self.is_job,
+            "fanin_check": self.fanin_check,
             "routing_key": self.routing_key,
         }
         try:

@@ -223,13 +223,31 @@ function render(data) {
       : 'unreachable: ' + (metrics.error || 'no answer'))
     : metrics.error, !metrics.configured);
 
+  // Each figure says where it comes from. The management API's figures are the broker's
+  // statistics, which it refreshes every few seconds (5 s by default): during a burst they
+  // lag the results, which arrive as they happen. Where a fresher source exists, it wins.
+  const mgmtSource = view ? 'broker statistics, up to ~5 s behind' : 'no answer from the management API';
+  for (const el of document.querySelectorAll('.src-mgmt')) el.textContent = mgmtSource;
+  const outNow = traffic.out_now || 0;
   $('rate-in').textContent = view ? fmt(view.in_now, 1) : '–';
+  $('src-in').textContent = !view ? mgmtSource
+    : view.in_now === null || view.in_now === undefined ? 'no rate from the broker yet (its statistics come every ~5 s)'
+      : 'broker statistics, up to ~5 s behind';
   $('rate-out').textContent = fmt(traffic.out_now, 1);
   const depth = (role) => view ? fmt(view.depths[role].ready + view.depths[role].unacked) : '–';
   $('depth-work').textContent = depth('work');
   $('depth-delay').textContent = depth('delay');
   $('depth-results').textContent = depth('results');
-  $('depth-dead').textContent = depth('dead');
+  // Dead letters: the statistics, unless a look at the queue itself (the list below) is newer
+  // than the statistics can be.
+  const statsDead = view ? view.depths.dead.ready + view.depths.dead.unacked : null;
+  if (deadLook && (statsDead === null || deadLook.at >= Date.now() / 1000 - 5)) {
+    $('depth-dead').textContent = fmt(deadLook.depth);
+    $('src-dead').textContent = 'the queue itself, at ' + new Date(deadLook.at * 1000).toLocaleTimeString();
+  } else {
+    $('depth-dead').textContent = depth('dead');
+    $('src-dead').textContent = mgmtSource;
+  }
   $('lat-p50').textContent = ms(traffic.latency_now.p50);
   $('lat-p99').textContent = ms(traffic.latency_now.p99);
 
@@ -269,7 +287,15 @@ function render(data) {
   for (const t of targets) {
     if (!unique(t)) rows.push({ name: '(metrics) ' + t.target, peer: t.address, state: t.ok ? 'answering' : (t.error || 'down'), queues: [], metrics: t.ok ? t : null });
   }
-  $('consumer-count').textContent = view ? String(consumers.length) : '–';
+  // The management API lists a new connection only after its next statistics: results
+  // arriving while it lists none mean at least one consumer it has not listed yet.
+  if (view && consumers.length === 0 && outNow > 0) {
+    $('consumer-count').textContent = '≥ 1';
+    $('src-consumers').textContent = 'results arrive; the broker has not listed a consumer yet';
+  } else {
+    $('consumer-count').textContent = view ? String(consumers.length) : '–';
+    $('src-consumers').textContent = mgmtSource;
+  }
   fill($('consumers').tBodies[0], rows, 9, (tr, c) => {
     cell(tr, c.name || c.connection);
     cell(tr, c.peer);
@@ -295,6 +321,8 @@ function render(data) {
 }
 
 let lastDeadDepth = null;
+// The latest look at the dead-letter queue itself: its depth, and when (seconds).
+let deadLook = null;
 let polling = false;
 
 // One poll at a time: a slow server gets no pile of requests from this page.
@@ -346,6 +374,9 @@ async function loadDead(fresh) {
     if (!keepStatus) $('dead-status').textContent = '';
     keepStatus = false;
     const kept = new Set(selected());
+    deadLook = { depth: body.depth, at: Date.now() / 1000 };
+    $('depth-dead').textContent = fmt(body.depth);
+    $('src-dead').textContent = 'the queue itself, at ' + new Date().toLocaleTimeString();
     $('dead-depth').textContent = '(' + body.depth + ' in ' + body.queue + (body.depth > body.letters.length ? ', first ' + body.letters.length + ' shown' : '') + ')';
     fill($('dead').tBodies[0], body.letters, 7, (tr, l) => {
       const td = document.createElement('td');
