@@ -125,19 +125,7 @@ fn amqp_credentials(url: &str) -> (String, String) {
 /// Other tests' connections are left alone. The management API lists a new connection only
 /// after its first statistics (every 5 s by default), so this polls until one matches.
 pub async fn close_connections(needle: &str) -> usize {
-    let broker = broker().await;
-    let (user, pass) = amqp_credentials(&broker.url);
-    let api = Management {
-        base: broker.management.clone(),
-        container_id: broker.container_id.clone(),
-        auth: format!(
-            "Basic {}",
-            base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                format!("{user}:{pass}")
-            )
-        ),
-    };
+    let api = Management::of(broker().await);
     let needle = needle.to_owned();
     within(
         &format!("a connection named like {needle:?} to close"),
@@ -166,6 +154,68 @@ struct Management {
 }
 
 impl Management {
+    /// The management API of `broker`, with the credentials of its AMQP URL.
+    fn of(broker: &Broker) -> Self {
+        let (user, pass) = amqp_credentials(&broker.url);
+        Self {
+            base: broker.management.clone(),
+            container_id: broker.container_id.clone(),
+            auth: format!(
+                "Basic {}",
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    format!("{user}:{pass}")
+                )
+            ),
+        }
+    }
+
+    /// Deletes every queue and exchange of the default vhost whose name starts with `prefix`,
+    /// as the broker lists them; returns how many, or `None` when the API does not answer.
+    fn delete_prefixed(&self, prefix: &str) -> Option<usize> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(20)))
+            .build()
+            .into();
+        let mut deleted = 0;
+        for what in ["queues", "exchanges"] {
+            let base = &self.base;
+            let listing = agent
+                .get(format!("{base}/api/{what}/%2F?columns=name"))
+                .header("authorization", &self.auth)
+                .call()
+                .ok()?
+                .body_mut()
+                .read_to_string()
+                .ok()?;
+            let items: Vec<Value> = serde_json::from_str(&listing).ok()?;
+            for name in items.iter().filter_map(|item| item["name"].as_str()) {
+                if !name.starts_with(prefix) {
+                    continue;
+                }
+                let encoded: String = name
+                    .bytes()
+                    .map(|b| match b {
+                        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                            (b as char).to_string()
+                        }
+                        _ => format!("%{b:02X}"),
+                    })
+                    .collect();
+                // Gone meanwhile (404), or an exclusive queue of a live connection: left.
+                if agent
+                    .delete(format!("{base}/api/{what}/%2F/{encoded}"))
+                    .header("authorization", &self.auth)
+                    .call()
+                    .is_ok()
+                {
+                    deleted += 1;
+                }
+            }
+        }
+        Some(deleted)
+    }
+
     fn close_matching(&self, needle: &str) -> usize {
         let base = &self.base;
         let listing = ureq::get(format!("{base}/api/connections"))
@@ -315,6 +365,29 @@ pub struct TestApp {
     pub topology: Topology,
     pub connection: shared::amqp::Connection,
     pub channel: Channel,
+    /// Set by [`TestApp::teardown`]: nothing left for `Drop` to delete.
+    cleaned: bool,
+}
+
+impl Drop for TestApp {
+    /// A test that ends without [`TestApp::teardown`] (it has none, or it panicked) still
+    /// deletes its namespace from the suite's broker, unless `KEEP_TEST_QUEUES=1` (to look at
+    /// what a failing test left).
+    fn drop(&mut self) {
+        if self.cleaned || std::env::var_os("KEEP_TEST_QUEUES").is_some_and(|v| v == "1") {
+            return;
+        }
+        let Some(broker) = BROKER.get() else {
+            return;
+        };
+        if broker.url != self.common.amqp_url || self.common.namespace.is_empty() {
+            return;
+        }
+        let api = Management::of(broker);
+        let prefix = format!("{}.", self.common.namespace);
+        // Blocking HTTP calls (bounded, 20 s each): off the runtime's workers.
+        let _ = std::thread::spawn(move || api.delete_prefixed(&prefix)).join();
+    }
 }
 
 /// A consumer running in-process.
@@ -374,6 +447,7 @@ impl TestApp {
             topology,
             connection,
             channel,
+            cleaned: false,
         }
     }
 
@@ -611,8 +685,23 @@ impl TestApp {
         self.topology.names.kind_queue(kind)
     }
 
-    /// Deletes this namespace's queues and exchanges.
-    pub async fn teardown(self) {
+    /// Deletes this namespace's queues and exchanges: on the suite's broker, every one it lists
+    /// under the namespace's prefix (the management API: fan-in mailboxes, group queues and
+    /// kinds no list here names included); elsewhere (an isolated node, a cluster), and as a
+    /// fallback, the names the topology knows.
+    pub async fn teardown(mut self) {
+        self.cleaned = true;
+        let broker = broker().await;
+        if broker.url == self.common.amqp_url && !self.common.namespace.is_empty() {
+            let api = Management::of(broker);
+            let prefix = format!("{}.", self.common.namespace);
+            let deleted = tokio::task::spawn_blocking(move || api.delete_prefixed(&prefix));
+            let deleted = tokio::time::timeout(Duration::from_secs(60), deleted).await;
+            if let Ok(Ok(Some(_))) = deleted {
+                let _ = self.connection.close(200, "test done".into()).await;
+                return;
+            }
+        }
         let n = &self.topology.names;
         let mut delays = self.consumer_settings().retry_buckets();
         delays.extend(consumer::Settings::new(self.common.clone()).retry_buckets());
