@@ -406,3 +406,79 @@ async fn two_concurrent_posts_of_one_id_with_different_jobs_publish_one() {
     shutdown.cancel();
     app.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_across_sigterm_is_answered_and_one_that_never_ends_does_not_hold_the_exit()
+ {
+    // Arrange: the real binary; two requests whose heads are whole and whose bodies are half
+    // sent when SIGTERM comes.
+    let app = TestApp::new().await;
+    let url = broker_url().await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = producer_command(&app, &url)
+        .args(["serve", "--listen", &addr.to_string(), "--tokens", TOKEN])
+        .args(["--shutdown-timeout", "5"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(addr, Some(TOKEN)).await;
+    let id = Uuid::new_v4();
+    let request = post("127.0.0.1", "/jobs", Some(TOKEN), &job("in flight", id));
+    let (head_and_half, rest) = request.split_at(request.len() - 10);
+    let (head_and_half, rest) = (head_and_half.to_owned(), rest.to_owned());
+    let open = move |part: String| {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(part.as_bytes()).unwrap();
+        stream
+    };
+    let mut finishing = tokio::task::spawn_blocking({
+        let part = head_and_half.clone();
+        move || open(part)
+    })
+    .await
+    .unwrap();
+    let stalled = tokio::task::spawn_blocking(move || open(head_and_half))
+        .await
+        .unwrap();
+
+    // Act: SIGTERM; then the first request's body ends, the second's never does.
+    let pid = child.id().unwrap().to_string();
+    let term = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let answer = tokio::task::spawn_blocking(move || {
+        finishing.write_all(rest.as_bytes()).unwrap();
+        finishing
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut answer = String::new();
+        let _ = finishing.read_to_string(&mut answer);
+        answer
+    })
+    .await
+    .unwrap();
+    let exited = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    let took = term.elapsed();
+
+    // Assert: the request in flight got its answer, and its job is in the broker; the process
+    // exited at its shutdown deadline, whatever the stalled client does.
+    report(&format!(
+        "serve, requests in flight at SIGTERM: exit {:.2} s after it (--shutdown-timeout 5)",
+        took.as_secs_f64()
+    ));
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    assert!(answer.contains(&id.to_string()), "{answer}");
+    assert_eq!(app.depth(&app.topology.names.work_queue).await, 1);
+    let status = exited.expect("serve exits after SIGTERM").unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < Duration::from_secs(5 + 10),
+        "within the shutdown deadline (5 s) and the broker close: {took:?}"
+    );
+    drop(stalled);
+    app.teardown().await;
+}
