@@ -231,9 +231,12 @@ pub async fn run(
     }
     progress.finish_and_clear();
     // After the publishes, not before: consumers started together with this run have had the
-    // time to declare their queues.
+    // time to declare their queues. Not after an interruption, nor on a connection the broker
+    // blocks (it would wait on an alarm for a note).
     if let Some(connection) = publisher.connection() {
-        note_unserved_kind(connection, &topology, &settings.kind).await;
+        if summary.confirmed > 0 && !shutdown.is_cancelled() && !connection.status().blocked() {
+            note_unserved_kind(connection, &topology, &settings.kind).await;
+        }
     }
 
     if let Some(mut listener) = listener.take() {
