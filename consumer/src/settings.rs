@@ -53,9 +53,11 @@ pub struct Settings {
     #[arg(long, env = "CONSUMER_HTTP_ADDR", default_value_t = default_http_addr())]
     pub http_addr: std::net::SocketAddr,
 
-    /// Serve only these kinds (comma-separated); empty serves every kind this binary has.
-    /// Each kind served has its queue `jobs.kind.<kind>`, so consumers of different kinds can
-    /// share a broker without this setting; it narrows one deployment to some of its kinds.
+    /// Serve only these kinds (comma-separated).
+    ///
+    /// Empty serves every kind this binary has. Each kind served has its queue
+    /// `jobs.kind.<kind>`, so consumers of different kinds can share a broker without this
+    /// setting; it narrows one deployment to some of its kinds.
     #[arg(long, env = "CONSUMER_KINDS", value_delimiter = ',', value_parser = parse_group_kind)]
     pub kinds: Vec<String>,
 
@@ -107,8 +109,9 @@ pub struct Settings {
           value_parser = parse_seconds)]
     pub stage_timeout: f64,
 
-    /// How long an unread result stays in `jobs.results`, in seconds (its `expiration`);
-    /// then the broker drops it. 0 keeps results until they are read. Applies to results
+    /// How long an unread result stays in `jobs.results`, in seconds (its `expiration`).
+    ///
+    /// Then the broker drops it. 0 keeps results until they are read. Applies to results
     /// published from now on, without touching the queue.
     #[arg(long, env = "CONSUMER_RESULTS_TTL", default_value_t = DEFAULT_RESULTS_TTL_SECS,
           value_parser = parse_ttl)]
@@ -121,16 +124,20 @@ pub struct Settings {
     pub shutdown_timeout: f64,
 
     /// Keep trying when the broker refuses the login (`ACCESS_REFUSED`) or the virtual host
-    /// before the first connection; by default the consumer then exits with code 1, since
-    /// trying again with the same password does not help. (After a first connection, a
-    /// refusal is always retried: the password may be rotating.)
+    /// before the first connection.
+    ///
+    /// By default the consumer then exits with code 1, since trying again with the same
+    /// password does not help. (After a first connection, a refusal is always retried: the
+    /// password may be rotating.)
     #[arg(long, env = "CONSUMER_RETRY_REFUSED_LOGIN")]
     pub retry_refused_login: bool,
 
-    /// Longest wait of a job of a kind no running consumer serves before it is routed again,
-    /// in seconds: it waits in the delay ladder (first the shortest retry delay, then about as
-    /// long as it has waited so far, up to this), then goes back through the jobs exchange,
-    /// into its kind's queue if one has appeared meanwhile.
+    /// Longest wait of a job of a kind no running consumer serves before it is routed again, in
+    /// seconds.
+    ///
+    /// It waits in the delay ladder (first the shortest retry delay, then about as long as it
+    /// has waited so far, up to this), then goes back through the jobs exchange, into its
+    /// kind's queue if one has appeared meanwhile.
     #[arg(long, env = "CONSUMER_UNSERVED_RECHECK", default_value_t = DEFAULT_UNSERVED_RECHECK_SECS,
           value_parser = parse_seconds)]
     pub unserved_recheck: f64,

@@ -96,8 +96,10 @@ pub struct Settings {
     #[arg(long, env = "PRODUCER_NO_DECLARE")]
     pub no_declare: bool,
 
-    /// Run every job no earlier than this long after it is sent: `90s`, `500ms`, `5m`, `2h`,
-    /// `30d` (at most 366 days). The jobs wait in the broker's delay ladder.
+    /// Run every job no earlier than this long after it is sent.
+    ///
+    /// `90s`, `500ms`, `5m`, `2h`, `30d` (at most 366 days). The jobs wait in the broker's
+    /// delay ladder.
     #[arg(long, env = "PRODUCER_DELAY", value_parser = shared::delay::parse_delay,
           conflicts_with = "at")]
     pub delay: Option<Duration>,
@@ -156,9 +158,10 @@ pub struct ServeSettings {
           value_parser = parse_seconds)]
     pub request_timeout: f64,
 
-    /// Longest time a request head may take to arrive, in seconds: from a connection's start
-    /// for its first request, from its first byte for later ones. A slower client is
-    /// disconnected.
+    /// Longest time a request head may take to arrive, in seconds.
+    ///
+    /// From a connection's start for its first request, from its first byte for later ones. A
+    /// slower client is disconnected.
     #[arg(long, env = "PRODUCER_HEADER_TIMEOUT", default_value_t = DEFAULT_HEADER_TIMEOUT_SECS,
           value_parser = parse_seconds)]
     pub header_timeout: f64,
@@ -175,16 +178,20 @@ pub struct ServeSettings {
           value_parser = parse_positive)]
     pub max_connections: usize,
 
-    /// Longest time from SIGTERM to exit, in seconds: requests in flight are answered within
-    /// it, then every connection left is dropped, whatever its client does.
+    /// Longest time from SIGTERM to exit, in seconds.
+    ///
+    /// Requests in flight are answered within it, then every connection left is dropped,
+    /// whatever its client does.
     #[arg(long, env = "PRODUCER_SHUTDOWN_TIMEOUT", default_value_t = DEFAULT_SHUTDOWN_TIMEOUT_SECS,
           value_parser = parse_seconds)]
     pub shutdown_timeout: f64,
 
     /// Host names clients may reach the server by (the `Host` header), comma-separated, besides
-    /// `localhost` and IP addresses. Without tokens, any other name gets 403: a web page whose
-    /// name was rebound to 127.0.0.1 (DNS rebinding) cannot submit jobs or read the dashboard.
-    /// When given, the check applies with tokens too.
+    /// `localhost` and IP addresses.
+    ///
+    /// Without tokens, any other name gets 403: a web page whose name was rebound to 127.0.0.1
+    /// (DNS rebinding) cannot submit jobs or read the dashboard. When given, the check applies
+    /// with tokens too.
     #[arg(long, env = "PRODUCER_ALLOWED_HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
 
@@ -204,14 +211,17 @@ pub struct ServeSettings {
     pub result_cache_bytes: usize,
 
     /// The broker's management API, for the dashboard's queue depths, rates and consumers
-    /// (`http[s]://[user:password@]host:port`); default: the first broker's host, port 15672,
-    /// with the AMQP URL's credentials.
+    /// (`http[s]://[user:password@]host:port`).
+    ///
+    /// Default: the first broker's host, port 15672, with the AMQP URL's credentials.
     #[arg(long, env = "PRODUCER_MANAGEMENT_URL", hide_env_values = true)]
     pub management_url: Option<String>,
 
     /// Bearer tokens of the dashboard's data and replay routes (`/dashboard/...`),
-    /// comma-separated (16 characters at least); when given, the ingest tokens no longer open
-    /// them, so that clients that submit jobs cannot read failures or replay dead letters.
+    /// comma-separated (16 characters at least).
+    ///
+    /// When given, the ingest tokens no longer open them, so that clients that submit jobs
+    /// cannot read failures or replay dead letters.
     #[arg(
         long,
         env = "PRODUCER_DASHBOARD_TOKENS",
@@ -221,8 +231,10 @@ pub struct ServeSettings {
     pub dashboard_tokens: Vec<String>,
 
     /// The consumers' metrics endpoints the dashboard reads (`http://consumer:9400/metrics`),
-    /// comma-separated; a host name that resolves to several addresses (a compose service
-    /// scaled out) is read at each.
+    /// comma-separated.
+    ///
+    /// A host name that resolves to several addresses (a compose service scaled out) is read at
+    /// each.
     #[arg(long, env = "PRODUCER_CONSUMER_METRICS", value_delimiter = ',')]
     pub consumer_metrics: Vec<String>,
 }

@@ -35,11 +35,12 @@ pub struct CommonSettings {
           global = true)]
     pub queue_type: QueueType,
 
-    /// Quorum queues: how many times one message may run without being settled (its
-    /// consumers died or lost their connection with it); the consumer that receives it next
-    /// dead-letters it unrun to `jobs.dead` (a poison message that kills every consumer that
-    /// takes it). Takes effect at once; a queue an earlier build declared with
-    /// `x-delivery-limit` keeps the broker's own limit too.
+    /// Quorum queues: how many times one message may run without being settled (its consumers
+    /// died or lost their connection with it).
+    ///
+    /// The consumer that receives it next dead-letters it unrun to `jobs.dead` (a poison
+    /// message that kills every consumer that takes it). Takes effect at once; a queue an
+    /// earlier build declared with `x-delivery-limit` keeps the broker's own limit too.
     #[arg(long, env = "JOBS_DELIVERY_LIMIT", default_value_t = DEFAULT_DELIVERY_LIMIT,
           value_parser = clap::value_parser!(u32).range(1..), global = true)]
     pub delivery_limit: u32,

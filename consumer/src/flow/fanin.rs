@@ -244,7 +244,23 @@ pub async fn drain(channel: Channel, mailbox: &str, n: u32, count: u32) -> Drain
                     Err(_) => true,
                 }
             }
-            None => true,
+            None => match (
+                drained.manifest.as_mut(),
+                serde_json::from_slice::<Manifest>(&delivery.data),
+            ) {
+                // A later spawn of the same fan-out (the parent replayed after a join that
+                // failed and whose mailbox was left): its deadline counts, and it stays with
+                // the first, so that a drain given back keeps it for the next.
+                (Some(kept), Ok(later))
+                    if later.job_id == kept.job_id
+                        && later.n == kept.n
+                        && later.deadline > kept.deadline =>
+                {
+                    kept.deadline = later.deadline;
+                    false
+                }
+                _ => true,
+            },
         };
         if ack {
             // A second outcome of one child (a redelivered child ran twice), a second manifest

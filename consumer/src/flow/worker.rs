@@ -415,7 +415,7 @@ impl Worker {
         let id = fanin::fanout_id(job.id, lineage.hops);
         let now = OffsetDateTime::now_utc();
         let deadline = now + fanin::DEADLINE;
-        let manifest = Manifest {
+        let mut manifest = Manifest {
             schema_version: FANOUT_SCHEMA_VERSION,
             job_id: job.id,
             kind: job.kind.clone(),
@@ -468,11 +468,24 @@ impl Worker {
             deadline,
         };
         tracing::debug!(children = n, to = kind, "job fans out");
+        let mut manifest_body = to_json(&manifest);
+        if manifest_body.len() > self.max_body_bytes && manifest.parent.is_some() {
+            // The parent kept beside the rest would make a manifest no consumer reads (or one
+            // over the broker's limit): kept without it, a join that fails for good
+            // dead-letters the check, which cannot be replayed.
+            tracing::warn!(
+                bytes = manifest_body.len(),
+                max_body_bytes = self.max_body_bytes,
+                "the manifest leaves out the parent job: a failed join will not be replayable"
+            );
+            manifest.parent = None;
+            manifest_body = to_json(&manifest);
+        }
         Outcome::Spawn(Spawn {
             job_id: job.id,
             kind: job.kind.clone(),
             mailbox: self.settler.names().fanin_queue(&id),
-            manifest: to_json(&manifest).into(),
+            manifest: manifest_body.into(),
             child_kind: kind,
             children,
             tick: fanin::check_body(job.id, &job.kind, job.created_at, check).into(),

@@ -71,6 +71,7 @@ pub enum Action {
         #[arg(long, default_value = "30s", value_parser = shared::delay::parse_delay)]
         confirm_timeout: Duration,
         /// Longest wait for a broker that blocks publishers (a memory or disk alarm) to clear.
+        ///
         /// Republishes sent before it blocked run once it clears: a run that gives up says
         /// which, and leaves their letters dead.
         #[arg(long, default_value = "5m", value_parser = shared::delay::parse_delay)]

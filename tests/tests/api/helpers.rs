@@ -130,14 +130,26 @@ pub async fn close_connections(needle: &str) -> usize {
     within(
         &format!("a connection named like {needle:?} to close"),
         async move {
+            let started = std::time::Instant::now();
             loop {
-                let api = api.clone();
-                let needle = needle.clone();
-                let closed = tokio::task::spawn_blocking(move || api.close_matching(&needle))
+                let (listed, name) = (api.clone(), needle.clone());
+                let closed = tokio::task::spawn_blocking(move || listed.close_matching(&name))
                     .await
                     .unwrap();
                 if closed > 0 {
                     return closed;
+                }
+                // A loaded broker can take minutes to get a new connection's statistics into
+                // the management API's listing: after 10 s, ask the node itself as well.
+                if let (Some(id), true) = (&api.container_id, started.elapsed().as_secs() >= 10) {
+                    let (id, name) = (id.clone(), needle.clone());
+                    let closed =
+                        tokio::task::spawn_blocking(move || close_with_rabbitmqctl(&id, &name))
+                            .await
+                            .unwrap();
+                    if closed > 0 {
+                        return closed;
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }

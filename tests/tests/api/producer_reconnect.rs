@@ -27,7 +27,7 @@ async fn the_producer_reconnects_and_loses_no_job() {
     let mut settings = Settings::new(app.common.clone(), Source::Lines(fifo.clone()));
     settings.wait = true;
     settings.window = 16;
-    let producer = tokio::spawn(producer::run(
+    let mut producer = tokio::spawn(producer::run(
         settings,
         Vec::new(),
         CancellationToken::new(),
@@ -55,7 +55,15 @@ async fn the_producer_reconnects_and_loses_no_job() {
         }
         pipe.flush().unwrap();
         if round < 2 {
-            let closed = close_connections(&needle).await;
+            // A producer that ended meanwhile has no connection to close: say why it ended
+            // rather than wait for one.
+            let closed = tokio::select! {
+                closed = close_connections(&needle) => closed,
+                ended = &mut producer => panic!(
+                    "round {round}: the producer ended before its connection was closed: {:?}",
+                    ended.map(|run| run.map(|summary| summary.to_string()))
+                ),
+            };
             assert!(
                 closed >= 1,
                 "round {round}: no producer connection to close"

@@ -204,3 +204,182 @@ async fn http_fetch_fetches_https_pages() {
     let _ = std::fs::remove_dir_all(&root);
     app.teardown().await;
 }
+
+/// Makes a certificate for `localhost` signed by the TLS node's *unrelated* CA
+/// (`wrong-ca.pem`), in `dir`; returns (certificate, key).
+fn localhost_cert_from_the_wrong_ca(tls: &Tls, dir: &std::path::Path) -> (String, String) {
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (key, csr, ext, cert) = (
+        path("web.key"),
+        path("web.csr"),
+        path("web.ext"),
+        path("web.pem"),
+    );
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        &key,
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        &key,
+        "-out",
+        &csr,
+        "-subj",
+        "/CN=localhost",
+    ]);
+    let (ca, ca_key) = (
+        format!("{}/wrong-ca.pem", tls.dir),
+        format!("{}/wrong-ca.key", tls.dir),
+    );
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-set_serial",
+        "7",
+        "-days",
+        "2",
+        "-sha256",
+        "-extfile",
+        &ext,
+        "-out",
+        &cert,
+    ]);
+    (cert, key)
+}
+
+/// The management source's error on `producer serve`'s dashboard, run over `amqp_url` with
+/// `--management-url` and `SSL_CERT_FILE` (the system's trusted roots) as given.
+async fn management_error(app: &TestApp, amqp_url: &str, management: &str, roots: &str) -> String {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut serve = crate::children::producer_command(app, amqp_url)
+        .args(["serve", "--listen", &addr.to_string()])
+        .args(["--management-url", management])
+        .env("SSL_CERT_FILE", roots)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://{addr}/dashboard/data");
+    let error = within("the dashboard to report on the management API", async {
+        loop {
+            let url = url.clone();
+            let answer = tokio::task::spawn_blocking(move || {
+                let mut response = ureq::get(&url).call().ok()?;
+                let body: serde_json::Value =
+                    serde_json::from_str(&response.body_mut().read_to_string().ok()?).ok()?;
+                body["sources"]["management"]["error"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .await
+            .unwrap();
+            if let Some(error) = answer {
+                return error;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let _ = serve.start_kill();
+    let _ = serve.wait().await;
+    error
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_trusts_the_cacertfile_alone_for_the_management_api() {
+    let Some(tls) = tls() else {
+        crate::helpers::skip(
+            "TLS_AMQP_URL is not set (scripts/rabbitmq-tls.sh)",
+            "REQUIRE_TLS",
+        );
+        return;
+    };
+    // Arrange: an HTTPS server whose certificate comes from a CA the system trusts
+    // (`SSL_CERT_FILE`) but the AMQP URL's `cacertfile` does not name.
+    let app = app_over_tls(&tls).await;
+    let dir = std::env::temp_dir().join(format!("qw-mgmt-tls-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = localhost_cert_from_the_wrong_ca(&tls, &dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut web = tokio::process::Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["-cert", &cert, "-key", &key])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    within("the HTTPS server to listen", async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let management = format!("https://localhost:{port}");
+    let system_roots = format!("{}/wrong-ca.pem", tls.dir);
+
+    // Act: the dashboard over amqps with the node's CA as cacertfile; and, as the control, over
+    // plain amqp (no cacertfile: the system's roots apply).
+    let with_cacertfile = tls.with(&tls.url, &[("cacertfile", "ca.pem")]);
+    let refused = management_error(&app, &with_cacertfile, &management, &system_roots).await;
+    let control = management_error(&app, &tls.plain_port_url, &management, &system_roots).await;
+    let _ = web.start_kill();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Assert: with a cacertfile, a certificate the system trusts is refused; without one, the
+    // same server is reached (its page is not the management API's JSON, hence some error,
+    // but not a certificate's).
+    assert!(
+        refused.to_lowercase().contains("certificate") || refused.contains("UnknownIssuer"),
+        "{refused}"
+    );
+    assert!(
+        !control.to_lowercase().contains("certificate") && !control.contains("UnknownIssuer"),
+        "the control must get past TLS, or SSL_CERT_FILE is not honoured: {control}"
+    );
+    app.teardown().await;
+}
