@@ -96,42 +96,67 @@ impl std::fmt::Display for GaveUp {
     }
 }
 
-/// Awaits `future`, giving up after `limits.confirm` of waiting while `status` says the
-/// connection is not blocked, or `limits.blocked` while it is (at once, once `stop` fired).
-/// Says once on stderr that the broker blocks, when it does (`said` remembers).
-///
-/// # Errors
-/// Gave up, and why.
-pub async fn patiently<F: std::future::Future>(
-    status: &ConnectionStatus,
-    future: F,
+/// How one run waits on the broker: each wait gives up after `limits.confirm` while the
+/// connection is not blocked, or `limits.blocked` while it is. Once one wait gave up (or `stop`
+/// fired), every later wait on a blocked connection gives up at once, so that a run never waits
+/// out the alarm twice.
+pub struct Waits<'a> {
+    status: ConnectionStatus,
     limits: Limits,
-    stop: &CancellationToken,
-    said: &std::sync::atomic::AtomicBool,
-) -> Result<F::Output, GaveUp> {
-    const TICK: Duration = Duration::from_millis(100);
-    tokio::pin!(future);
-    let (mut open, mut blocked) = (Duration::ZERO, Duration::ZERO);
-    loop {
-        tokio::select! {
-            out = &mut future => return Ok(out),
-            () = tokio::time::sleep(TICK) => {}
+    stop: &'a CancellationToken,
+    /// Cancelled by the first wait that gave up.
+    halt: CancellationToken,
+    /// Whether the run said on stderr that the broker blocks.
+    said: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> Waits<'a> {
+    /// Waits on `connection` with `limits`; `stop` (Ctrl-C) ends a wait on a blocked broker.
+    #[must_use]
+    pub fn new(connection: &Connection, limits: Limits, stop: &'a CancellationToken) -> Self {
+        Self {
+            status: connection.status().clone(),
+            limits,
+            stop,
+            halt: CancellationToken::new(),
+            said: std::sync::atomic::AtomicBool::new(false),
         }
-        if status.blocked() {
-            blocked += TICK;
-            if !said.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                eprintln!(
-                    "the broker blocks publishers (a memory or disk alarm): waiting up to {} s for it to clear (Ctrl-C to stop; republishes already sent will run once it clears)",
-                    limits.blocked.as_secs()
-                );
+    }
+
+    /// Awaits `future` within the limits. Says once on stderr that the broker blocks, when
+    /// it does.
+    ///
+    /// # Errors
+    /// Gave up, and why.
+    pub async fn wait<F: std::future::Future>(&self, future: F) -> Result<F::Output, GaveUp> {
+        const TICK: Duration = Duration::from_millis(100);
+        tokio::pin!(future);
+        let (mut open, mut blocked) = (Duration::ZERO, Duration::ZERO);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut future => return Ok(out),
+                () = tokio::time::sleep(TICK) => {}
             }
-            if blocked >= limits.blocked || stop.is_cancelled() {
-                return Err(GaveUp::Blocked(blocked));
-            }
-        } else {
-            open += TICK;
-            if open >= limits.confirm {
-                return Err(GaveUp::Silent(open));
+            let gave_up = if self.status.blocked() {
+                blocked += TICK;
+                if !self.said.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!(
+                        "the broker blocks publishers (a memory or disk alarm): waiting up to {} s for it to clear (Ctrl-C to stop; republishes already sent will run once it clears)",
+                        self.limits.blocked.as_secs()
+                    );
+                }
+                let done = blocked >= self.limits.blocked
+                    || self.stop.is_cancelled()
+                    || self.halt.is_cancelled();
+                done.then_some(GaveUp::Blocked(blocked))
+            } else {
+                open += TICK;
+                (open >= self.limits.confirm).then_some(GaveUp::Silent(open))
+            };
+            if let Some(gave_up) = gave_up {
+                self.halt.cancel();
+                return Err(gave_up);
             }
         }
     }
@@ -192,10 +217,21 @@ pub async fn run(
     json: bool,
     stop: &CancellationToken,
 ) -> anyhow::Result<Tally> {
-    let mut scan = Scan::start(connection, names).await?;
-    let publisher = shared::amqp::confirm_channel(connection).await?;
-    let status = connection.status().clone();
-    let said = std::sync::atomic::AtomicBool::new(false);
+    let limits = match act {
+        Act::Replay { limits, .. } => limits,
+        Act::Purge => Limits::default(),
+    };
+    let waits = Waits::new(connection, limits, stop);
+    // A connection the broker already blocks answers nothing, not even a channel.
+    let started = waits.wait(async {
+        let scan = Scan::start(connection, names).await?;
+        let publisher = shared::amqp::confirm_channel(connection).await?;
+        Ok::<_, anyhow::Error>((scan, publisher))
+    });
+    let (mut scan, publisher) = match started.await {
+        Ok(started) => started?,
+        Err(gave_up) => anyhow::bail!("the scan of the dead letters could not start: {gave_up}"),
+    };
     let limit = select.limit.unwrap_or(usize::MAX);
     let mut tally = Tally::default();
     let mut in_flight = FuturesUnordered::new();
@@ -203,16 +239,18 @@ pub async fn run(
     let mut bytes = 0usize;
     let wanted: std::collections::HashSet<uuid::Uuid> = select.ids.iter().copied().collect();
     let mut found = std::collections::HashSet::new();
-    let limits = match act {
-        Act::Replay { limits, .. } => limits,
-        Act::Purge => Limits::default(),
+    // Once a wait on the broker gave up, the run takes no further letter.
+    let gave_up = |tally: &mut Tally, what: &str, why: GaveUp| {
+        tally
+            .stopped
+            .get_or_insert_with(|| format!("{what}: {why}"));
     };
     loop {
         while in_flight.len() >= WINDOW || (bytes > WINDOW_BYTES && !in_flight.is_empty()) {
             let next: Option<(Letter, Delivery, _)> = in_flight.next().await;
             if let Some(done) = next {
                 bytes = bytes.saturating_sub(done.1.data.len());
-                settle(&scan, done, &mut tally, out, json).await?;
+                settle(&scan, &waits, done, &mut tally, out, json).await?;
             }
         }
         if tally.stopped.is_some() || stop.is_cancelled() {
@@ -229,10 +267,10 @@ pub async fn run(
         }
         // A broker that blocks this connection (an alarm, once it published) reads no
         // `basic.get` either.
-        let next = match patiently(&status, scan.next(), limits, stop, &said).await {
+        let next = match waits.wait(scan.next()).await {
             Ok(next) => next?,
-            Err(gave_up) => {
-                tally.stopped = Some(format!("no further letter taken: {gave_up}"));
+            Err(why) => {
+                gave_up(&mut tally, "no further letter taken", why);
                 break;
             }
         };
@@ -242,7 +280,13 @@ pub async fn run(
         tally.scanned += 1;
         let letter = Letter::of(&delivery);
         if chosen >= limit || !select.matches(&letter) {
-            scan.keep(&delivery).await?;
+            match waits.wait(scan.keep(&delivery)).await {
+                Ok(kept) => kept?,
+                Err(why) => {
+                    gave_up(&mut tally, "a letter could not be put back", why);
+                    break;
+                }
+            }
             continue;
         }
         tally.matched += 1;
@@ -250,25 +294,28 @@ pub async fn run(
         if let Some(id) = letter.job_id.filter(|id| wanted.contains(id)) {
             found.insert(id);
         }
-        match act {
+        // Why a selected letter stays dead, when it does.
+        let kept: Option<&str> = match act {
             Act::Purge => {
-                scan.remove(&delivery).await?;
+                match waits.wait(scan.remove(&delivery)).await {
+                    Ok(removed) => removed?,
+                    Err(why) => {
+                        // The ack is held back: the letter stays dead.
+                        gave_up(&mut tally, "a letter could not be purged", why);
+                        break;
+                    }
+                }
                 tally.purged += 1;
                 let _ = report::acted(out, &letter, "purged", None, json);
+                None
             }
-            Act::Replay { .. } if letter.fanin_check => {
-                // Replayed, the check would find no mailbox and end: the letter would be gone
-                // with no result. Even with --force.
-                scan.keep(&delivery).await?;
-                tally.kept += 1;
-                let why = "a fan-in check whose join failed: the children's outcomes it joined are gone, so it cannot run again; submit the parent job again (same id), or purge it";
-                let _ = report::acted(out, &letter, "kept", Some(why), json);
-            }
+            // Replayed, the check would find no mailbox and end: the letter would be gone
+            // with no result. Even with --force.
+            Act::Replay { .. } if letter.fanin_check => Some(
+                "a fan-in check whose join failed: the children's outcomes it joined are gone, so it cannot run again; submit the parent job again (same id), or purge it",
+            ),
             Act::Replay { force, .. } if !letter.is_job && !force => {
-                scan.keep(&delivery).await?;
-                tally.kept += 1;
-                let why = "not a job: replay it with --force, or purge it";
-                let _ = report::acted(out, &letter, "kept", Some(why), json);
+                Some("not a job: replay it with --force, or purge it")
             }
             Act::Replay { .. } => {
                 let routing_key = letter
@@ -282,31 +329,43 @@ pub async fn run(
                     &delivery.data,
                     replay_properties(&delivery.properties),
                 );
-                let confirm = match patiently(&status, publish, limits, stop, &said).await {
+                let confirm = match waits.wait(publish).await {
                     Ok(confirm) => confirm?,
-                    Err(gave_up) => {
+                    Err(why) => {
                         // Its frames may be on their way: it may run.
-                        let done = (letter, delivery, Err(Unsettled::GaveUp(gave_up)));
-                        settle(&scan, done, &mut tally, out, json).await?;
+                        let done = (letter, delivery, Err(Unsettled::GaveUp(why)));
+                        settle(&scan, &waits, done, &mut tally, out, json).await?;
                         continue;
                     }
                 };
                 bytes += delivery.data.len();
-                let (status, said) = (&status, &said);
+                let waits = &waits;
                 in_flight.push(async move {
-                    let confirmed = match patiently(status, confirm, limits, stop, said).await {
+                    let confirmed = match waits.wait(confirm).await {
                         Ok(Ok(confirmation)) => shared::amqp::check_confirmation(confirmation)
                             .map_err(Unsettled::Refused),
                         Ok(Err(error)) => Err(Unsettled::Refused(error.into())),
-                        Err(gave_up) => Err(Unsettled::GaveUp(gave_up)),
+                        Err(why) => Err(Unsettled::GaveUp(why)),
                     };
                     (letter, delivery, confirmed)
                 });
+                continue;
             }
+        };
+        if let Some(why) = kept {
+            match waits.wait(scan.keep(&delivery)).await {
+                Ok(kept) => kept?,
+                Err(gone) => {
+                    gave_up(&mut tally, "a letter could not be put back", gone);
+                    break;
+                }
+            }
+            tally.kept += 1;
+            let _ = report::acted(out, &letter, "kept", Some(why), json);
         }
     }
     while let Some(done) = in_flight.next().await {
-        settle(&scan, done, &mut tally, out, json).await?;
+        settle(&scan, &waits, done, &mut tally, out, json).await?;
     }
     scan.end().await;
     shared::amqp::close_channel(&publisher).await;
@@ -318,17 +377,36 @@ pub async fn run(
 /// still run: it is reported `unconfirmed`, and the run stops taking letters.
 async fn settle(
     scan: &Scan,
+    waits: &Waits<'_>,
     (letter, delivery, confirmed): (Letter, Delivery, Result<(), Unsettled>),
     tally: &mut Tally,
     out: &mut (impl Write + Send),
     json: bool,
 ) -> anyhow::Result<()> {
     match confirmed {
-        Ok(()) => {
-            scan.remove(&delivery).await?;
-            tally.replayed += 1;
-            let _ = report::acted(out, &letter, "replayed", None, json);
-        }
+        Ok(()) => match waits.wait(scan.remove(&delivery)).await {
+            Ok(removed) => {
+                removed?;
+                tally.replayed += 1;
+                let _ = report::acted(out, &letter, "replayed", None, json);
+            }
+            Err(gave_up) => {
+                // The broker took the republish (the job will run), but blocks this connection
+                // before the ack that removes the letter: it stays dead.
+                tally.unconfirmed += 1;
+                tally.kept += 1;
+                tally
+                    .stopped
+                    .get_or_insert_with(|| format!("a letter could not be removed: {gave_up}"));
+                let id = letter
+                    .job_id
+                    .map_or_else(|| "-".to_owned(), |id| id.to_string());
+                let why = format!(
+                    "{gave_up}: the republish was confirmed and the job will run, but the letter could not be removed and stays dead; once job {id} has a result, purge the letter (producer dead purge --id {id}) rather than replay it again, which would run it twice"
+                );
+                let _ = report::acted(out, &letter, "unconfirmed", Some(&why), json);
+            }
+        },
         Err(Unsettled::GaveUp(gave_up)) => {
             tally.unconfirmed += 1;
             tally.kept += 1;

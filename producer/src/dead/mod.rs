@@ -102,8 +102,8 @@ pub struct Tally {
     pub replayed: u64,
     /// Letters purged.
     pub purged: u64,
-    /// Selected letters left dead: not jobs (replay without `--force`) or a republish that
-    /// failed.
+    /// Selected letters left dead: not jobs (replay without `--force`), fan-in checks that
+    /// cannot run again, a republish that failed, or one left unconfirmed.
     pub kept: u64,
     /// Letters whose republish failed (they stay dead).
     pub failed: u64,
@@ -207,7 +207,7 @@ pub async fn run(
                 started.elapsed(),
                 *json,
             );
-            true
+            tally.stopped.is_none()
         }
     };
     out.flush()?;

@@ -389,13 +389,9 @@ impl Drop for TestApp {
         if self.cleaned || std::env::var_os("KEEP_TEST_QUEUES").is_some_and(|v| v == "1") {
             return;
         }
-        let Some(broker) = BROKER.get() else {
+        let Some(api) = self.management() else {
             return;
         };
-        if broker.url != self.common.amqp_url || self.common.namespace.is_empty() {
-            return;
-        }
-        let api = Management::of(broker);
         let prefix = format!("{}.", self.common.namespace);
         // Blocking HTTP calls (bounded, 20 s each): off the runtime's workers.
         let _ = std::thread::spawn(move || api.delete_prefixed(&prefix)).join();
@@ -697,19 +693,33 @@ impl TestApp {
         self.topology.names.kind_queue(kind)
     }
 
+    /// The management API that lists this namespace: the suite's broker's, when the app is on
+    /// it, in the default vhost and a namespace of its own (never an isolated node, a cluster
+    /// or the TLS node, whose APIs are not the suite's).
+    fn management(&self) -> Option<Management> {
+        let broker = BROKER.get()?;
+        let url = self.common.amqp_url.as_str();
+        let default_vhost = ["/%2f", "/%2F"].iter().any(|v| url.ends_with(v))
+            || url.split_once("://").is_some_and(|(_, rest)| {
+                let path = rest.split_once('/').map_or("", |(_, p)| p);
+                path.is_empty()
+            });
+        (broker.url == url && default_vhost && !self.common.namespace.is_empty())
+            .then(|| Management::of(broker))
+    }
+
     /// Deletes this namespace's queues and exchanges: on the suite's broker, every one it lists
     /// under the namespace's prefix (the management API: fan-in mailboxes, group queues and
     /// kinds no list here names included); elsewhere (an isolated node, a cluster), and as a
     /// fallback, the names the topology knows.
     pub async fn teardown(mut self) {
         self.cleaned = true;
-        let broker = broker().await;
-        if broker.url == self.common.amqp_url && !self.common.namespace.is_empty() {
-            let api = Management::of(broker);
+        if let Some(api) = self.management() {
             let prefix = format!("{}.", self.common.namespace);
             let deleted = tokio::task::spawn_blocking(move || api.delete_prefixed(&prefix));
             let deleted = tokio::time::timeout(Duration::from_secs(60), deleted).await;
-            if let Ok(Ok(Some(_))) = deleted {
+            // None deleted (a listing that saw nothing): the names below, to be sure.
+            if let Ok(Ok(Some(1..))) = deleted {
                 let _ = self.connection.close(200, "test done".into()).await;
                 return;
             }

@@ -441,6 +441,11 @@ async fn a_request_in_flight_across_sigterm_is_answered_and_one_that_never_ends_
     let stalled = tokio::task::spawn_blocking(move || open(head_and_half))
         .await
         .unwrap();
+    // A whole request after them: the server accepts in order, so both are in its hands
+    // before SIGTERM.
+    let ready =
+        tokio::task::spawn_blocking(move || raw(addr, &get("127.0.0.1", "/readyz", Some(TOKEN))).0);
+    assert_eq!(ready.await.unwrap(), 200);
 
     // Act: SIGTERM; then the first request's body ends, the second's never does.
     let pid = child.id().unwrap().to_string();

@@ -464,6 +464,8 @@ async fn replay(State(ingest): State<Arc<Ingest>>, body: Bytes) -> Result<Respon
                 replayed = tally.replayed,
                 kept = tally.kept,
                 failed = tally.failed,
+                unconfirmed = tally.unconfirmed,
+                stopped = tally.stopped.as_deref().unwrap_or(""),
                 "dead letters replayed from the dashboard"
             );
         }

@@ -241,7 +241,7 @@ function render(data) {
   // Dead letters: the statistics, unless a look at the queue itself (the list below) is newer
   // than the statistics can be.
   const statsDead = view ? view.depths.dead.ready + view.depths.dead.unacked : null;
-  if (deadLook && (statsDead === null || deadLook.at >= Date.now() / 1000 - 5)) {
+  if (deadLook && (statsDead === null || deadLook.at >= data.at - 5)) {
     $('depth-dead').textContent = fmt(deadLook.depth);
     $('src-dead').textContent = 'the queue itself, at ' + new Date(deadLook.at * 1000).toLocaleTimeString();
   } else {
@@ -374,9 +374,10 @@ async function loadDead(fresh) {
     if (!keepStatus) $('dead-status').textContent = '';
     keepStatus = false;
     const kept = new Set(selected());
-    deadLook = { depth: body.depth, at: Date.now() / 1000 };
+    // The server's look may be a cached one: its own time says how fresh it is.
+    deadLook = { depth: body.depth, at: body.at };
     $('depth-dead').textContent = fmt(body.depth);
-    $('src-dead').textContent = 'the queue itself, at ' + new Date().toLocaleTimeString();
+    $('src-dead').textContent = 'the queue itself, at ' + new Date(body.at * 1000).toLocaleTimeString();
     $('dead-depth').textContent = '(' + body.depth + ' in ' + body.queue + (body.depth > body.letters.length ? ', first ' + body.letters.length + ' shown' : '') + ')';
     fill($('dead').tBodies[0], body.letters, 7, (tr, l) => {
       const td = document.createElement('td');
@@ -419,7 +420,9 @@ async function replay() {
     });
     if (status === 200) {
       const t = body.tally;
-      $('dead-status').textContent = 'replayed ' + t.replayed + (t.kept ? ', kept ' + t.kept : '') + (t.failed ? ', failed ' + t.failed : '') + (t.matched < ids.length ? ' (' + (ids.length - t.matched) + ' not found: replayed or purged since, or further back than ' + t.scanned + ' letters)' : '');
+      $('dead-status').textContent = 'replayed ' + t.replayed + (t.kept ? ', kept ' + t.kept : '') + (t.failed ? ', failed ' + t.failed : '')
+        + (t.unconfirmed ? ', unconfirmed ' + t.unconfirmed + ' (they may still run: do not replay them again; purge each once it has a result)' : '')
+        + (t.stopped ? '; stopped early: ' + t.stopped : '') + (t.matched < ids.length ? ' (' + (ids.length - t.matched) + ' not found: replayed or purged since, or further back than ' + t.scanned + ' letters)' : '');
     } else if (status === 202) {
       $('dead-status').textContent = 'the replay is still running; look again in a moment';
     } else {
