@@ -165,6 +165,16 @@ struct Management {
     container_id: Option<String>,
 }
 
+/// `name` as one segment of a management API path (percent-encoded).
+fn path_segment(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 impl Management {
     /// The management API of `broker`, with the credentials of its AMQP URL.
     fn of(broker: &Broker) -> Self {
@@ -205,15 +215,7 @@ impl Management {
                 if !name.starts_with(prefix) {
                     continue;
                 }
-                let encoded: String = name
-                    .bytes()
-                    .map(|b| match b {
-                        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
-                            (b as char).to_string()
-                        }
-                        _ => format!("%{b:02X}"),
-                    })
-                    .collect();
+                let encoded = path_segment(name);
                 // Gone meanwhile (404), or an exclusive queue of a live connection: left.
                 if agent
                     .delete(format!("{base}/api/{what}/%2F/{encoded}"))
@@ -264,15 +266,7 @@ impl Management {
                 continue;
             }
             let name = connection["name"].as_str().unwrap();
-            let encoded: String = name
-                .bytes()
-                .map(|b| match b {
-                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
-                        (b as char).to_string()
-                    }
-                    _ => format!("%{b:02X}"),
-                })
-                .collect();
+            let encoded = path_segment(name);
             // A connection that closed by itself in the meantime answers 404: fine.
             let deleted = ureq::delete(format!("{base}/api/connections/{encoded}"))
                 .header("authorization", &self.auth)
