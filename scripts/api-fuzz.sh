@@ -3,7 +3,7 @@
 # OpenAPI document (/openapi.json), on the broker in AMQP_URL, for a bounded number of cases:
 # no 5xx other than the documented 503, no request without an answer, the server still up at
 # the end, and every message that reached the jobs exchange a valid job. Uses the Python venv
-# of scripts/python-client.sh (target/py-venv) and target/release/producer.
+# of scripts/python-client.sh (target/py-venv) and the producer in BIN_DIR (default target/release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${AMQP_URL:?set AMQP_URL}"
@@ -17,7 +17,7 @@ port=$((20000 + RANDOM % 20000))
 log=target/tmp/api-fuzz-serve.log
 mkdir -p target/tmp
 JOBS_NAMESPACE="$namespace" PRODUCER_TOKENS="$token" PRODUCER_LISTEN="127.0.0.1:$port" \
-  PRODUCER_ACCEPT_KINDS="text.analyze,fuzz.kind" target/release/producer serve >"$log" 2>&1 &
+  PRODUCER_ACCEPT_KINDS="text.analyze,fuzz.kind" "${BIN_DIR:-target/release}/producer" serve >"$log" 2>&1 &
 serve=$!
 cleanup() {
   kill "$serve" 2>/dev/null || true

@@ -7,5 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 AMQP_URL="${AMQP_URL:-$(scripts/rabbitmq-local.sh)}"
 export AMQP_URL BENCH_OUT="${BENCH_OUT:-BENCHMARKS.md}"
-cargo build --release --locked --quiet -p producer -p consumer -p bench
-exec target/release/bench "$@"
+# BUILD_PROFILE=dev (CI's smoke row) reuses the tests' debug build instead of a release build.
+profile="${BUILD_PROFILE:-release}"
+dir="target/$([ "$profile" = dev ] && echo debug || echo "$profile")"
+cargo build --profile "$profile" --locked --quiet -p producer -p consumer -p bench
+exec "$dir/bench" "$@"

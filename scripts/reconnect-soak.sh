@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reconnect soak: a release consumer has its connection closed by the broker ROUNDS times
-# (default 20), with a confirmed, waited-for burst of jobs between closes. After each round it
+# Reconnect soak: a consumer (a release build unless BUILD_PROFILE=dev) has its connection closed
+# by the broker ROUNDS times (default 20), with a confirmed, waited-for burst of jobs between closes. After each round it
 # prints the consumer's RSS and thread count; it fails if either grows (a leak of tasks,
 # channels or memory across reconnects) or if any burst loses a job.
 # Needs the local Debian broker (rabbitmqctl closes the connection at once).
@@ -15,9 +15,12 @@ export JOBS_NAMESPACE="soak-$$-$RANDOM"
 # after the first round and its growth is not mistaken for a leak.
 export CONSUMER_RECENT_RESULTS="$burst" CONSUMER_HTTP_ADDR=127.0.0.1:0
 log() { echo "reconnect-soak: $*" >&2; }
-cargo build --release --quiet -p producer -p consumer
+# BUILD_PROFILE=dev (CI) reuses the tests' debug build: a leak shows in either profile.
+profile="${BUILD_PROFILE:-release}"
+bin="./target/$([ "$profile" = dev ] && echo debug || echo "$profile")"
+cargo build --profile "$profile" --locked --quiet -p producer -p consumer
 
-( exec ./target/release/consumer 2>"target/soak-consumer.log" ) &
+( exec "$bin/consumer" 2>"target/soak-consumer.log" ) &
 consumer=$!
 cleanup() {
   kill -TERM "$consumer" 2>/dev/null || true
@@ -50,7 +53,7 @@ current=$(wait_connection "")
 printf '%6s %10s %8s\n' round rss_kib threads
 first_rss="" first_threads=""
 for round in $(seq 1 "$rounds"); do
-  ./target/release/producer --count "$burst" --size 512 --wait --wait-timeout 60 >/dev/null 2>"target/soak-producer.log" \
+  "$bin/producer" --count "$burst" --size 512 --wait --wait-timeout 60 >/dev/null 2>"target/soak-producer.log" \
     || { log "FAILED: burst $round lost jobs:"; cat target/soak-producer.log >&2; exit 1; }
   rss=$(status VmRSS); threads=$(status Threads)
   printf '%6s %10s %8s\n' "$round" "$rss" "$threads"
@@ -58,7 +61,7 @@ for round in $(seq 1 "$rounds"); do
   rabbitmqctl -q close_connection "$current" "reconnect soak round $round" >/dev/null
   current=$(wait_connection "$current")
 done
-./target/release/producer --count "$burst" --wait >/dev/null 2>"target/soak-producer.log" \
+"$bin/producer" --count "$burst" --wait >/dev/null 2>"target/soak-producer.log" \
   || { log "FAILED: the last burst lost jobs"; exit 1; }
 rss=$(status VmRSS); threads=$(status Threads)
 log "after $rounds reconnects: RSS ${first_rss} -> ${rss} KiB, threads ${first_threads} -> ${threads}"

@@ -14,8 +14,11 @@ async fn no_job_is_lost_through_kills_disconnects_and_shutdowns() {
     // Arrange
     let app = TestApp::new().await;
     let n = 20_000;
+    // 20 ms a job over 12 slots: at least 33 s, so that faults injected through a loaded
+    // broker's CLI (seconds each on RabbitMQ 4, which lists no client names in its management
+    // API) still land mid-batch.
     let ids = app
-        .publish_many("bench.sleep", (0..n).map(|_| json!({ "ms": 10 })))
+        .publish_many("bench.sleep", (0..n).map(|_| json!({ "ms": 20 })))
         .await;
     let mut collector = Collector::start(&app).await;
     let args = ["--concurrency", "4", "--prefetch", "8"];
@@ -34,9 +37,10 @@ async fn no_job_is_lost_through_kills_disconnects_and_shutdowns() {
     // Act 2: the broker closes every consumer connection, twice
     for at in [3_000, 6_000] {
         collector.wait_for_total(at).await;
+        let asked = collector.total();
         let closed = close_connections(&consumers).await;
         log.push(format!(
-            "closed {closed} connections at {} results",
+            "closed {closed} connections between {asked} and {} results",
             collector.total()
         ));
     }

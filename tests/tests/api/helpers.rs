@@ -310,29 +310,32 @@ fn close_with_rabbitmqctl(container: &str, needle: &str) -> usize {
         .args(["--no-table-headers", "pid", "client_properties"])
         .output()
         .expect("docker exec rabbitmqctl list_connections");
-    let mut closed = 0;
-    for line in String::from_utf8_lossy(&listing.stdout).lines() {
-        let Some((pid, properties)) = line.split_once('\t') else {
-            continue;
-        };
-        if !pid.starts_with('<') || !properties.contains(needle) {
-            continue;
-        }
-        let done = Command::new("docker")
-            .args([
-                "exec",
-                container,
-                "rabbitmqctl",
-                "-q",
-                "close_connection",
-                pid,
-            ])
-            .arg("fault injected by a test")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        closed += usize::from(done);
-    }
-    closed
+    let pids: Vec<String> = String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(pid, properties)| pid.starts_with('<') && properties.contains(needle))
+        .map(|(pid, _)| pid.to_owned())
+        .collect();
+    // Every `rabbitmqctl` starts an Erlang VM (seconds on a loaded machine): close the
+    // connections side by side, so the fault lands at once and not spread over a batch.
+    std::thread::scope(|scope| {
+        let closing: Vec<_> = pids
+            .iter()
+            .map(|pid| {
+                scope.spawn(move || {
+                    Command::new("docker")
+                        .args(["exec", container, "rabbitmqctl", "-q", "close_connection"])
+                        .args([pid.as_str(), "fault injected by a test"])
+                        .output()
+                        .is_ok_and(|o| o.status.success())
+                })
+            })
+            .collect();
+        closing
+            .into_iter()
+            .map(|done| usize::from(done.join().unwrap_or(false)))
+            .sum()
+    })
 }
 
 /// Label on the containers the tests start, so scripts can remove them afterwards: the broker
