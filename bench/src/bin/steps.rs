@@ -6,8 +6,9 @@
 //! Each variant runs `--repeats` times, alternated, on fresh queues, and the broker's CPU is
 //! read from `/proc/<beam pid>` for the publishing phase and for the consume-and-result phase.
 //!
-//! Run: `cargo run --release -p bench --bin steps -- --jobs 20000 --repeats 3` (AMQP_URL, and
-//! a local broker: its pid comes from `rabbitmqctl eval 'os:getpid().'`).
+//! Run: `scripts/bench-steps.sh` (AMQP_URL, and a local broker: its pid comes from
+//! `rabbitmqctl eval 'os:getpid().'`). A measuring tool, not a product: it panics on a broker
+//! that refuses its declarations.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -28,14 +29,37 @@ use shared::schema::{Job, JobResult, SCHEMA_VERSION, Status, TEXT_ANALYZE};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-/// The variants, in the order of the table: each of the first five adds one difference to the
-/// one before it; the rest change one thing of `ours`.
+/// The variants, in the order of the table.
+/// - `raw`: jobs through a direct exchange to a quorum queue; results through the default
+///   exchange to a quorum queue, which the collector reads.
+/// - `+topic-ae`: the jobs exchange is a topic exchange with an alternate exchange (ours).
+/// - `+dlx-args`: the job queue has ours dead-letter arguments (`x-dead-letter-exchange`,
+///   `at-least-once`, `reject-publish`).
+/// - `+results-topic`: results go through a topic exchange bound `#` (ours), with the
+///   `correlation_id` property.
+/// - `+expiration`: and a per-message `expiration` (ours: the result retention).
+/// - `results-fanout`, `results-direct`: `+expiration` with a fanout, or a direct exchange
+///   bound by the kind, instead of the topic one.
+/// - `+wait-copy`: **ours**: a second copy of each result in a durable classic queue with
+///   `x-expires` (the `--wait` queue), which the collector reads; `jobs.results` is unread.
+/// - `ours-no-expiration`: ours without the `expiration`.
+/// - `stream-only`: results only to a stream, which the collector reads from its first offset
+///   (one append, each reader at its own offset).
+/// - `ours-wait-quorum`: ours with the `--wait` queue a quorum queue.
+/// - `ours-transient-results`: ours with results published transient (`delivery_mode` 1).
+/// - `ours-results-stream`: ours with `jobs.results` a stream.
+/// - `ours-batched-acks`: ours with the consumer acking `multiple` per 64 (as `consumer` does).
 const VARIANTS: &[&str] = &[
     "raw",
     "+topic-ae",
     "+dlx-args",
     "+results-topic",
+    "+expiration",
+    "results-fanout",
+    "results-direct",
     "+wait-copy",
+    "ours-no-expiration",
+    "stream-only",
     "ours-wait-quorum",
     "ours-transient-results",
     "ours-results-stream",
@@ -55,6 +79,9 @@ struct Settings {
     /// Variants to run (default: all), comma-separated.
     #[arg(long, value_delimiter = ',')]
     variants: Vec<String>,
+    /// Markdown file to write the table to (with its method); stdout gets the table anyway.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 /// What one variant changes.
@@ -63,7 +90,13 @@ struct Shape {
     topic_ae: bool,
     dlx_args: bool,
     results_topic: bool,
+    expiration: bool,
     wait_copy: bool,
+    /// The results exchange is a fanout (or direct) exchange instead of a topic one.
+    results_fanout: bool,
+    results_direct: bool,
+    /// Results only to a stream, which the collector reads from its start.
+    stream_only: bool,
     wait_quorum: bool,
     transient_results: bool,
     results_stream: bool,
@@ -75,6 +108,7 @@ fn shape(variant: &str) -> Shape {
         topic_ae: true,
         dlx_args: true,
         results_topic: true,
+        expiration: true,
         wait_copy: true,
         ..Shape::default()
     };
@@ -91,6 +125,32 @@ fn shape(variant: &str) -> Shape {
         },
         "+results-topic" => Shape {
             wait_copy: false,
+            expiration: false,
+            ..ours
+        },
+        "+expiration" => Shape {
+            wait_copy: false,
+            ..ours
+        },
+        "results-fanout" => Shape {
+            wait_copy: false,
+            results_fanout: true,
+            ..ours
+        },
+        "results-direct" => Shape {
+            wait_copy: false,
+            results_direct: true,
+            ..ours
+        },
+        "ours-no-expiration" => Shape {
+            expiration: false,
+            ..ours
+        },
+        "stream-only" => Shape {
+            wait_copy: false,
+            expiration: false,
+            results_stream: true,
+            stream_only: true,
             ..ours
         },
         "+wait-copy" => ours,
@@ -219,9 +279,16 @@ impl Run {
         }
         self.queue(ch, "jobs.results", results_args).await;
         let (results_exchange, results_key) = if s.results_topic {
-            self.exchange(ch, "jobs.results", ExchangeKind::Topic, FieldTable::default())
+            let (kind, key) = if s.results_fanout {
+                (ExchangeKind::Fanout, "")
+            } else if s.results_direct {
+                (ExchangeKind::Direct, TEXT_ANALYZE)
+            } else {
+                (ExchangeKind::Topic, "#")
+            };
+            self.exchange(ch, "jobs.results", kind, FieldTable::default())
                 .await;
-            self.bind(ch, "jobs.results", "jobs.results", "#").await;
+            self.bind(ch, "jobs.results", "jobs.results", key).await;
             (self.name("jobs.results"), TEXT_ANALYZE.to_owned())
         } else {
             (String::new(), self.name("jobs.results"))
@@ -322,10 +389,10 @@ async fn publish_jobs(c: &Connection, topo: &Topo, jobs: u64, size: usize) -> an
 }
 
 /// Consumes the job queue: parse, publish a result, await its confirm, ack (each, or batched).
-async fn consume(c: Connection, topo: &Topo, shape: Shape, jobs: u64) -> anyhow::Result<()> {
+async fn consume(c: &Connection, topo: &Topo, shape: Shape, jobs: u64) -> anyhow::Result<()> {
     let ch = c.create_channel().await?;
     ch.basic_qos(500, BasicQosOptions::default()).await?;
-    let publish = confirm_channel(&c).await?;
+    let publish = confirm_channel(c).await?;
     let mut deliveries = ch
         .basic_consume(
             topo.job_queue.as_str().into(),
@@ -338,6 +405,7 @@ async fn consume(c: Connection, topo: &Topo, shape: Shape, jobs: u64) -> anyhow:
     let mut received = 0u64;
     let mut done = 0u64;
     let mut pending_ack: Option<u64> = None;
+    let mut acked_upto = 0u64;
     while done < jobs {
         tokio::select! {
             Some(r) = settling.next(), if !settling.is_empty() => {
@@ -346,8 +414,9 @@ async fn consume(c: Connection, topo: &Topo, shape: Shape, jobs: u64) -> anyhow:
                 if shape.batched_acks {
                     pending_ack = Some(pending_ack.map_or(tag, |t: u64| t.max(tag)));
                     if done % 64 == 0 || settling.is_empty() {
-                        if let Some(t) = pending_ack.take() {
+                        if let Some(t) = pending_ack.take().filter(|t| *t > acked_upto) {
                             ch.basic_ack(t, BasicAckOptions { multiple: true }).await?;
+                            acked_upto = t;
                         }
                     }
                 }
@@ -371,7 +440,7 @@ async fn consume(c: Connection, topo: &Topo, shape: Shape, jobs: u64) -> anyhow:
                 };
                 let body = serde_json::to_vec(&result)?;
                 let mut p = props(job.id).with_correlation_id(job.id.to_string().as_str().into());
-                if shape.results_topic {
+                if shape.expiration {
                     p = p.with_expiration("604800000".into());
                 }
                 if shape.transient_results {
@@ -386,29 +455,32 @@ async fn consume(c: Connection, topo: &Topo, shape: Shape, jobs: u64) -> anyhow:
                         .await?;
                     acked(confirm.await?)?;
                     if !batched {
-                        delivery.acker.ack(BasicAckOptions::default()).await?;
+                        delivery.acker.ack(BasicAckOptions::default()).await.context("consumer ack")?;
                     }
                     anyhow::Ok(delivery.delivery_tag)
                 }));
             }
         }
     }
-    if let Some(t) = pending_ack {
+    if let Some(t) = pending_ack.filter(|t| *t > acked_upto) {
         ch.basic_ack(t, BasicAckOptions { multiple: true }).await?;
     }
     Ok(())
 }
 
 /// Reads `jobs` results from the collect queue (prefetch 2000, `multiple` acks per 100).
-async fn collect(c: Connection, queue: String, jobs: u64) -> anyhow::Result<()> {
-    let ch = c.create_channel().await?;
+async fn collect(ch: Channel, queue: String, jobs: u64, stream: bool) -> anyhow::Result<()> {
+    let mut args = FieldTable::default();
+    if stream {
+        args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+    }
     ch.basic_qos(2000, BasicQosOptions::default()).await?;
     let mut deliveries = ch
         .basic_consume(
             queue.as_str().into(),
             "collect".into(),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            args,
         )
         .await?;
     let mut n = 0;
@@ -417,7 +489,8 @@ async fn collect(c: Connection, queue: String, jobs: u64) -> anyhow::Result<()> 
         n += 1;
         if n % 100 == 0 || n == jobs {
             ch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
-                .await?;
+                .await
+                .context("collector ack")?;
         }
     }
     Ok(())
@@ -487,8 +560,8 @@ async fn main() -> anyhow::Result<()> {
             let (_p3, c3) = shared::amqp::connect(&settings.amqp_url, "steps collect").await?;
             let started = Instant::now();
             let start_cpu = cpu(pid);
-            let collector = tokio::spawn(collect(c3.clone(), topo.collect.clone(), settings.jobs));
-            consume(c2.clone(), &topo, run.shape, settings.jobs).await?;
+            let collector = tokio::spawn(collect(c3.create_channel().await?, topo.collect.clone(), settings.jobs, run.shape.stream_only));
+            consume(&c2, &topo, run.shape, settings.jobs).await?;
             tokio::time::timeout(Duration::from_secs(120), collector)
                 .await
                 .context("collector timed out")???;
@@ -511,21 +584,43 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
-    println!(
-        "| variant | broker CPU s, publish {} jobs | broker CPU s, consume + result | vs raw | consume + result wall s |",
+    use std::fmt::Write as _;
+    let mut table = format!(
+        "| variant | broker CPU s, publish {} jobs | broker CPU s, consume + result | vs raw | consume + result wall s |\n|---|--:|--:|--:|--:|\n",
         settings.jobs
     );
-    println!("|---|--:|--:|--:|--:|");
     let raw = figures.get("raw").map(|f| median(&f.consume_cpu));
     for variant in &variants {
         let f = &figures[variant];
         let c = median(&f.consume_cpu);
-        let ratio = raw.map_or("".to_owned(), |r| format!("{:.2}", c / r));
-        println!(
+        let ratio = raw.map_or(String::new(), |r| format!("{:.2}", c / r));
+        writeln!(
+            table,
             "| {variant} | {:.2} | {c:.2} | {ratio} | {:.2} |",
             median(&f.publish_cpu),
             median(&f.consume_secs)
+        )?;
+    }
+    std::io::Write::write_all(&mut std::io::stdout(), table.as_bytes())?;
+    if let Some(out) = &settings.out {
+        let date = OffsetDateTime::now_utc().date();
+        let doc = format!(
+            "# Where the broker's work per job goes\n\n\
+             Generated by `scripts/bench-steps.sh` (`bench/src/bin/steps.rs`) on {date} (UTC), \
+             {jobs} jobs of {size} bytes per run, median of {repeats} runs, variants alternated. \
+             Do not edit by hand: run it again.\n\n\
+             One raw lapin loop (publish with confirms; consume with prefetch 500, publish one \
+             persistent result with a confirm, ack; a collector with prefetch 2,000 and \
+             `multiple` acks per 100), run on a topology changed one difference at a time from \
+             the raw loop's towards ours, then alternatives. Broker CPU is its Erlang VM's \
+             `utime + stime`, for the publishing phase and for the consume-and-result phase \
+             (first delivery to the last result collected); `vs raw` divides the latter. \
+             The variants are described in `bench/src/bin/steps.rs` (`VARIANTS`).\n\n{table}",
+            jobs = settings.jobs,
+            size = settings.size,
+            repeats = settings.repeats,
         );
+        std::fs::write(out, doc).with_context(|| format!("cannot write {}", out.display()))?;
     }
     Ok(())
 }
