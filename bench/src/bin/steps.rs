@@ -45,7 +45,11 @@ use tokio::time::Instant;
 /// - `ours-no-expiration`: ours without the `expiration`.
 /// - `stream-only`: results only to a stream, which the collector reads from its first offset
 ///   (one append, each reader at its own offset).
+/// - `quorum+stream-wait`: ours with the `--wait` queues replaced by one stream that every
+///   waiter reads from its attach point; `jobs.results` stays the durable (fsynced) record.
 /// - `ours-wait-quorum`: ours with the `--wait` queue a quorum queue.
+/// - `ours-wait-cqv2`: ours with the `--wait` queue a classic queue of version 2
+///   (`x-queue-version`, RabbitMQ 3.10+; the only version in 4.0).
 /// - `ours-transient-results`: ours with results published transient (`delivery_mode` 1).
 /// - `ours-results-stream`: ours with `jobs.results` a stream.
 /// - `ours-batched-acks`: ours with the consumer acking `multiple` per 64 (as `consumer` does).
@@ -60,7 +64,9 @@ const VARIANTS: &[&str] = &[
     "+wait-copy",
     "ours-no-expiration",
     "stream-only",
+    "quorum+stream-wait",
     "ours-wait-quorum",
+    "ours-wait-cqv2",
     "ours-transient-results",
     "ours-results-stream",
     "ours-batched-acks",
@@ -82,6 +88,10 @@ struct Settings {
     /// Markdown file to write the table to (with its method); stdout gets the table anyway.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Clients waiting for results at once (each reads every result, as `producer --wait`
+    /// does), in the variants that have waiters.
+    #[arg(long, default_value_t = 1)]
+    waiters: usize,
 }
 
 /// What one variant changes.
@@ -97,7 +107,10 @@ struct Shape {
     results_direct: bool,
     /// Results only to a stream, which the collector reads from its start.
     stream_only: bool,
+    /// Waiters read a stream bound beside `jobs.results` instead of queues of their own.
+    stream_wait: bool,
     wait_quorum: bool,
+    wait_cqv2: bool,
     transient_results: bool,
     results_stream: bool,
     batched_acks: bool,
@@ -156,6 +169,15 @@ fn shape(variant: &str) -> Shape {
         "+wait-copy" => ours,
         "ours-wait-quorum" => Shape {
             wait_quorum: true,
+            ..ours
+        },
+        "quorum+stream-wait" => Shape {
+            wait_copy: false,
+            stream_wait: true,
+            ..ours
+        },
+        "ours-wait-cqv2" => Shape {
+            wait_cqv2: true,
             ..ours
         },
         "ours-transient-results" => Shape {
@@ -241,9 +263,9 @@ impl Run {
         .expect("bind");
     }
 
-    /// Declares the variant's topology; returns (jobs exchange, job routing key, job queue,
-    /// results exchange, results routing key, the queue the collector reads).
-    async fn declare(&mut self, ch: &Channel) -> Topo {
+    /// Declares the variant's topology, with `waiters` readers of every result where the
+    /// variant has waiters (one reader of `jobs.results` otherwise).
+    async fn declare(&mut self, ch: &Channel, waiters: usize) -> Topo {
         let s = self.shape;
         let mut job_args = quorum();
         if s.dlx_args {
@@ -294,15 +316,31 @@ impl Run {
             (String::new(), self.name("jobs.results"))
         };
         let collect = if s.wait_copy {
+            let mut queues = Vec::new();
+            for waiter in 0..waiters {
+                let mut args = FieldTable::default();
+                args.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
+                let kind = if s.wait_quorum { "quorum" } else { "classic" };
+                str_arg(&mut args, "x-queue-type", kind);
+                if s.wait_cqv2 {
+                    args.insert("x-queue-version".into(), AMQPValue::LongInt(2));
+                }
+                let base = format!("wait.{waiter}");
+                self.queue(ch, &base, args).await;
+                self.bind(ch, &base, "jobs.results", "#").await;
+                queues.push(self.name(&base));
+            }
+            queues
+        } else if s.stream_wait {
             let mut args = FieldTable::default();
-            args.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
-            let kind = if s.wait_quorum { "quorum" } else { "classic" };
-            str_arg(&mut args, "x-queue-type", kind);
-            self.queue(ch, "wait", args).await;
-            self.bind(ch, "wait", "jobs.results", "#").await;
-            self.name("wait")
+            str_arg(&mut args, "x-queue-type", "stream");
+            self.queue(ch, "results.log", args).await;
+            self.bind(ch, "results.log", "jobs.results", "#").await;
+            vec![self.name("results.log"); waiters]
+        } else if s.stream_only {
+            vec![self.name("jobs.results"); waiters]
         } else {
-            self.name("jobs.results")
+            vec![self.name("jobs.results")]
         };
         Topo {
             jobs_exchange,
@@ -332,7 +370,7 @@ struct Topo {
     job_queue: String,
     results_exchange: String,
     results_key: String,
-    collect: String,
+    collect: Vec<String>,
 }
 
 fn acked(c: Confirmation) -> anyhow::Result<()> {
@@ -551,7 +589,7 @@ async fn main() -> anyhow::Result<()> {
                 exchanges: Vec::new(),
             };
             let ch = admin.create_channel().await?;
-            let topo = run.declare(&ch).await;
+            let topo = run.declare(&ch, settings.waiters).await;
             let (_p1, c1) = shared::amqp::connect(&settings.amqp_url, "steps publish").await?;
             let before = cpu(pid);
             publish_jobs(&c1, &topo, settings.jobs, settings.size).await?;
@@ -560,11 +598,18 @@ async fn main() -> anyhow::Result<()> {
             let (_p3, c3) = shared::amqp::connect(&settings.amqp_url, "steps collect").await?;
             let started = Instant::now();
             let start_cpu = cpu(pid);
-            let collector = tokio::spawn(collect(c3.create_channel().await?, topo.collect.clone(), settings.jobs, run.shape.stream_only));
+            let stream = run.shape.stream_only || run.shape.stream_wait;
+            let mut collectors = Vec::new();
+            for queue in &topo.collect {
+                let channel = c3.create_channel().await?;
+                collectors.push(tokio::spawn(collect(channel, queue.clone(), settings.jobs, stream)));
+            }
             consume(&c2, &topo, run.shape, settings.jobs).await?;
-            tokio::time::timeout(Duration::from_secs(120), collector)
-                .await
-                .context("collector timed out")???;
+            for collector in collectors {
+                tokio::time::timeout(Duration::from_secs(300), collector)
+                    .await
+                    .context("collector timed out")???;
+            }
             let secs = started.elapsed().as_secs_f64();
             let end_cpu = cpu(pid);
             let f = figures.entry(variant.clone()).or_default();
@@ -586,7 +631,7 @@ async fn main() -> anyhow::Result<()> {
     }
     use std::fmt::Write as _;
     let mut table = format!(
-        "| variant | broker CPU s, publish {} jobs | broker CPU s, consume + result | vs raw | consume + result wall s |\n|---|--:|--:|--:|--:|\n",
+        "| variant | broker CPU s, publish {} jobs | broker CPU s, consume + result (min-max) | vs raw | consume + result wall s |\n|---|--:|--:|--:|--:|\n",
         settings.jobs
     );
     let raw = figures.get("raw").map(|f| median(&f.consume_cpu));
@@ -594,9 +639,11 @@ async fn main() -> anyhow::Result<()> {
         let f = &figures[variant];
         let c = median(&f.consume_cpu);
         let ratio = raw.map_or(String::new(), |r| format!("{:.2}", c / r));
+        let low = f.consume_cpu.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = f.consume_cpu.iter().copied().fold(0.0, f64::max);
         writeln!(
             table,
-            "| {variant} | {:.2} | {c:.2} | {ratio} | {:.2} |",
+            "| {variant} | {:.2} | {c:.2} ({low:.2}-{high:.2}) | {ratio} | {:.2} |",
             median(&f.publish_cpu),
             median(&f.consume_secs)
         )?;
@@ -607,7 +654,8 @@ async fn main() -> anyhow::Result<()> {
         let doc = format!(
             "# Where the broker's work per job goes\n\n\
              Generated by `scripts/bench-steps.sh` (`bench/src/bin/steps.rs`) on {date} (UTC), \
-             {jobs} jobs of {size} bytes per run, median of {repeats} runs, variants alternated. \
+             {jobs} jobs of {size} bytes per run, {waiters} waiting client(s), median of {repeats} runs, \
+             variants alternated. \
              Do not edit by hand: run it again.\n\n\
              One raw lapin loop (publish with confirms; consume with prefetch 500, publish one \
              persistent result with a confirm, ack; a collector with prefetch 2,000 and \
@@ -619,6 +667,7 @@ async fn main() -> anyhow::Result<()> {
             jobs = settings.jobs,
             size = settings.size,
             repeats = settings.repeats,
+            waiters = settings.waiters,
         );
         std::fs::write(out, doc).with_context(|| format!("cannot write {}", out.display()))?;
     }
