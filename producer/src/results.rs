@@ -1,10 +1,22 @@
-//! `--wait`: a private queue bound to the results exchange, so this run sees every result
-//! without taking any from the durable `jobs.results` queue that others read.
+//! `--wait`: the results of this run's jobs, read while they are published.
 //!
-//! The queue is named, not exclusive, and expires on its own (`x-expires`) once unused, so it
-//! outlives a lost connection: the listener reconnects and resumes, and results published in
-//! the meantime wait in it. It must exist before the first publish, or a fast consumer's result
-//! could be missed; [`Listener::start`] returns once it does.
+//! **The results log.** A listener without progress events reads the results log
+//! ([`Names::results_log`]), a stream bound to the results exchange, which every waiting client
+//! shares, each at its own offset: one more copy of each result however many clients wait,
+//! where a queue per client made one copy per client (and cost the broker about as much per
+//! result as the job itself: `BENCHMARKS-broker.md`). It attaches at the log's end (`next`)
+//! before the first job is published, so it misses nothing; after a lost connection it resumes
+//! at the offset after the last result it took, so it misses nothing then either, and takes no
+//! result twice. The log is a stream, so a result in it is confirmed once a majority of its
+//! replicas have it, not fsynced; that is fine for a reader: the durable record of a result is
+//! `jobs.results`, a quorum queue, and a job is acked only once both have it.
+//!
+//! **A private queue** is what a listener uses with progress events (`producer serve`), and
+//! when the broker refuses the stream (streams disabled): named, not exclusive, expiring on its
+//! own (`x-expires`) once unused, so it outlives a lost connection: the listener reconnects and
+//! resumes, and results published in the meantime wait in it. It must exist before the first
+//! publish, or a fast consumer's result could be missed; [`Listener::start`] returns once it
+//! does.
 
 use std::{
     collections::HashSet,
@@ -83,7 +95,10 @@ impl Arrived {
 pub struct Listener {
     /// Results in arrival order, at most [`BUFFER`] waiting.
     pub results: mpsc::Receiver<Arrived>,
+    /// The queue it reads: its own, or the results log.
     queue: String,
+    /// Whether `queue` is its own (deleted on close), not the shared results log.
+    private: bool,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -103,22 +118,45 @@ impl Listener {
         wanted: Wanted,
         progress: bool,
     ) -> Result<Self, lapin::Error> {
-        let queue = format!("{}.wait.{}", names.results_queue, Uuid::new_v4().simple());
-        let mut exchanges = vec![names.results_exchange.clone()];
-        if progress {
-            exchanges.push(names.progress_exchange.clone());
-        }
-        let exchange = exchanges;
         let (tx, results) = mpsc::channel(BUFFER);
         let stop = CancellationToken::new();
-        // Given a cluster (several brokers), the queue must outlive the loss of a node.
+        // Given a cluster (several brokers), a private queue must outlive the loss of a node.
         let replicated = pool.manager().brokers().len() > 1;
         let connection = amqp::get_connection(&pool, amqp::DEFAULT_CONNECT_TIMEOUT)
             .await
             .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
-        let channel = subscribe(&connection, &queue, &exchange, expires, replicated).await?;
-
-        let task_queue = queue.clone();
+        let mut private = Source::Queue {
+            queue: format!("{}.wait.{}", names.results_queue, Uuid::new_v4().simple()),
+            exchanges: vec![names.results_exchange.clone()],
+            expires,
+            replicated,
+        };
+        let (source, channel) = if progress {
+            if let Source::Queue { exchanges, .. } = &mut private {
+                exchanges.push(names.progress_exchange.clone());
+            }
+            let channel = private.subscribe(&connection).await?;
+            (private, channel)
+        } else {
+            let log = Source::Log {
+                stream: names.results_log.clone(),
+                exchange: names.results_exchange.clone(),
+            };
+            match log.subscribe(&connection).await {
+                Ok(channel) => (log, channel),
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        "the broker refused the results log (a stream); waiting on a queue of \
+                         this run's own instead"
+                    );
+                    let channel = private.subscribe(&connection).await?;
+                    (private, channel)
+                }
+            }
+        };
+        let queue = source.name().to_owned();
+        let task_source = source.clone();
         let task_stop = stop.clone();
         let filter = Filter {
             progress: progress.then(|| names.progress_exchange.clone()),
@@ -127,12 +165,14 @@ impl Listener {
         };
         let task = tokio::spawn(async move {
             let mut current = Some((connection, channel));
+            let mut position = Position::default();
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
             loop {
                 if let Some((_connection, channel)) = current.take() {
+                    let arguments = task_source.consume_arguments(&position);
                     let more = tokio::select! {
                         () = task_stop.cancelled() => false,
-                        more = forward(&channel, &task_queue, &tx, &filter) => more,
+                        more = forward(&channel, &task_source, arguments, &tx, &filter, &mut position) => more,
                     };
                     if !more {
                         amqp::close_channel(&channel).await;
@@ -147,7 +187,7 @@ impl Listener {
                 let Ok(connection) = pool.get().await else {
                     continue;
                 };
-                match subscribe(&connection, &task_queue, &exchange, expires, replicated).await {
+                match task_source.subscribe(&connection).await {
                     Ok(channel) => current = Some((connection, channel)),
                     Err(error) => tracing::warn!(%error, "results listener: cannot resubscribe"),
                 }
@@ -156,68 +196,166 @@ impl Listener {
         Ok(Self {
             results,
             queue,
+            private: matches!(source, Source::Queue { .. }),
             stop,
             task,
         })
     }
 
-    /// Stops listening and deletes the private queue (it would expire by itself anyway).
-    /// Its channels are closed before it returns, so that the connection can close cleanly.
+    /// Stops listening and deletes its private queue, if it has one (it would expire by
+    /// itself anyway). Its channels are closed before it returns, so that the connection can
+    /// close cleanly.
     pub async fn close(self, channel: Option<&Channel>) {
         self.stop.cancel();
         let _ = tokio::time::timeout(amqp::CLOSE_TIMEOUT, self.task).await;
         if let Some(channel) = channel {
-            let _ = channel
-                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
+            if self.private {
+                let _ = channel
+                    .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
             amqp::close_channel(channel).await;
         }
     }
+
+    /// The queue it reads: a private queue, or the results log.
+    #[must_use]
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
 }
 
-async fn subscribe(
-    connection: &lapin::Connection,
-    queue: &str,
-    exchanges: &[String],
-    expires: Duration,
-    replicated: bool,
-) -> Result<Channel, lapin::Error> {
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
-        .await?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-expires".into(),
-        AMQPValue::LongLongInt(i64::try_from(expires.as_millis()).unwrap_or(i64::MAX)),
-    );
-    // Durable, so that it outlives a lost connection (the listener reconnects and goes on
-    // reading it) without being a transient non-exclusive queue, which RabbitMQ 4 deprecates
-    // (`transient_nonexcl_queues`); deleted by the broker `expires` after its last consumer is
-    // gone. Classic on one broker; quorum given a cluster, so that it survives the loss of the
-    // node it lives on (a classic queue would be unreachable until that node came back).
-    let queue_type = if replicated { "quorum" } else { "classic" };
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(queue_type.into()),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel.queue_declare(queue.into(), durable, args).await?;
-    for exchange in exchanges {
-        channel
-            .queue_bind(
-                queue.into(),
-                exchange.as_str().into(),
-                MATCH_ALL.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+/// Where a listener reads results from.
+#[derive(Debug, Clone)]
+enum Source {
+    /// The results log, shared by every waiting client, read from an offset.
+    Log {
+        /// The stream.
+        stream: String,
+        /// The results exchange it is bound to.
+        exchange: String,
+    },
+    /// A queue of this listener's own, bound to `exchanges`.
+    Queue {
+        queue: String,
+        exchanges: Vec<String>,
+        expires: Duration,
+        /// Quorum (given a cluster) rather than classic.
+        replicated: bool,
+    },
+}
+
+/// Where a listener reading the results log is: what it resumes from after a lost connection.
+#[derive(Debug, Default)]
+struct Position {
+    /// The offset of the last result taken from the log.
+    last: Option<i64>,
+    /// When it first attached (seconds since the epoch): where it resumes when the connection
+    /// was lost before any result came.
+    attached: Option<i64>,
+}
+
+impl Source {
+    fn name(&self) -> &str {
+        match self {
+            Self::Log { stream, .. } => stream,
+            Self::Queue { queue, .. } => queue,
+        }
     }
-    Ok(channel)
+
+    /// Opens a channel with the prefetch set, on which the queue or the log exists and is
+    /// bound.
+    async fn subscribe(&self, connection: &lapin::Connection) -> Result<Channel, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let (queue, exchanges, args) = match self {
+            Self::Log { stream, exchange } => (
+                stream,
+                std::slice::from_ref(exchange),
+                shared::topology::results_log_arguments(),
+            ),
+            Self::Queue {
+                queue,
+                exchanges,
+                expires,
+                replicated,
+            } => {
+                let mut args = FieldTable::default();
+                args.insert(
+                    "x-expires".into(),
+                    AMQPValue::LongLongInt(i64::try_from(expires.as_millis()).unwrap_or(i64::MAX)),
+                );
+                // Durable, so that it outlives a lost connection (the listener reconnects and
+                // goes on reading it) without being a transient non-exclusive queue, which
+                // RabbitMQ 4 deprecates (`transient_nonexcl_queues`); deleted by the broker
+                // `expires` after its last consumer is gone. Classic on one broker; quorum
+                // given a cluster, so that it survives the loss of the node it lives on.
+                let queue_type = if *replicated { "quorum" } else { "classic" };
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString(queue_type.into()),
+                );
+                (queue, exchanges.as_slice(), args)
+            }
+        };
+        channel
+            .queue_declare(queue.as_str().into(), durable, args)
+            .await?;
+        for exchange in exchanges {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    MATCH_ALL.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(channel)
+    }
+
+    /// The consumer's arguments: for the log, where to start reading. The first time, its end
+    /// (`next`: every result published from now on); then the offset after the last result
+    /// taken, or, when none came, the second it first attached (a stream's timestamps are
+    /// coarse, so that may give some results again: the filter drops those already taken).
+    fn consume_arguments(&self, position: &Position) -> FieldTable {
+        let mut args = FieldTable::default();
+        if let Self::Log { .. } = self {
+            let offset = match (position.last, position.attached) {
+                (Some(last), _) => AMQPValue::LongLongInt(last.saturating_add(1)),
+                (None, Some(attached)) => {
+                    AMQPValue::Timestamp(u64::try_from(attached.saturating_sub(1)).unwrap_or(0))
+                }
+                (None, None) => AMQPValue::LongString("next".into()),
+            };
+            args.insert("x-stream-offset".into(), offset);
+        }
+        args
+    }
+}
+
+/// The offset of a delivery from the results log (`x-stream-offset`), when it has one.
+fn stream_offset(delivery: &lapin::message::Delivery) -> Option<i64> {
+    match delivery
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-stream-offset")?
+    {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        _ => None,
+    }
 }
 
 /// Forwards results until the channel fails (`true`: reconnect) or nobody listens (`false`).
@@ -243,16 +381,18 @@ impl Filter {
 
 async fn forward(
     channel: &Channel,
-    queue: &str,
+    source: &Source,
+    arguments: FieldTable,
     tx: &mpsc::Sender<Arrived>,
     filter: &Filter,
+    position: &mut Position,
 ) -> bool {
     let consumer = channel
         .basic_consume(
-            queue.into(),
+            source.name().into(),
             "producer-wait".into(),
             BasicConsumeOptions::default(),
-            FieldTable::default(),
+            arguments,
         )
         .await;
     let mut consumer = match consumer {
@@ -262,6 +402,10 @@ async fn forward(
             return true;
         }
     };
+    if position.attached.is_none() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        position.attached = Some(now.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0)));
+    }
     // Acks are batched: one `multiple` ack per ACK_BATCH results handed over, or as soon as
     // no result is waiting, so the broker handles one ack frame per batch, not per result.
     let mut unacked: Option<(lapin::Acker, usize)> = None;
@@ -276,6 +420,10 @@ async fn forward(
             }
         };
         let Some(Ok(delivery)) = next else { break };
+        if let Some(offset) = stream_offset(&delivery) {
+            // Past this one from now on, whatever becomes of it: a log is never nacked.
+            position.last = Some(offset);
+        }
         // Acked once handed over (the buffer is bounded, so a slow reader holds the acks back
         // and the prefetch stops the broker): a result lost with the connection comes again.
         let acker = delivery.acker.clone();

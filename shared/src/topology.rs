@@ -107,6 +107,10 @@ pub struct Names {
     pub results_exchange: String,
     /// Durable queue holding every result, bound to [`Names::results_exchange`] with `#`.
     pub results_queue: String,
+    /// The results log: a stream bound to [`Names::results_exchange`] with `#` by the first
+    /// client that waits for results (`producer --wait`), which every waiting client reads from
+    /// its own offset instead of a queue of its own. Bounded by [`results_log_arguments`].
+    pub results_log: String,
     /// Topic exchange dead letters are published to.
     pub dead_exchange: String,
     /// Topic exchange of progress events (a job hopped to another kind); routing key = the
@@ -135,6 +139,7 @@ impl Names {
             unrouted_exchange: name("jobs.unrouted"),
             results_exchange: name("jobs.results"),
             results_queue: name("jobs.results"),
+            results_log: name("jobs.results.log"),
             dead_exchange: name("jobs.dlx"),
             progress_exchange: name("jobs.progress"),
             dead_queue: name("jobs.dead"),
@@ -215,14 +220,46 @@ impl Names {
     /// delete one.
     #[must_use]
     pub fn queues(&self, kinds: &[String], delays: &[Duration]) -> Vec<String> {
-        [&self.work_queue, &self.results_queue, &self.dead_queue]
-            .into_iter()
+        [
+            &self.work_queue,
+            &self.results_queue,
+            &self.results_log,
+            &self.dead_queue,
+        ]
+        .into_iter()
             .cloned()
             .chain((0..crate::delay::LEVELS).map(|k| self.delay_level(k)))
             .chain(kinds.iter().map(|k| self.kind_queue(k)))
             .chain(delays.iter().map(|d| self.retry_queue(*d)))
             .collect()
     }
+}
+
+/// Longest the results log keeps a result (`x-max-age`): the default result retention.
+pub const RESULTS_LOG_MAX_AGE: &str = "7D";
+/// Most bytes the results log keeps (`x-max-length-bytes`, 1 GiB): the oldest segments go first.
+pub const RESULTS_LOG_MAX_BYTES: i64 = 1 << 30;
+/// Size of one segment of the results log (`x-stream-max-segment-size-bytes`, 16 MiB): retention
+/// deletes whole segments, so a small one keeps the bounds close.
+pub const RESULTS_LOG_SEGMENT_BYTES: i64 = 16 << 20;
+
+/// Arguments of the results log, the same from every client that declares it (a stream's
+/// arguments cannot change; an operator changes its bounds with a policy, `max-age` and
+/// `max-length-bytes`).
+#[must_use]
+pub fn results_log_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    insert_str(&mut args, "x-queue-type", "stream");
+    insert_str(&mut args, "x-max-age", RESULTS_LOG_MAX_AGE);
+    args.insert(
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(RESULTS_LOG_MAX_BYTES),
+    );
+    args.insert(
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(RESULTS_LOG_SEGMENT_BYTES),
+    );
+    args
 }
 
 /// What a queue of the namespace is for, from its name ([`Names::role`]): how dashboards group

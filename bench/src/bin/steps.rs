@@ -47,6 +47,8 @@ use tokio::time::Instant;
 ///   (one append, each reader at its own offset).
 /// - `quorum+stream-wait`: ours with the `--wait` queues replaced by one stream that every
 ///   waiter reads from its attach point; `jobs.results` stays the durable (fsynced) record.
+/// - `quorum+stream-unread`: `+expiration` (no waiters) with that stream bound but unread: what
+///   the stream costs a deployment where nobody waits.
 /// - `ours-wait-quorum`: ours with the `--wait` queue a quorum queue.
 /// - `ours-wait-cqv2`: ours with the `--wait` queue a classic queue of version 2
 ///   (`x-queue-version`, RabbitMQ 3.10+; the only version in 4.0).
@@ -65,6 +67,7 @@ const VARIANTS: &[&str] = &[
     "ours-no-expiration",
     "stream-only",
     "quorum+stream-wait",
+    "quorum+stream-unread",
     "ours-wait-quorum",
     "ours-wait-cqv2",
     "ours-transient-results",
@@ -109,6 +112,8 @@ struct Shape {
     stream_only: bool,
     /// Waiters read a stream bound beside `jobs.results` instead of queues of their own.
     stream_wait: bool,
+    /// The stream is bound, and the collector reads `jobs.results` instead.
+    stream_unread: bool,
     wait_quorum: bool,
     wait_cqv2: bool,
     transient_results: bool,
@@ -174,6 +179,12 @@ fn shape(variant: &str) -> Shape {
         "quorum+stream-wait" => Shape {
             wait_copy: false,
             stream_wait: true,
+            ..ours
+        },
+        "quorum+stream-unread" => Shape {
+            wait_copy: false,
+            stream_wait: true,
+            stream_unread: true,
             ..ours
         },
         "ours-wait-cqv2" => Shape {
@@ -336,7 +347,11 @@ impl Run {
             str_arg(&mut args, "x-queue-type", "stream");
             self.queue(ch, "results.log", args).await;
             self.bind(ch, "results.log", "jobs.results", "#").await;
-            vec![self.name("results.log"); waiters]
+            if s.stream_unread {
+                vec![self.name("jobs.results")]
+            } else {
+                vec![self.name("results.log"); waiters]
+            }
         } else if s.stream_only {
             vec![self.name("jobs.results"); waiters]
         } else {
@@ -598,7 +613,8 @@ async fn main() -> anyhow::Result<()> {
             let (_p3, c3) = shared::amqp::connect(&settings.amqp_url, "steps collect").await?;
             let started = Instant::now();
             let start_cpu = cpu(pid);
-            let stream = run.shape.stream_only || run.shape.stream_wait;
+            let stream =
+                run.shape.stream_only || (run.shape.stream_wait && !run.shape.stream_unread);
             let mut collectors = Vec::new();
             for queue in &topo.collect {
                 let channel = c3.create_channel().await?;

@@ -32,6 +32,7 @@ mod production;
 mod pushback;
 mod reconnect;
 mod repeats;
+mod results_log;
 mod retries;
 mod routing;
 mod serve_network;
