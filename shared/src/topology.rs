@@ -227,11 +227,11 @@ impl Names {
             &self.dead_queue,
         ]
         .into_iter()
-            .cloned()
-            .chain((0..crate::delay::LEVELS).map(|k| self.delay_level(k)))
-            .chain(kinds.iter().map(|k| self.kind_queue(k)))
-            .chain(delays.iter().map(|d| self.retry_queue(*d)))
-            .collect()
+        .cloned()
+        .chain((0..crate::delay::LEVELS).map(|k| self.delay_level(k)))
+        .chain(kinds.iter().map(|k| self.kind_queue(k)))
+        .chain(delays.iter().map(|d| self.retry_queue(*d)))
+        .collect()
     }
 }
 

@@ -77,7 +77,11 @@ const VARIANTS: &[&str] = &[
 
 #[derive(Debug, Parser)]
 struct Settings {
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     amqp_url: String,
     #[arg(long, default_value_t = 20_000)]
     jobs: u64,
@@ -282,14 +286,24 @@ impl Run {
         if s.dlx_args {
             self.exchange(ch, "jobs.dlx", ExchangeKind::Topic, FieldTable::default())
                 .await;
-            str_arg(&mut job_args, "x-dead-letter-exchange", &self.name("jobs.dlx"));
+            str_arg(
+                &mut job_args,
+                "x-dead-letter-exchange",
+                &self.name("jobs.dlx"),
+            );
             str_arg(&mut job_args, "x-dead-letter-strategy", "at-least-once");
             str_arg(&mut job_args, "x-overflow", "reject-publish");
         }
-        self.queue(ch, "jobs.kind.text.analyze", job_args.clone()).await;
+        self.queue(ch, "jobs.kind.text.analyze", job_args.clone())
+            .await;
         let jobs_exchange = if s.topic_ae {
-            self.exchange(ch, "jobs.unrouted", ExchangeKind::Topic, FieldTable::default())
-                .await;
+            self.exchange(
+                ch,
+                "jobs.unrouted",
+                ExchangeKind::Topic,
+                FieldTable::default(),
+            )
+            .await;
             self.queue(ch, "jobs.work", job_args).await;
             self.bind(ch, "jobs.work", "jobs.unrouted", "#").await;
             let mut args = FieldTable::default();
@@ -525,7 +539,10 @@ async fn consume(c: &Connection, topo: &Topo, shape: Shape, jobs: u64) -> anyhow
 async fn collect(ch: Channel, queue: String, jobs: u64, stream: bool) -> anyhow::Result<()> {
     let mut args = FieldTable::default();
     if stream {
-        args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+        args.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString("first".into()),
+        );
     }
     ch.basic_qos(2000, BasicQosOptions::default()).await?;
     let mut deliveries = ch
@@ -618,7 +635,12 @@ async fn main() -> anyhow::Result<()> {
             let mut collectors = Vec::new();
             for queue in &topo.collect {
                 let channel = c3.create_channel().await?;
-                collectors.push(tokio::spawn(collect(channel, queue.clone(), settings.jobs, stream)));
+                collectors.push(tokio::spawn(collect(
+                    channel,
+                    queue.clone(),
+                    settings.jobs,
+                    stream,
+                )));
             }
             consume(&c2, &topo, run.shape, settings.jobs).await?;
             for collector in collectors {

@@ -196,8 +196,9 @@ impl Drop for Results {
     }
 }
 
-/// A producer process sending [`JOBS`] jobs at `rate` per second through the URL list; its
-/// stderr is read as it comes (so that a full pipe never blocks it) into `log`.
+/// A producer process sending [`JOBS`] jobs at `rate` per second through the URL list, and with
+/// `wait`, waiting for their results (through the results log, a stream); its stderr is read
+/// as it comes (so that a full pipe never blocks it) into `log`.
 struct Producer {
     child: tokio::process::Child,
     log: Arc<Mutex<String>>,
@@ -205,8 +206,12 @@ struct Producer {
 }
 
 impl Producer {
-    fn spawn(app: &TestApp, rate: u32) -> Self {
-        let mut child = tokio::process::Command::new(binary("producer"))
+    fn spawn(app: &TestApp, rate: u32, wait: bool) -> Self {
+        let mut command = tokio::process::Command::new(binary("producer"));
+        if wait {
+            command.args(["--wait", "--wait-timeout", &SETTLE.as_secs().to_string()]);
+        }
+        let mut child = command
             .args(["--count", &JOBS.to_string(), "--size", "256"])
             .args(["--rate", &rate.to_string(), "--reconnect-timeout", "120"])
             .env("AMQP_URL", &app.common.amqp_url)
@@ -353,7 +358,7 @@ async fn losing_the_work_leader_then_the_results_leader_loses_no_job() {
 
     // Act: a producer sends for ~20 s; kill the work queue's leader, bring it back, then kill
     // the results queue's leader
-    let producer = Producer::spawn(&app, 500);
+    let producer = Producer::spawn(&app, 500, false);
     assert!(
         results.wait_for(1_000, SETTLE).await,
         "no results before the first fault:\n{}",
@@ -404,9 +409,10 @@ async fn a_rolling_restart_of_every_node_loses_no_job() {
     let (app, results, consumers) = arrange(&cluster).await;
     let started = Instant::now();
 
-    // Act: while a producer sends, stop and restart each node in turn, as an operator
-    // upgrading the cluster does
-    let producer = Producer::spawn(&app, 250);
+    // Act: while a producer sends and waits for every result (reading the results log, a
+    // stream with a replica on every node), stop and restart each node in turn, as an
+    // operator upgrading the cluster does
+    let producer = Producer::spawn(&app, 250, true);
     assert!(
         results.wait_for(500, SETTLE).await,
         "no results before the restarts:\n{}",
@@ -419,6 +425,14 @@ async fn a_rolling_restart_of_every_node_loses_no_job() {
         script(&["restart", node]).await;
     }
     let outcome = producer.outcome().await;
+    // `--wait` exits 0 only once every result arrived, `ok`.
+    assert!(
+        outcome
+            .2
+            .contains(&format!("; results: ok {JOBS}, failed 0, missing 0")),
+        "the waiting producer missed results: {}",
+        outcome.2
+    );
     assert_nothing_lost(
         "cluster rolling restart",
         &cluster,
