@@ -275,7 +275,7 @@ fn method(out: &mut String, settings: &Settings, report: &Report) {
          costs.\n\
          - **user command**: what a user types, timed as a whole from outside: one `consumer` \
          and `producer --count {jobs} --size {size} --wait`, both with no other flag (the \
-         defaults); the producer's own private queue collects the results.\n\
+         defaults); the producer reads the results from the results log (a stream).\n\
          - **system**: the real `producer` and `consumer` processes at their defaults (except \
          the concurrency shown), on the same topology as bare: jobs exchange → `jobs.kind.text.analyze`, \
          results exchange → durable `jobs.results` + the bench's collector queue.\n\

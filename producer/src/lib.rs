@@ -4,8 +4,8 @@
 //! ```text
 //! input.rs (JSON lines | synthetic) ──▶ publish, up to `window` unconfirmed ──▶ [jobs]
 //!                                        each confirm checked: acked and routed
-//! results.rs (private queue on [jobs.results]) ──▶ wait.rs ──▶ stdout, one JSON line per
-//!                                                   job, while publishing (--wait)
+//! results.rs (the results log, a stream on [jobs.results]) ──▶ wait.rs ──▶ stdout, one JSON
+//!                                         line per job, while publishing (--wait)
 //! ```
 //!
 //! A job counts as sent only when the broker confirmed it *and* did not return it as
@@ -111,8 +111,9 @@ pub async fn run(
     let mut written = wait::Results::new(results_out, std::sync::Arc::clone(&wanted));
     let mut listener = match settings.wait {
         true => {
-            // RabbitMQ's largest x-expires is 2^32 - 1 ms; the listener's consumer keeps the
-            // queue alive anyway (x-expires counts only while it is unused).
+            // For the private queue of a broker that refuses the results log. RabbitMQ's
+            // largest x-expires is 2^32 - 1 ms; the listener's consumer keeps the queue alive
+            // anyway (x-expires counts only while it is unused).
             let expires = (wait_timeout(&settings) + Duration::from_secs(300))
                 .min(Duration::from_millis(u64::from(u32::MAX)));
             let keep = Some(std::sync::Arc::clone(&wanted));
@@ -249,7 +250,7 @@ pub async fn run(
         written
             .finish(&mut listener.results, timeout, &mut summary, &shutdown)
             .await;
-        // Cleanup is best effort and bounded: the private queue expires by itself anyway.
+        // Cleanup is best effort and bounded: a private queue expires by itself anyway.
         let channel = match publisher.connection() {
             Some(connection) => {
                 let create = connection.create_channel();

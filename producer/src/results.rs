@@ -104,13 +104,15 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Declares and binds the private queue, then consumes it in the background, reconnecting
-    /// through `pool` whenever the connection drops. With `progress`, the queue is bound to
-    /// the progress exchange too, and its events arrive among the results, marked.
+    /// Subscribes (see the module docs: the results log, or with `progress` a private queue
+    /// bound to the progress exchange too, whose events arrive among the results, marked) and
+    /// returns once the broker has confirmed the consumer, so that every result published from
+    /// then on is seen; then reads in the background, reconnecting through `pool` whenever the
+    /// connection drops.
     ///
     /// # Errors
-    /// Fails when the first connection or declaration fails (for example, when the results
-    /// exchange does not exist).
+    /// Fails when the first connection, declaration or consume fails (for example, when the
+    /// results exchange does not exist).
     pub async fn start(
         pool: Pool,
         names: &Names,
@@ -122,39 +124,56 @@ impl Listener {
         let stop = CancellationToken::new();
         // Given a cluster (several brokers), a private queue must outlive the loss of a node.
         let replicated = pool.manager().brokers().len() > 1;
-        let connection = amqp::get_connection(&pool, amqp::DEFAULT_CONNECT_TIMEOUT)
-            .await
-            .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
+        let connect = || async {
+            amqp::get_connection(&pool, amqp::DEFAULT_CONNECT_TIMEOUT)
+                .await
+                .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))
+        };
+        let mut connection = connect().await?;
         let mut private = Source::Queue {
             queue: format!("{}.wait.{}", names.results_queue, Uuid::new_v4().simple()),
             exchanges: vec![names.results_exchange.clone()],
             expires,
             replicated,
         };
-        let (source, channel) = if progress {
+        let mut position = Position::new();
+        async fn attach(
+            source: Source,
+            connection: &lapin::Connection,
+            position: &Position,
+        ) -> Result<(Source, Channel, lapin::Consumer), lapin::Error> {
+            let channel = source.subscribe(connection).await?;
+            let consumer = source.consume(&channel, position).await?;
+            Ok((source, channel, consumer))
+        }
+        let attached = if progress {
             if let Source::Queue { exchanges, .. } = &mut private {
                 exchanges.push(names.progress_exchange.clone());
             }
-            let channel = private.subscribe(&connection).await?;
-            (private, channel)
+            attach(private, &connection, &position).await?
         } else {
             let log = Source::Log {
                 stream: names.results_log.clone(),
                 exchange: names.results_exchange.clone(),
             };
-            match log.subscribe(&connection).await {
-                Ok(channel) => (log, channel),
+            match attach(log, &connection, &position).await {
+                Ok(attached) => attached,
                 Err(error) => {
                     tracing::warn!(
                         %error,
-                        "the broker refused the results log (a stream); waiting on a queue of \
-                         this run's own instead"
+                        "cannot read the results log (a stream); waiting on a queue of this \
+                         run's own instead"
                     );
-                    let channel = private.subscribe(&connection).await?;
-                    (private, channel)
+                    // A refusal closes only its channel; a lost connection needs a new one.
+                    if !connection.status().connected() {
+                        connection = connect().await?;
+                    }
+                    attach(private, &connection, &position).await?
                 }
             }
         };
+        let (source, channel, consumer) = attached;
+        position.first = false;
         let queue = source.name().to_owned();
         let task_source = source.clone();
         let task_stop = stop.clone();
@@ -164,32 +183,54 @@ impl Listener {
             bytes: Arc::new(Semaphore::new(BUFFER_BYTES / 1024)),
         };
         let task = tokio::spawn(async move {
-            let mut current = Some((connection, channel));
-            let mut position = Position::default();
+            let mut current = Some((connection, channel, Some(consumer)));
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
             loop {
-                if let Some((_connection, channel)) = current.take() {
-                    let arguments = task_source.consume_arguments(&position);
-                    let more = tokio::select! {
-                        () = task_stop.cancelled() => false,
-                        more = forward(&channel, &task_source, arguments, &tx, &filter, &mut position) => more,
+                if let Some((connection, channel, consumer)) = current.take() {
+                    let consumer = match consumer {
+                        Some(consumer) => Ok(consumer),
+                        None => task_source.consume(&channel, &position).await,
                     };
-                    if !more {
-                        amqp::close_channel(&channel).await;
-                        return;
+                    match consumer {
+                        Ok(consumer) => {
+                            let more = tokio::select! {
+                                () = task_stop.cancelled() => false,
+                                more = forward(consumer, &tx, &filter, &mut position) => more,
+                            };
+                            if !more {
+                                amqp::close_channel(&channel).await;
+                                return;
+                            }
+                            backoff.reset();
+                        }
+                        Err(error) => {
+                            // Refused (no replica of the log on this node, a permission): the
+                            // backoff grows, and the next try takes a new connection, which
+                            // may be to another broker of the list.
+                            tracing::warn!(%error, "results listener: cannot consume");
+                            amqp::close_connection(&connection, "the consume was refused").await;
+                        }
                     }
-                    backoff.reset();
                 }
                 tokio::select! {
                     () = task_stop.cancelled() => return,
                     () = tokio::time::sleep(backoff.next_delay()) => {}
                 }
-                let Ok(connection) = pool.get().await else {
-                    continue;
+                let resubscribed = tokio::select! {
+                    () = task_stop.cancelled() => return,
+                    resubscribed = tokio::time::timeout(RESUBSCRIBE_TIMEOUT, async {
+                        let connection = pool.get().await.ok()?;
+                        match task_source.subscribe(&connection).await {
+                            Ok(channel) => Some((connection, channel)),
+                            Err(error) => {
+                                tracing::warn!(%error, "results listener: cannot resubscribe");
+                                None
+                            }
+                        }
+                    }) => resubscribed.ok().flatten(),
                 };
-                match task_source.subscribe(&connection).await {
-                    Ok(channel) => current = Some((connection, channel)),
-                    Err(error) => tracing::warn!(%error, "results listener: cannot resubscribe"),
+                if let Some((connection, channel)) = resubscribed {
+                    current = Some((connection, channel, None));
                 }
             }
         });
@@ -246,14 +287,37 @@ enum Source {
 }
 
 /// Where a listener reading the results log is: what it resumes from after a lost connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Position {
+    /// Not attached yet: read from the log's end.
+    first: bool,
     /// The offset of the last result taken from the log.
     last: Option<i64>,
-    /// When it first attached (seconds since the epoch): where it resumes when the connection
-    /// was lost before any result came.
-    attached: Option<i64>,
+    /// Seconds since the epoch, this host's clock, when it first attached: where it resumes,
+    /// less [`CLOCK_MARGIN`], when the connection was lost before any result came.
+    attached: i64,
+    /// The offset a resume asked for, until the first delivery says where it really started.
+    resumed_at: Option<i64>,
 }
+
+impl Position {
+    fn new() -> Self {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        Self {
+            first: true,
+            last: None,
+            attached: now.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0)),
+            resumed_at: None,
+        }
+    }
+}
+
+/// How far a resume by time reaches back before the first attach: the broker's clock may be
+/// behind this host's; results from before it are another run's, which the filter drops.
+const CLOCK_MARGIN: i64 = 60;
+
+/// Longest wait for a new connection and subscription after a lost one, before trying again.
+const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Source {
     fn name(&self) -> &str {
@@ -304,9 +368,39 @@ impl Source {
                 (queue, exchanges.as_slice(), args)
             }
         };
-        channel
-            .queue_declare(queue.as_str().into(), durable, args)
-            .await?;
+        let channel = match self {
+            // A stream's arguments cannot change: one that exists (with whatever arguments an
+            // operator or another build gave it) is taken as it is.
+            Self::Log { .. } => {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                match channel
+                    .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    Ok(_) => channel,
+                    Err(_) => {
+                        // Not found (or refused): that closed the channel; declare it.
+                        let channel = connection.create_channel().await?;
+                        channel
+                            .basic_qos(PREFETCH, BasicQosOptions::default())
+                            .await?;
+                        channel
+                            .queue_declare(queue.as_str().into(), durable, args)
+                            .await?;
+                        channel
+                    }
+                }
+            }
+            Self::Queue { .. } => {
+                channel
+                    .queue_declare(queue.as_str().into(), durable, args)
+                    .await?;
+                channel
+            }
+        };
         for exchange in exchanges {
             channel
                 .queue_bind(
@@ -321,23 +415,34 @@ impl Source {
         Ok(channel)
     }
 
-    /// The consumer's arguments: for the log, where to start reading. The first time, its end
-    /// (`next`: every result published from now on); then the offset after the last result
-    /// taken, or, when none came, the second it first attached (a stream's timestamps are
-    /// coarse, so that may give some results again: the filter drops those already taken).
-    fn consume_arguments(&self, position: &Position) -> FieldTable {
+    /// Starts consuming on `channel`. The log is read from where `position` says: the first
+    /// time, its end (`next`: every result published from now on); then the offset after the
+    /// last result taken, or, when none came, the time of the first attach (a stream's times
+    /// are coarse, so that may give results again: the filter drops those already taken).
+    async fn consume(
+        &self,
+        channel: &Channel,
+        position: &Position,
+    ) -> Result<lapin::Consumer, lapin::Error> {
         let mut args = FieldTable::default();
         if let Self::Log { .. } = self {
-            let offset = match (position.last, position.attached) {
-                (Some(last), _) => AMQPValue::LongLongInt(last.saturating_add(1)),
-                (None, Some(attached)) => {
-                    AMQPValue::Timestamp(u64::try_from(attached.saturating_sub(1)).unwrap_or(0))
-                }
-                (None, None) => AMQPValue::LongString("next".into()),
+            let offset = match position.last {
+                _ if position.first => AMQPValue::LongString("next".into()),
+                Some(last) => AMQPValue::LongLongInt(last.saturating_add(1)),
+                None => AMQPValue::Timestamp(
+                    u64::try_from(position.attached.saturating_sub(CLOCK_MARGIN)).unwrap_or(0),
+                ),
             };
             args.insert("x-stream-offset".into(), offset);
         }
-        args
+        channel
+            .basic_consume(
+                self.name().into(),
+                "producer-wait".into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await
     }
 }
 
@@ -358,7 +463,6 @@ fn stream_offset(delivery: &lapin::message::Delivery) -> Option<i64> {
     }
 }
 
-/// Forwards results until the channel fails (`true`: reconnect) or nobody listens (`false`).
 /// Which results to keep, and the byte budget of those kept.
 struct Filter {
     /// The progress exchange, when the listener takes its events.
@@ -379,33 +483,14 @@ impl Filter {
     }
 }
 
+/// Forwards results until the consumer ends (`true`: reconnect) or nobody listens (`false`).
 async fn forward(
-    channel: &Channel,
-    source: &Source,
-    arguments: FieldTable,
+    mut consumer: lapin::Consumer,
     tx: &mpsc::Sender<Arrived>,
     filter: &Filter,
     position: &mut Position,
 ) -> bool {
-    let consumer = channel
-        .basic_consume(
-            source.name().into(),
-            "producer-wait".into(),
-            BasicConsumeOptions::default(),
-            arguments,
-        )
-        .await;
-    let mut consumer = match consumer {
-        Ok(consumer) => consumer,
-        Err(error) => {
-            tracing::warn!(%error, "results listener: cannot consume");
-            return true;
-        }
-    };
-    if position.attached.is_none() {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-        position.attached = Some(now.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0)));
-    }
+    position.resumed_at = position.last.map(|last| last.saturating_add(1));
     // Acks are batched: one `multiple` ack per ACK_BATCH results handed over, or as soon as
     // no result is waiting, so the broker handles one ack frame per batch, not per result.
     let mut unacked: Option<(lapin::Acker, usize)> = None;
@@ -420,7 +505,19 @@ async fn forward(
             }
         };
         let Some(Ok(delivery)) = next else { break };
-        if let Some(offset) = stream_offset(&delivery) {
+        let offset = stream_offset(&delivery);
+        if let (Some(offset), Some(asked)) = (offset, position.resumed_at.take()) {
+            if offset > asked {
+                tracing::warn!(
+                    missed = offset - asked,
+                    "results listener: results fell out of the results log's retention while \
+                     this run was disconnected; theirs count as missing"
+                );
+            }
+        }
+        // A result at or before the last one taken is a copy (a resume by time): skipped.
+        let copy = matches!((offset, position.last), (Some(o), Some(last)) if o <= last);
+        if let Some(offset) = offset.filter(|_| !copy) {
             // Past this one from now on, whatever becomes of it: a log is never nacked.
             position.last = Some(offset);
         }
@@ -436,6 +533,7 @@ async fn forward(
             false => parse(&delivery.data),
         };
         match parsed {
+            _ if copy => {}
             Some((job_id, ok)) if filter.keeps(&job_id) => {
                 let kib = u32::try_from(delivery.data.len() / 1024 + 1)
                     .unwrap_or(u32::MAX)
@@ -465,7 +563,9 @@ async fn forward(
             unacked = Some((acker, count));
         }
     }
-    tracing::warn!("results listener: connection lost; reconnecting");
+    tracing::warn!(
+        "results listener: the consumer ended (connection lost, or cancelled by the broker); resubscribing"
+    );
     true
 }
 

@@ -195,7 +195,7 @@ class Client:
 
     One client serves any number of concurrent tasks: publishes share one confirm channel,
     and every result arrives once through one private queue (``jobs.results.wait.<id>``,
-    declared as ``producer --wait`` declares its own: durable, classic, ``x-expires``) and
+    declared as ``producer serve`` declares its own: durable, classic, ``x-expires``) and
     is handed to whoever waits for it.
     """
 

@@ -199,7 +199,7 @@ class Names:
         return self.jobs_exchange if level == 0 else self.delay_level(level - 1)
 
     def listener_queue(self, suffix: str) -> str:
-        """A private results queue, ``jobs.results.wait.<suffix>`` (as ``producer --wait``)."""
+        """A private results queue, ``jobs.results.wait.<suffix>`` (as ``producer serve``)."""
         return f"{self.results_queue}.wait.{suffix}"
 
     def route(self, wait: timedelta) -> tuple[str, dict[str, str] | None]:
